@@ -1,0 +1,1 @@
+"""Node daemons and the hardware/cost model. Daemons know nothing of Mininet."""

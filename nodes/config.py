@@ -1,0 +1,116 @@
+"""The small per-node file a daemon is started with.
+
+The testbed writes one JSON file per node (mode 0600: it holds the run's secrets) and
+starts ``python -m nodes --config FILE``. Daemons know nothing of Mininet or scenarios:
+only addresses, a role, profiles, TDF and byte scale. Values are in SI base units.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from testbed.config.base import NodeName, SafeName
+
+Role = Literal["router", "prefill", "decode", "colocated", "client"]
+COMPUTE_ROLES: tuple[str, ...] = ("prefill", "decode", "colocated")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Endpoint(_Strict):
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class PeerInfo(_Strict):
+    """Another node as the router (or a client) sees it."""
+
+    name: NodeName
+    role: Role
+    http: Endpoint | None = None  # frontend address of its HTTP API
+    kv: Endpoint | None = None  # backend (EFA) address of its KV receiver; decode and colocated nodes
+    hardware: SafeName | None = None
+
+
+class MqttSettings(_Strict):
+    host: str
+    port: int = Field(ge=1, le=65535)
+    username: str
+    password: str
+    topic_prefix: str  # e.g. "pdtb/<run_id>"; status under {prefix}/nodes/{name}/status
+    heartbeat_s: float = Field(default=0.5, gt=0)  # wall seconds between load reports
+
+
+class KvSettings(_Strict):
+    mode: Literal["whole", "layerwise"] = "whole"
+    secret_hex: str = Field(min_length=32)  # per-run HMAC key for the handoff handshake
+    chunk_bytes: int = Field(default=256 * 1024, gt=0, le=16 * 1024 * 1024)
+    timeout_s: float = Field(default=120.0, gt=0)  # model seconds a decode node waits for a KV cache
+
+
+class RouterSettings(_Strict):
+    prefill_policy: Literal["round_robin", "least_loaded"] = "round_robin"
+    decode_policy: Literal["round_robin", "least_loaded", "kv_aware"] = "kv_aware"
+    request_timeout_s: float = Field(default=600.0, gt=0)  # model seconds before a request fails
+
+
+class PrefillSettings(_Strict):
+    token_budget: int = Field(default=16384, gt=0)  # tokens per prefill batch
+    chunk_tokens: int = Field(default=0, ge=0)  # chunked prefill; 0 = whole prompts
+
+
+class DecodeSettings(_Strict):
+    max_batch: int = Field(default=256, gt=0)
+
+
+class ClientSettings(_Strict):
+    workload_file: str  # JSONL of {"index", "arrival_s" (model s), "prompt_tokens", "output_tokens"}
+    router: Endpoint
+    stream: bool = True
+    request_timeout_s: float = Field(default=600.0, gt=0)  # model seconds
+
+
+class NodeConfig(_Strict):
+    run_id: SafeName
+    name: NodeName
+    role: Role
+    model: SafeName
+    hardware: SafeName | None = None  # compute roles only
+    tdf: float = Field(ge=1.0)
+    byte_scale: float = Field(gt=0.0, le=1.0)
+    t0_wall: float  # epoch seconds shared by all nodes: t_model = (wall - t0_wall) / tdf
+    run_dir: str
+    http: Endpoint | None = None  # where this node's HTTP API listens (frontend network)
+    kv: Endpoint | None = None  # where a decode/colocated node's KV receiver listens (EFA network)
+    kv_bind: str | None = None  # source address for outgoing KV connections (prefill on EFA)
+    peers: list[PeerInfo] = []
+    mqtt: MqttSettings | None = None
+    kv_transfer: KvSettings | None = None
+    router: RouterSettings = RouterSettings()
+    prefill: PrefillSettings = PrefillSettings()
+    decode: DecodeSettings = DecodeSettings()
+    client: ClientSettings | None = None
+
+    @property
+    def timeline_path(self) -> Path:
+        return Path(self.run_dir) / "timeline" / f"{self.name}.jsonl"
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
+        path.write_text(self.model_dump_json(indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NodeConfig":
+        return cls.model_validate(json.loads(Path(path).read_text()))
