@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from nodes.profiles.models import ProfileName
 from testbed.config.base import NodeName, SafeName
 
 Role = Literal["router", "prefill", "decode", "colocated", "client"]
@@ -38,7 +39,7 @@ class PeerInfo(_Strict):
     role: Role
     http: Endpoint | None = None  # frontend address of its HTTP API
     kv: Endpoint | None = None  # backend (EFA) address of its KV receiver; decode and colocated nodes
-    hardware: SafeName | None = None
+    hardware: ProfileName | None = None
 
 
 class MqttSettings(_Strict):
@@ -83,8 +84,8 @@ class NodeConfig(_Strict):
     run_id: SafeName
     name: NodeName
     role: Role
-    model: SafeName
-    hardware: SafeName | None = None  # compute roles only
+    model: ProfileName
+    hardware: ProfileName | None = None  # compute roles only
     tdf: float = Field(ge=1.0)
     byte_scale: float = Field(gt=0.0, le=1.0)
     t0_wall: float  # epoch seconds shared by all nodes: t_model = (wall - t0_wall) / tdf

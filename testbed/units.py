@@ -115,6 +115,10 @@ def format_duration(seconds: float) -> str:
 
 
 def format_bytes(n: float) -> str:
+    """Binary units, except for whole decimal sizes (``44GB`` stays ``44GB``)."""
+    for unit, factor in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= factor and n % factor == 0 and n % 2**20 != 0:
+            return f"{n / factor:.6g}{unit}"
     return _format(n, [("TiB", 2.0**40), ("GiB", 2.0**30), ("MiB", 2.0**20), ("KiB", 2.0**10), ("B", 1.0)])
 
 

@@ -1,0 +1,232 @@
+"""``pdtb profiles``: list and show hardware/model profiles, predict step times, check calibration."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from testbed.config.base import ConfigError, read_yaml
+from testbed.units import format_byte_rate, format_bytes, format_flops
+
+from nodes.calibration import calibration_csv, check
+from nodes.costmodel import CostModel
+from nodes.profiles import hardware_names, load_hardware, load_model, model_names
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profiles", help="hardware and model profiles, the cost model and its calibration")
+    psub = p.add_subparsers(dest="profiles_command", metavar="SUBCOMMAND", required=True)
+
+    ls = psub.add_parser("list", help="list the shipped hardware and model profiles")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=run_list)
+
+    show = psub.add_parser("show", help="show one profile with its derived figures")
+    show.add_argument("name", help="a hardware or model profile name, or a YAML path")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=run_show)
+
+    pred = psub.add_parser("predict", help="predict a prefill or decode step time")
+    pred.add_argument("--hardware", required=True, help="hardware profile name or YAML path")
+    pred.add_argument("--model", required=True, help="model profile name or YAML path")
+    phase = pred.add_mutually_exclusive_group(required=True)
+    phase.add_argument("--prefill-tokens", type=_positive, metavar="N", help="prompt tokens per sequence")
+    phase.add_argument("--decode-batch", type=_positive, metavar="B", help="sequences in the decode step")
+    pred.add_argument("--batch", type=_positive, default=1, metavar="B", help="prompts in the prefill batch (default 1)")
+    pred.add_argument("--context", type=_non_negative, metavar="C",
+                      help="decode: context tokens per sequence (required); prefill: tokens already cached (chunked prefill)")
+    pred.add_argument("--blocks-only", action="store_true",
+                      help="transformer blocks alone, no embedding or LM head (as microbenchmarks time them)")
+    pred.add_argument("--json", action="store_true")
+    pred.set_defaults(func=run_predict, _parser=pred)
+
+    val = psub.add_parser("validate", help="check the cost model against every reference point")
+    val.add_argument("--json", action="store_true")
+    val.set_defaults(func=run_validate)
+
+
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected an integer > 0")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+# ---- list / show ------------------------------------------------------------------------------
+
+def _hardware_summary(name: str) -> dict[str, Any]:
+    hw = load_hardware(name)
+    return {"name": hw.name, "chips": hw.chips, "peak_bf16_flops": hw.peak_flops_for("bf16") * hw.chips,
+            "memory_bytes": hw.memory_bytes, "memory_bandwidth_Bps": hw.memory_bandwidth * hw.chips,
+            "memory_kind": hw.memory_kind, "efa_bandwidth_bps": hw.efa_bandwidth_bps, "efa_nics": hw.efa_nics,
+            "multi_system": hw.multi_system is not None, "description": hw.description}
+
+
+def _model_summary(name: str) -> dict[str, Any]:
+    m = load_model(name)
+    return {"name": m.name, "layers": m.layers, "parameters": m.total_params, "active_parameters": m.active_params,
+            "dtype": m.dtype, "weight_bytes": m.weight_bytes, "kv_bytes_per_token": m.kv_bytes_per_token,
+            "moe": m.moe is not None, "mla": m.mla is not None, "description": m.description}
+
+
+def run_list(args: argparse.Namespace) -> int:
+    hws = [_hardware_summary(n) for n in hardware_names()]
+    ms = [_model_summary(n) for n in model_names()]
+    if args.json:
+        print(json.dumps({"hardware": hws, "models": ms}, indent=2))
+        return 0
+    print("Hardware (per node; a multi-system profile: per system)")
+    print(_table(["name", "chips", "peak bf16", "memory", "bandwidth", "EFA", "NICs"],
+                 [[h["name"], str(h["chips"]), format_flops(h["peak_bf16_flops"]),
+                   f"{h['memory_bytes'] / 1e9:,.1f} GB {h['memory_kind']}", format_byte_rate(h["memory_bandwidth_Bps"]),
+                   f"{h['efa_bandwidth_bps'] / 1e9:,.0f} Gbit/s", str(h["efa_nics"])] for h in hws], right={1, 2, 3, 4, 5, 6}))
+    print()
+    print("Models")
+    print(_table(["name", "layers", "params", "active", "dtype", "weights", "KV/token"],
+                 [[m["name"], str(m["layers"]), f"{m['parameters'] / 1e9:.1f}B", f"{m['active_parameters'] / 1e9:.1f}B",
+                   m["dtype"], f"{m['weight_bytes'] / 1e9:,.1f} GB", format_bytes(m["kv_bytes_per_token"])] for m in ms],
+                 right={1, 2, 3, 5, 6}))
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    name = args.name
+    is_hw = name in hardware_names() or (name not in model_names() and _kind_of(name) == "hardware")
+    if is_hw:
+        hw = load_hardware(name)
+        data = hw.model_dump(mode="json")
+        data["derived"] = {"memory_bytes": hw.memory_bytes, "efa_bandwidth_bps": hw.efa_bandwidth_bps,
+                           "peak_bf16_flops_per_node": hw.peak_flops_for("bf16") * hw.chips,
+                           "memory_bandwidth_Bps_per_node": hw.memory_bandwidth * hw.chips}
+        kind = "hardware"
+    else:
+        m = load_model(name)
+        data = m.model_dump(mode="json")
+        data["derived"] = {"total_params": m.total_params, "active_params": m.active_params,
+                           "weight_bytes": m.weight_bytes, "kv_bytes_per_token": m.kv_bytes_per_token,
+                           "flops_per_token_at_context_0": m.flops_per_token(0),
+                           "flops_per_token_at_context_8192": m.flops_per_token(8192)}
+        kind = "model"
+    if args.json:
+        print(json.dumps({"kind": kind, **data}, indent=2))
+        return 0
+    print(f"{kind}: {data['name']}")
+    _print_tree({k: v for k, v in data.items() if k != "name"}, 1)
+    return 0
+
+
+def _kind_of(path: str) -> str:
+    if not Path(path).is_file():
+        raise ConfigError(path, [("name", "no such profile or file; known profiles: "
+                                          f"{', '.join(hardware_names() + model_names())}")])
+    data = read_yaml(path)
+    if not isinstance(data, dict) or data.get("kind") not in ("hardware", "model"):
+        raise ConfigError(path, [("kind", "expected 'hardware' or 'model' (or give a shipped profile name: "
+                                          f"{', '.join(hardware_names() + model_names())})")])
+    return data["kind"]
+
+
+def _print_tree(data: dict[str, Any], depth: int) -> None:
+    pad = "  " * depth
+    for key, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            print(f"{pad}{key}:")
+            _print_tree(value, depth + 1)
+        else:
+            print(f"{pad}{key}: {value}")
+
+
+# ---- predict ------------------------------------------------------------------------------------
+
+def run_predict(args: argparse.Namespace) -> int:
+    hw, m = load_hardware(args.hardware), load_model(args.model)
+    cm = CostModel(hw, m, include_head=not args.blocks_only)
+    if args.prefill_tokens is not None:
+        context = args.context or 0
+        cost = cm.prefill([args.prefill_tokens] * args.batch, [context] * args.batch)
+        step = {"phase": "prefill", "batch": args.batch, "prompt_tokens": args.prefill_tokens, "cached_tokens": context}
+    else:
+        if args.context is None:
+            args._parser.error("--decode-batch needs --context")
+        cost = cm.decode_step([args.context] * args.decode_batch)
+        step = {"phase": "decode", "batch": args.decode_batch, "context": args.context}
+    out = {"hardware": hw.name, "model": m.name, **step, "blocks_only": args.blocks_only,
+           "time_ms": cost.time_s * 1e3, "compute_ms": cost.compute_s * 1e3, "memory_ms": cost.memory_s * 1e3,
+           "overhead_ms": cost.overhead_s * 1e3, "comm_ms": cost.comm_s * 1e3, "bound": cost.bound,
+           "flops": cost.flops, "bytes": cost.bytes,
+           "fits": cm.fits(), "systems": cm.systems(), "weight_bytes": m.weight_bytes,
+           "memory_capacity_bytes": cm.memory_capacity_bytes(), "kv_capacity_bytes": cm.kv_capacity_bytes(),
+           "kv_bytes_per_token": m.kv_bytes_per_token, "max_kv_tokens": cm.max_kv_tokens()}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    what = (f"prefill {args.batch} x {args.prefill_tokens} tokens" + (f" after {step['cached_tokens']} cached" if step.get("cached_tokens") else "")
+            if step["phase"] == "prefill" else f"decode step, batch {args.decode_batch}, context {args.context}")
+    print(f"{m.name} on {hw.name}: {what}")
+    print(f"  time      {out['time_ms']:.3f} ms  (bound: {cost.bound})")
+    print(f"  compute   {out['compute_ms']:.3f} ms   ({cost.flops / 1e12:.3f} TFLOP)")
+    print(f"  memory    {out['memory_ms']:.3f} ms   ({format_bytes(cost.bytes)} moved)")
+    print(f"  overhead  {out['overhead_ms']:.3f} ms")
+    print(f"  comm      {out['comm_ms']:.3f} ms   ({'pipeline over ' + str(cm.systems()) + ' systems' if hw.multi_system else 'tensor parallel over ' + str(hw.chips) + ' chips' if hw.chips > 1 else 'single chip'})")
+    print(f"  fits      {'yes' if out['fits'] else 'NO'}: weights {format_bytes(m.weight_bytes)} in "
+          f"{format_bytes(out['memory_capacity_bytes'])} usable; KV room {format_bytes(out['kv_capacity_bytes'])} "
+          f"= {out['max_kv_tokens']} tokens at {format_bytes(m.kv_bytes_per_token)}/token")
+    return 0
+
+
+# ---- validate ------------------------------------------------------------------------------------
+
+def _unit(metric: str) -> str:
+    return "tok/s" if metric.startswith("tok_per_s") else "ms"
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    results = check()
+    failed = [r for r in results if not r.ok]
+    if args.json:
+        print(json.dumps({"ok": not failed, "calibration_csv": str(calibration_csv()),
+                          "points": [r.to_dict() for r in results]}, indent=2))
+        return 1 if failed else 0
+    sources: list[str] = []
+    rows = []
+    for r in results:
+        p = r.point
+        if p.source not in sources:
+            sources.append(p.source)
+        unit = _unit(p.metric)
+        rows.append([p.hardware, p.model, p.metric, p.label, f"{p.value:,.4g} {unit}", f"{r.predicted:,.4g} {unit}",
+                     f"{100 * r.error:+.1f}%", f"±{100 * p.tolerance:.0f}%", "ok" if r.ok else "FAIL", r.bound,
+                     f"[{sources.index(p.source) + 1}]"])
+    print(_table(["hardware", "model", "metric", "step", "reference", "predicted", "error", "tol", "", "bound", "src"],
+                 rows, right={4, 5, 6, 7}))
+    print()
+    for i, s in enumerate(sources, 1):
+        print(f"[{i}] {s}")
+    print(f"H200 rows from {calibration_csv()}")
+    worst = max(results, key=lambda r: abs(r.error))
+    print(f"{len(results) - len(failed)} of {len(results)} points within tolerance; "
+          f"largest error {100 * worst.error:+.1f}% ({worst.point.hardware} {worst.point.model} {worst.point.label})")
+    return 1 if failed else 0
+

@@ -1,0 +1,173 @@
+"""The roofline cost model: monotonicity, its terms, capacity and fit."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import pytest
+
+from nodes.costmodel import CostModel, StepCost
+from nodes.profiles import hardware_names, load_hardware, load_model, model_names
+
+PAIRS = list(itertools.product(hardware_names(), model_names()))
+
+
+def cm(hw: str, model: str) -> CostModel:
+    return CostModel(load_hardware(hw), load_model(model))
+
+
+@pytest.mark.parametrize("hw, model", PAIRS)
+def test_more_prompt_tokens_is_never_faster(hw: str, model: str) -> None:
+    c = cm(hw, model)
+    times = [c.prefill([t]).time_s for t in (1, 16, 128, 512, 2048, 8192, 32768)]
+    assert all(b >= a for a, b in zip(times, times[1:])), times
+
+
+@pytest.mark.parametrize("hw, model", PAIRS)
+def test_a_larger_prefill_batch_is_never_faster(hw: str, model: str) -> None:
+    c = cm(hw, model)
+    times = [c.prefill([1024] * b).time_s for b in (1, 2, 4, 16)]
+    assert all(b >= a for a, b in zip(times, times[1:])), times
+
+
+@pytest.mark.parametrize("hw, model", PAIRS)
+def test_a_larger_decode_batch_or_context_is_never_faster(hw: str, model: str) -> None:
+    c = cm(hw, model)
+    by_batch = [c.decode_step([2048] * b).time_s for b in (1, 2, 8, 32, 128, 512)]
+    assert all(b >= a for a, b in zip(by_batch, by_batch[1:])), by_batch
+    by_context = [c.decode_step([ctx] * 8).time_s for ctx in (0, 100, 1000, 10_000, 100_000)]
+    assert all(b >= a for a, b in zip(by_context, by_context[1:])), by_context
+
+
+def test_adding_a_sequence_to_a_decode_batch_is_never_faster() -> None:
+    c = cm("h200", "llama-3.1-8b")
+    base = [512, 4096, 100]
+    assert c.decode_step(base + [1]).time_s >= c.decode_step(base).time_s
+
+
+def test_step_terms_add_up() -> None:
+    for hw, model in [("h200", "llama-3.1-8b"), ("trn2", "llama-3.3-70b"), ("cs3", "llama-3.1-70b"), ("h200x8", "qwen3-32b")]:
+        c = cm(hw, model)
+        for cost in (c.prefill([3000, 500]), c.decode_step([4096] * 16)):
+            assert cost.time_s > 0 and cost.compute_s > 0 and cost.memory_s > 0
+            assert cost.overhead_s >= 0 and cost.comm_s >= 0
+            roofline = cost.time_s - cost.comm_s - cost.overhead_s
+            # the roofline is at least the larger side and at most both sides summed
+            assert max(cost.compute_s, cost.memory_s) * 0.5 <= roofline <= cost.compute_s + cost.memory_s + 1e-12
+            assert cost.bound in ("compute", "memory", "overhead", "comm")
+
+
+def test_step_cost_is_a_frozen_dataclass() -> None:
+    cost = cm("h200", "llama-3.1-8b").decode_step([100])
+    assert isinstance(cost, StepCost) and dataclasses.is_dataclass(cost)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cost.time_s = 0.0  # type: ignore[misc]
+    assert {"time_s", "compute_s", "memory_s", "overhead_s", "comm_s", "bound"} <= set(cost.to_dict())
+
+
+def test_prefill_attention_is_quadratic() -> None:
+    m = load_model("llama-3.1-70b")
+    c = CostModel(load_hardware("trn2"), m)
+    short, long = c.prefill([4096]), c.prefill([32768])
+    assert long.flops / short.flops > 8.5  # linear part x8, attention x64
+    pairs = 32768 * 32769 / 2
+    assert long.flops == pytest.approx(2 * 32768 * m.active_block_params + 2 * m.head_params + m.attn_flops_per_pair * pairs)
+    # long prompts are compute-bound on trn2
+    assert long.bound == "compute"
+
+
+def test_chunked_prefill_pays_for_the_cached_context() -> None:
+    c = cm("h200", "llama-3.1-8b")
+    fresh = c.prefill([2048])
+    after = c.prefill([2048], [14336])
+    assert after.time_s > fresh.time_s and after.flops > fresh.flops
+    # chunks of one prompt cover the same attention pairs as the whole prompt
+    whole = c.prefill([8192]).flops
+    chunks = sum(c.prefill([2048], [k * 2048]).flops for k in range(4)) - 3 * 2 * load_model("llama-3.1-8b").head_params
+    assert chunks == pytest.approx(whole, rel=1e-9)
+
+
+def test_decode_reads_every_context() -> None:
+    m = load_model("llama-3.1-8b")
+    c = CostModel(load_hardware("h200"), m)
+    a, b = c.decode_step([1000] * 4), c.decode_step([2000] * 4)
+    assert b.bytes - a.bytes == pytest.approx(4 * 1000 * m.kv_bytes_per_token)
+    assert b.time_s > a.time_s
+
+
+def test_small_decode_is_memory_or_overhead_bound_and_big_prefill_compute_bound() -> None:
+    c = cm("h200", "llama-3.1-70b")
+    assert c.decode_step([1024]).bound in ("memory", "overhead")
+    assert c.prefill([8192]).bound == "compute"
+
+
+def test_moe_decode_touches_more_experts_with_a_larger_batch() -> None:
+    c = cm("h200x8", "mixtral-8x7b")
+    m = load_model("mixtral-8x7b")
+    one = c.decode_step([0])
+    big = c.decode_step([0] * 64)
+    assert one.bytes < m.weight_bytes * 0.5  # top-2 of 8 experts
+    assert big.bytes > m.weight_bytes * 0.9  # every expert touched
+
+
+def test_tensor_parallel_nodes_pay_for_all_reduces() -> None:
+    single, node = cm("h200", "llama-3.1-8b"), cm("h200x8", "llama-3.1-8b")
+    assert single.decode_step([1000]).comm_s == 0.0
+    comm = node.decode_step([1000]).comm_s
+    hw = load_hardware("h200x8")
+    assert comm >= 2 * 32 * hw.interconnect.latency
+    assert node.prefill([8192]).comm_s > comm  # bigger messages
+    assert node.prefill([8192]).time_s < single.prefill([8192]).time_s  # 8 GPUs are faster on a long prompt
+
+
+def test_trn2_holds_405b_with_room_for_kv() -> None:
+    c = cm("trn2", "llama-3.1-405b")
+    assert c.fits()
+    hw = load_hardware("trn2")
+    assert c.kv_capacity_bytes() == int(hw.memory_bytes * hw.memory_usable) - load_model("llama-3.1-405b").weight_bytes
+    assert c.max_kv_tokens() > 1_000_000
+
+
+def test_a_model_that_does_not_fit_still_gets_a_time() -> None:
+    c = cm("h200", "llama-3.1-70b")  # 141 GB of weights in 141 GB x 90 %
+    assert not c.fits()
+    assert c.kv_capacity_bytes() == 0 and c.max_kv_tokens() == 0
+    assert c.decode_step([1000]).time_s > 0 and c.prefill([1000]).time_s > 0
+
+
+def test_cs3_spans_systems_by_weight() -> None:
+    small, big = cm("cs3", "llama-3.1-8b"), cm("cs3", "llama-3.1-70b")
+    assert small.systems() == 1 and big.systems() == 4  # the brief: 70B in 16-bit on four systems
+    assert big.kv_capacity_bytes() == 4 * 44_000_000_000 - load_model("llama-3.1-70b").weight_bytes
+    assert small.kv_capacity_bytes() == 44_000_000_000 - load_model("llama-3.1-8b").weight_bytes
+    assert small.decode_step([100]).comm_s == 0.0
+    hw = load_hardware("cs3")
+    assert big.decode_step([100]).comm_s >= 3 * hw.multi_system.hop_latency
+    assert cm("cs3", "llama-3.1-405b").systems() == math.ceil(load_model("llama-3.1-405b").weight_bytes / 44e9)
+
+
+def test_kv_bytes() -> None:
+    c = cm("trn2", "llama-3.1-70b")
+    assert c.kv_bytes(0) == 0
+    assert c.kv_bytes(8192) == 8192 * 327680
+    with pytest.raises(ValueError):
+        c.kv_bytes(-1)
+
+
+def test_bad_arguments() -> None:
+    c = cm("h200", "llama-3.1-8b")
+    with pytest.raises(ValueError):
+        c.prefill([100, 200], [0])
+    with pytest.raises(ValueError):
+        c.prefill([-5])
+    with pytest.raises(ValueError):
+        c.decode_step([-1])
+    empty = c.decode_step([])
+    assert empty.time_s == 0.0
+
+
+def test_blocks_only_leaves_out_the_lm_head() -> None:
+    hw, m = load_hardware("h200"), load_model("llama-3.1-8b")
+    full, blocks = CostModel(hw, m).decode_step([1024]), CostModel(hw, m, include_head=False).decode_step([1024])
+    assert full.bytes - blocks.bytes == pytest.approx(m.head_params * 2)
