@@ -1,0 +1,167 @@
+"""Scapy layer of the KV handoff protocol (nodes/kvproto.py, docs/wire-format.md).
+
+Every frame type is a Packet class with its fields in ``fields_desc``; ``PDKV`` dispatches on the
+header's type byte, so ``PDKV(raw)`` parses a byte stream of back-to-back frames into a chain
+(each frame's scapy payload is the next frame). Bound to TCP port ``DEFAULT_KV_PORT`` both
+ways; a segment that does not start with the magic (the middle of a frame) stays ``Raw``.
+Truncated input (a snaplen-limited capture) parses as far as the bytes go.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Iterator
+
+from scapy.config import conf
+from scapy.fields import (ByteEnumField, ByteField, FieldLenField, IntField, LongField, ShortEnumField,
+                          ShortField, StrFixedLenField, StrLenField, XIntField, XShortField)
+from scapy.layers.inet import TCP
+from scapy.packet import Packet, bind_layers
+
+from nodes.kvproto import DEFAULT_KV_PORT, HEADER_LEN, MAGIC, Code, FrameType
+
+FRAME_TYPES = {t.value: t.name for t in FrameType}
+CODES = {c.value: c.name for c in Code}
+
+
+def _header(ftype: int = 0) -> list:
+    return [
+        StrFixedLenField("magic", MAGIC, 4),
+        ByteField("version", 1),
+        ByteEnumField("type", ftype, FRAME_TYPES),
+        XShortField("flags", 0),
+        IntField("length", None),   # body bytes after this 12-byte header; computed when None
+    ]
+
+
+def _request_id() -> list:
+    return [
+        FieldLenField("rid_len", None, length_of="request_id", fmt="B"),
+        StrLenField("request_id", b"", length_from=lambda p: p.rid_len),
+    ]
+
+
+class PDKV(Packet):
+    """A frame of unknown type (header and opaque body); also the dispatcher for all types."""
+    name = "PDKV"
+    fields_desc = _header() + [StrLenField("body", b"", length_from=lambda p: p.length)]
+    frame_type: int | None = None
+
+    @classmethod
+    def dispatch_hook(cls, _pkt: bytes | None = None, *args, **kargs):
+        if not _pkt:
+            return cls
+        if _pkt[:4] != MAGIC[:len(_pkt[:4])]:
+            return conf.raw_layer          # not a frame start: the middle of a frame
+        return _BY_TYPE.get(_pkt[5], PDKV) if len(_pkt) >= 6 else PDKV
+
+    def post_build(self, pkt: bytes, pay: bytes) -> bytes:
+        if self.length is None:
+            pkt = pkt[:8] + struct.pack(">I", len(pkt) - HEADER_LEN) + pkt[12:]
+        return pkt + pay
+
+    def guess_payload_class(self, payload: bytes):
+        return PDKV if payload[:4] == MAGIC else conf.raw_layer
+
+
+class PDKVHello(PDKV):
+    name = "PDKV HELLO"
+    frame_type = FrameType.HELLO
+    fields_desc = _header(FrameType.HELLO) + [StrFixedLenField("nonce", b"\0" * 32, 32)]
+
+
+class PDKVAuth(PDKV):
+    name = "PDKV AUTH"
+    frame_type = FrameType.AUTH
+    fields_desc = _header(FrameType.AUTH) + [StrFixedLenField("nonce", b"\0" * 32, 32),
+                                             StrFixedLenField("mac", b"\0" * 32, 32)]
+
+
+class PDKVAuthOk(PDKV):
+    name = "PDKV AUTH_OK"
+    frame_type = FrameType.AUTH_OK
+    fields_desc = _header(FrameType.AUTH_OK) + [StrFixedLenField("mac", b"\0" * 32, 32)]
+
+
+class PDKVBegin(PDKV):
+    name = "PDKV BEGIN"
+    frame_type = FrameType.BEGIN
+    fields_desc = _header(FrameType.BEGIN) + [
+        ShortField("num_layers", 0),    # "layers" would shadow Packet.layers()
+        IntField("tokens", 0),
+        LongField("total_bytes", 0),
+        *_request_id(),
+        FieldLenField("model_len", None, length_of="model", fmt="B"),
+        StrLenField("model", b"", length_from=lambda p: p.model_len),
+        FieldLenField("layout_len", None, length_of="layout", fmt="B"),
+        StrLenField("layout", b"layer-major", length_from=lambda p: p.layout_len),
+    ]
+
+
+class PDKVChunk(PDKV):
+    name = "PDKV CHUNK"
+    frame_type = FrameType.CHUNK
+    fields_desc = _header(FrameType.CHUNK) + [
+        *_request_id(),
+        ShortField("layer", 0),
+        LongField("offset", 0),
+        FieldLenField("payload_len", None, length_of="data", fmt="I"),
+        XIntField("crc32", 0),
+        StrLenField("data", b"", length_from=lambda p: p.payload_len),
+    ]
+
+
+class PDKVEnd(PDKV):
+    name = "PDKV END"
+    frame_type = FrameType.END
+    fields_desc = _header(FrameType.END) + [
+        *_request_id(),
+        LongField("total_bytes", 0),
+        IntField("chunks", 0),
+        XIntField("checksum", 0),
+    ]
+
+
+class PDKVAck(PDKV):
+    name = "PDKV ACK"
+    frame_type = FrameType.ACK
+    fields_desc = _header(FrameType.ACK) + [
+        *_request_id(),
+        ByteField("verified", 0),
+        ShortEnumField("code", 0, CODES),
+        LongField("bytes_verified", 0),
+        FieldLenField("reason_len", None, length_of="reason", fmt="H"),
+        StrLenField("reason", b"", length_from=lambda p: p.reason_len),
+    ]
+
+
+_BY_TYPE: dict[int, type[PDKV]] = {int(c.frame_type): c for c in
+                                   (PDKVHello, PDKVAuth, PDKVAuthOk, PDKVBegin, PDKVChunk, PDKVEnd, PDKVAck)}
+
+# the largest fixed part (header + fields before a CHUNK's data, with a 255-byte request id)
+MAX_FIELDS_LEN = HEADER_LEN + 1 + 255 + 2 + 8 + 4 + 4 + 1 + 255 + 1 + 255
+
+
+def parse_frame(raw: bytes) -> PDKV | None:
+    """One frame from the start of ``raw`` (which may stop early: a truncated capture), without
+    what follows it; None when ``raw`` does not hold a frame header and its fixed fields."""
+    if len(raw) < HEADER_LEN or raw[:4] != MAGIC:
+        return None
+    cls = _BY_TYPE.get(raw[5], PDKV)
+    try:
+        return cls(raw[:HEADER_LEN + struct.unpack(">I", raw[8:12])[0]])
+    except (struct.error, ValueError, IndexError):
+        return None
+
+
+def iter_frames(pkt: Packet) -> Iterator[PDKV]:
+    """The PDKV frames of a dissected packet, in order."""
+    layer = pkt
+    while layer and not isinstance(layer, PDKV):
+        layer = layer.payload
+    while isinstance(layer, PDKV):
+        yield layer
+        layer = layer.payload
+
+
+bind_layers(TCP, PDKV, dport=DEFAULT_KV_PORT)
+bind_layers(TCP, PDKV, sport=DEFAULT_KV_PORT)

@@ -1,0 +1,118 @@
+-- Wireshark dissector for the pdtb KV handoff protocol (docs/wire-format.md).
+-- Use: wireshark -X lua_script:tools/pdtb-kv.lua, or copy it to your personal plugins folder.
+-- Registered on TCP port 7470; other ports: "Decode As... PDKV" or tshark -d tcp.port==PORT,pdkv.
+-- Frames are reassembled across TCP segments (dissect_tcp_pdus); with a snaplen-truncated capture
+-- Wireshark shows the frames it can and marks the rest as unreassembled.
+
+local pdkv = Proto("pdkv", "pdtb KV handoff")
+
+local frame_types = { [1] = "HELLO", [2] = "AUTH", [3] = "AUTH_OK", [4] = "BEGIN",
+                      [5] = "CHUNK", [6] = "END", [7] = "ACK" }
+local codes = { [0] = "OK", [1] = "BAD_MAGIC", [2] = "BAD_VERSION", [3] = "BAD_TYPE", [4] = "OVERSIZED",
+                [5] = "TRUNCATED", [6] = "MALFORMED", [7] = "AUTH_FAILED", [8] = "OUT_OF_ORDER",
+                [9] = "BAD_CRC", [10] = "BAD_PAYLOAD", [11] = "BAD_CHECKSUM", [12] = "TIMEOUT",
+                [13] = "REFUSED" }
+
+local f = {
+  magic = ProtoField.string("pdkv.magic", "Magic"),
+  version = ProtoField.uint8("pdkv.version", "Version"),
+  type = ProtoField.uint8("pdkv.type", "Type", base.DEC, frame_types),
+  flags = ProtoField.uint16("pdkv.flags", "Flags", base.HEX),
+  length = ProtoField.uint32("pdkv.length", "Body length"),
+  nonce = ProtoField.bytes("pdkv.nonce", "Nonce"),
+  mac = ProtoField.bytes("pdkv.mac", "HMAC-SHA256"),
+  layers = ProtoField.uint16("pdkv.layers", "Layers"),
+  tokens = ProtoField.uint32("pdkv.tokens", "Tokens"),
+  total_bytes = ProtoField.uint64("pdkv.total_bytes", "Total bytes"),
+  request_id = ProtoField.string("pdkv.request_id", "Request id"),
+  model = ProtoField.string("pdkv.model", "Model"),
+  layout = ProtoField.string("pdkv.layout", "Layout"),
+  layer = ProtoField.uint16("pdkv.layer", "Layer"),
+  offset = ProtoField.uint64("pdkv.offset", "Offset"),
+  payload_len = ProtoField.uint32("pdkv.payload_len", "Payload length"),
+  crc32 = ProtoField.uint32("pdkv.crc32", "Payload CRC-32", base.HEX),
+  payload = ProtoField.bytes("pdkv.payload", "Payload"),
+  chunks = ProtoField.uint32("pdkv.chunks", "Chunks"),
+  checksum = ProtoField.uint32("pdkv.checksum", "Transfer checksum", base.HEX),
+  verified = ProtoField.bool("pdkv.verified", "Verified"),
+  code = ProtoField.uint16("pdkv.code", "Code", base.DEC, codes),
+  bytes_verified = ProtoField.uint64("pdkv.bytes_verified", "Bytes verified"),
+  reason = ProtoField.string("pdkv.reason", "Reason"),
+}
+pdkv.fields = f
+
+local HEADER_LEN = 12
+
+-- a u8-length-prefixed string at off; returns the offset after it
+local function str8(tree, field, tvb, off)
+  local n = tvb(off, 1):uint()
+  tree:add(field, tvb(off + 1, n))
+  return off + 1 + n
+end
+
+local function dissect_body(ftype, tvb, tree, off)
+  if ftype == 1 then
+    tree:add(f.nonce, tvb(off, 32))
+  elseif ftype == 2 then
+    tree:add(f.nonce, tvb(off, 32)); tree:add(f.mac, tvb(off + 32, 32))
+  elseif ftype == 3 then
+    tree:add(f.mac, tvb(off, 32))
+  elseif ftype == 4 then
+    tree:add(f.layers, tvb(off, 2)); tree:add(f.tokens, tvb(off + 2, 4)); tree:add(f.total_bytes, tvb(off + 6, 8))
+    off = str8(tree, f.request_id, tvb, off + 14)
+    off = str8(tree, f.model, tvb, off)
+    str8(tree, f.layout, tvb, off)
+  elseif ftype == 5 then
+    off = str8(tree, f.request_id, tvb, off)
+    tree:add(f.layer, tvb(off, 2)); tree:add(f.offset, tvb(off + 2, 8))
+    local n = tvb(off + 10, 4):uint()
+    tree:add(f.payload_len, tvb(off + 10, 4)); tree:add(f.crc32, tvb(off + 14, 4))
+    if n > 0 then tree:add(f.payload, tvb(off + 18, n)) end
+  elseif ftype == 6 then
+    off = str8(tree, f.request_id, tvb, off)
+    tree:add(f.total_bytes, tvb(off, 8)); tree:add(f.chunks, tvb(off + 8, 4)); tree:add(f.checksum, tvb(off + 12, 4))
+  elseif ftype == 7 then
+    off = str8(tree, f.request_id, tvb, off)
+    tree:add(f.verified, tvb(off, 1)); tree:add(f.code, tvb(off + 1, 2)); tree:add(f.bytes_verified, tvb(off + 3, 8))
+    local n = tvb(off + 11, 2):uint()
+    if n > 0 then tree:add(f.reason, tvb(off + 13, n)) end
+  end
+end
+
+local function frame_len(tvb, pinfo, off)
+  return HEADER_LEN + tvb(off + 8, 4):uint()
+end
+
+local function dissect_frame(tvb, pinfo, tree)
+  pinfo.cols.protocol = "PDKV"
+  local ftype = tvb(5, 1):uint()
+  local name = frame_types[ftype] or ("type " .. ftype)
+  local sub = tree:add(pdkv, tvb(), "PDKV " .. name)
+  sub:add(f.magic, tvb(0, 4)); sub:add(f.version, tvb(4, 1)); sub:add(f.type, tvb(5, 1))
+  sub:add(f.flags, tvb(6, 2)); sub:add(f.length, tvb(8, 4))
+  if tvb(0, 4):string() ~= "PDKV" then
+    sub:add_expert_info(PI_MALFORMED, PI_ERROR, "bad magic")
+    return tvb:len()
+  end
+  dissect_body(ftype, tvb, sub, HEADER_LEN)
+  local info = tostring(pinfo.cols.info)
+  if not info:find("PDKV", 1, true) then pinfo.cols.info:set("PDKV " .. name) else pinfo.cols.info:append(", " .. name) end
+  return tvb:len()
+end
+
+function pdkv.dissector(tvb, pinfo, tree)
+  if tvb:len() < tvb:reported_length_remaining() then
+    -- snaplen-truncated segment: no reassembly possible; show a frame only where one starts here
+    if tvb:len() >= HEADER_LEN and tvb(0, 4):string() == "PDKV" then
+      pcall(dissect_frame, tvb, pinfo, tree)
+    else
+      pinfo.cols.protocol = "PDKV"
+      pinfo.cols.info:set("PDKV continuation (truncated capture)")
+    end
+    return tvb:len()
+  end
+  dissect_tcp_pdus(tvb, tree, HEADER_LEN, frame_len, dissect_frame, true)
+  return tvb:len()
+end
+
+DissectorTable.get("tcp.port"):add(7470, pdkv)
