@@ -1,0 +1,187 @@
+"""Decode daemon: receives KV caches, admits requests by KV capacity, continuous batching.
+
+A request arrives twice: the router's ``POST /internal/generate`` (which stays open as the
+token stream) and the prefill node's KV transfer on the EFA network, in either order. Once
+its KV is verified (byte by byte by ``KvReceiver``, and here: model, layers, tokens and size
+must match the request), it queues for admission; it is admitted, strictly FIFO, when the
+KV of its prompt plus all its output tokens fits the node's KV capacity from the cost model.
+Each decode step runs the whole running batch for the cost model's step time x TDF x
+slowdown, on absolute deadlines, and streams one token per running request.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from typing import Any
+
+from aiohttp import web
+
+from nodes.config import NodeConfig
+from nodes.engine import (BadRequest, ComputeNode, GenRequest, KvBudget, StepTimer, require_field, admit_fifo,
+                          error_response, kv_wire_bytes, open_stream, read_body, relay)
+from nodes.kvproto import KvBegin, KvReceiver, KvTransferError
+
+log = logging.getLogger(__name__)
+
+
+class DecodeNode(ComputeNode):
+    role = "decode"
+
+    def __init__(self, config: NodeConfig):
+        super().__init__(config)
+        if config.kv is None or config.kv_transfer is None:
+            raise ValueError(f"node {config.name}: a decode node needs kv and kv_transfer settings")
+        self.kv = KvBudget(self.cost.kv_capacity_bytes())
+        self.requests: dict[str, GenRequest] = {}  # registered by /internal/generate
+        self.kv_waiters: dict[str, asyncio.Future[KvBegin]] = {}
+        self.early_kv: dict[str, KvBegin] = {}  # verified KV that came before its generate call
+        self.waiting: deque[GenRequest] = deque()  # KV verified, waiting for KV room
+        self.running: list[GenRequest] = []
+        self.timer = StepTimer(self.clock, self.timeline, "decode")
+        self.receiver = KvReceiver(
+            bytes.fromhex(config.kv_transfer.secret_hex),
+            max_transfer_bytes=kv_wire_bytes(1, max(1, self.kv.capacity), config.byte_scale),
+            on_begin=self._kv_begin, on_complete=self._kv_complete, logger=log)
+        self.app.router.add_post("/internal/generate", self._generate)
+
+    def load(self) -> dict[str, Any]:
+        return {"queue_depth": len(self.requests) - len(self.running), "batch_size": len(self.running),
+                "kv_used_bytes": self.kv.used, "kv_free_bytes": self.kv.free}
+
+    def expected_wire_bytes(self, tokens: int) -> int:
+        return kv_wire_bytes(self.model.kv_bytes_per_token, tokens, self.config.byte_scale)
+
+    # --- KV handoff
+    def _kv_begin(self, begin: KvBegin) -> None:
+        """Refuse a transfer that cannot be this node's request's KV (before its bytes flow)."""
+        if begin.model != self.config.model or begin.layers != self.model.layers:
+            raise KvTransferError(f"KV for model {begin.model!r} with {begin.layers} layers; this node "
+                                  f"serves {self.config.model!r} with {self.model.layers}")
+        if begin.total_bytes != self.expected_wire_bytes(begin.tokens):
+            raise KvTransferError(f"KV of {begin.tokens} tokens must be {self.expected_wire_bytes(begin.tokens)} "
+                                  f"bytes on the wire, announced {begin.total_bytes}")
+        gen = self.requests.get(begin.request_id)
+        if gen is not None and gen.prompt_tokens != begin.tokens:
+            raise KvTransferError(f"KV of {begin.tokens} tokens for a request of {gen.prompt_tokens} prompt tokens")
+        waiter = self.kv_waiters.get(begin.request_id)
+        if begin.request_id in self.early_kv or (gen is not None and (waiter is None or waiter.done())):
+            raise KvTransferError(f"KV for request {begin.request_id} already received")
+        self.timeline.event("kv_recv_start", begin.request_id, bytes=begin.total_bytes)
+
+    def _kv_complete(self, begin: KvBegin, ok: bool) -> None:
+        self.timeline.event("kv_recv_end", begin.request_id, bytes=begin.total_bytes, verified=ok)
+        waiter = self.kv_waiters.get(begin.request_id)
+        if waiter is not None and not waiter.done():
+            if ok:
+                waiter.set_result(begin)
+            else:
+                waiter.set_exception(KvTransferError("KV transfer failed verification"))
+        elif ok:
+            self.early_kv[begin.request_id] = begin
+            asyncio.get_running_loop().call_later(self.config.kv_transfer.timeout_s * self.config.tdf,
+                                                  self.early_kv.pop, begin.request_id, None)
+
+    # --- the token stream
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await read_body(request, self.config.model)
+            max_tokens = require_field(body, "max_tokens", int, minimum=1)
+        except BadRequest as e:
+            return error_response(400, str(e))
+        if not self.accepting():
+            return error_response(503, f"node {self.config.name} is {self.state}")
+        rid = body["request_id"]
+        if rid in self.requests:
+            return error_response(409, f"request {rid} is already registered")
+        gen = GenRequest(rid, body["prompt_tokens"], max_tokens,
+                         kv_bytes=self.cost.kv_bytes(body["prompt_tokens"] + max_tokens))
+        if gen.kv_bytes > self.kv.capacity:
+            return error_response(507, f"KV of {gen.kv_bytes} bytes exceeds node capacity {self.kv.capacity}")
+        early = self.early_kv.pop(rid, None)
+        if early is not None and early.tokens != gen.prompt_tokens:
+            return error_response(409, f"KV received for {early.tokens} tokens, request has {gen.prompt_tokens}")
+        waiter = asyncio.get_running_loop().create_future()
+        if early is not None:
+            waiter.set_result(early)
+        self.requests[rid] = gen
+        self.kv_waiters[rid] = waiter
+        resp = None
+        try:
+            resp = await open_stream(request)
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), self.config.kv_transfer.timeout_s * self.config.tdf)
+            except asyncio.TimeoutError:
+                gen.fail(self.timeline, f"no KV cache within {self.config.kv_transfer.timeout_s:g} s")
+            except KvTransferError as e:
+                gen.fail(self.timeline, f"KV transfer failed: {e.reason}")
+            else:
+                self.timeline.event("decode_queued", rid, kv_model_bytes=gen.kv_bytes)
+                self.waiting.append(gen)
+                self.notify()
+            await relay(resp, gen)
+            return resp
+        except (asyncio.CancelledError, ConnectionError) as e:
+            if not gen.finished:
+                gen.finished = True
+                self.timeline.event("failed", rid, reason="router disconnected")
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return resp or web.Response(status=499)
+        finally:
+            self._drop(gen)
+
+    def _drop(self, gen: GenRequest) -> None:
+        """Forget a request (done, failed or abandoned) and free its KV."""
+        self.requests.pop(gen.request_id, None)
+        waiter = self.kv_waiters.pop(gen.request_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.cancel()
+        with contextlib.suppress(ValueError):
+            self.waiting.remove(gen)
+        if gen in self.running:
+            self.running.remove(gen)
+        if gen.reserved:
+            gen.reserved = False
+            self.kv.release(gen.kv_bytes)
+        self.notify()
+
+    # --- continuous batching
+    def _admit(self) -> None:
+        for gen in admit_fifo(self.waiting, self.kv, self.config.decode.max_batch - len(self.running)):
+            self.running.append(gen)
+            self.timeline.event("decode_admitted", gen.request_id, batch_size=len(self.running))
+
+    async def run(self) -> None:
+        await self.receiver.start(self.config.kv.host, self.config.kv.port)
+        try:
+            await self._scheduler()
+        finally:
+            await self.receiver.close()
+
+    async def _scheduler(self) -> None:
+        while True:
+            self.wake.clear()
+            self._admit()
+            if not self.running:
+                self.timer.idle()
+                await self.wake.wait()
+                continue
+            batch = list(self.running)
+            step = self.cost.decode_step([g.context for g in batch])
+            self.timer.begin(self.compute_s(step.time_s))
+            await self.timer.end(len(batch))
+            t = self.clock.now()
+            for gen in batch:
+                if gen.finished:  # dropped during the step
+                    continue
+                gen.emit_token(self.timeline, t)
+                if gen.finished:
+                    self.running.remove(gen)
+                    gen.reserved = False
+                    self.kv.release(gen.kv_bytes)
+
+
+async def serve(config: NodeConfig) -> None:
+    await DecodeNode(config).serve()

@@ -1,0 +1,196 @@
+"""Prefill daemon: batched (optionally chunked) prefill, then the KV handoff to decode.
+
+``POST /internal/prefill`` queues a request. One scheduler forms batches of at most
+``token_budget`` tokens in FIFO order (with ``chunk_tokens`` > 0 a long prompt is split into
+chunks, each costed with the tokens already cached before it), sleeps the cost model's time
+x TDF x slowdown on absolute deadlines, and hands each finished request's KV cache
+(``kv_bytes_per_token x prompt_tokens x byte_scale`` bytes) to the decode node the router
+chose. ``whole`` mode sends after the request's prefill ends; ``layerwise`` mode starts the
+transfer with the request's last batch and releases layer l as soon as that layer's share
+of the batch's compute (split evenly over layers) is done, so transfer overlaps compute.
+The compute is the one serial resource: transfers run alongside the next batches.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from nodes.config import NodeConfig
+from nodes.engine import (BadRequest, ComputeNode, StepTimer, error_response, kv_wire_bytes,
+                          read_body, read_decode_peer)
+from nodes.kvproto import KvBegin, KvResult, KvTransferError, send_kv
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class PrefillJob:
+    """One request's prefill: progress through its chunks, then the outcome of its KV handoff."""
+
+    request_id: str
+    prompt_tokens: int
+    decode: dict[str, Any]
+    kv_model_bytes: int
+    done_tokens: int = 0
+    compute_s: float = 0.0
+    started: bool = False
+    handed_off: asyncio.Event = field(default_factory=asyncio.Event)
+    result: KvResult | None = None
+    error: str | None = None
+
+
+class PrefillNode(ComputeNode):
+    role = "prefill"
+
+    def __init__(self, config: NodeConfig):
+        super().__init__(config)
+        if config.kv_transfer is None:
+            raise ValueError(f"node {config.name}: a prefill node needs kv_transfer settings")
+        self.queue: list[PrefillJob] = []  # not yet fully prefilled, FIFO
+        self.batch_size = 0
+        self.holding: set[PrefillJob] = set()  # KV resident here: started and not yet handed off
+        self.capacity = self.cost.kv_capacity_bytes()
+        self.timer = StepTimer(self.clock, self.timeline, "prefill")
+        self.transfers: set[asyncio.Task[None]] = set()
+        self.app.router.add_post("/internal/prefill", self._prefill)
+
+    def load(self) -> dict[str, Any]:
+        used = sum(j.kv_model_bytes for j in self.holding)
+        return {"queue_depth": len(self.queue), "batch_size": self.batch_size,
+                "kv_used_bytes": used, "kv_free_bytes": max(0, self.capacity - used)}
+
+    async def _prefill(self, request: web.Request) -> web.Response:
+        try:
+            body = await read_body(request, self.config.model)
+            peer = read_decode_peer(body)
+        except BadRequest as e:
+            return error_response(400, str(e))
+        if not self.accepting():
+            return error_response(503, f"node {self.config.name} is {self.state}")
+        job = PrefillJob(body["request_id"], body["prompt_tokens"], peer,
+                         kv_model_bytes=self.cost.kv_bytes(body["prompt_tokens"]))
+        self.timeline.event("prefill_queued", job.request_id, prompt_tokens=job.prompt_tokens)
+        self.queue.append(job)
+        self.notify()
+        try:
+            await job.handed_off.wait()
+        except asyncio.CancelledError:
+            # the router went away: drop the request if its compute has not started
+            if not job.started and job in self.queue:
+                self.queue.remove(job)
+                self.timeline.event("failed", job.request_id, reason="router disconnected")
+            raise
+        if job.result is None:
+            return error_response(502, f"KV handoff to {peer['name']} failed: {job.error}")
+        return web.json_response({"ok": True, "kv_bytes": job.result.bytes_sent})
+
+    def _form_batch(self) -> list[tuple[PrefillJob, int]]:
+        """(job, tokens this batch) in FIFO order within the token budget."""
+        budget = self.config.prefill.token_budget
+        chunk = self.config.prefill.chunk_tokens
+        batch: list[tuple[PrefillJob, int]] = []
+        left = budget
+        for job in self.queue:
+            remaining = job.prompt_tokens - job.done_tokens
+            if chunk > 0:
+                take = min(remaining, chunk, left)
+            elif remaining <= left or not batch:
+                take = remaining  # whole prompts; one larger than the budget runs alone
+            else:
+                break
+            if take <= 0:
+                break
+            batch.append((job, take))
+            left -= take
+            if left <= 0:
+                break
+        return batch
+
+    async def run(self) -> None:
+        try:
+            await self._scheduler()
+        finally:
+            for task in list(self.transfers):
+                task.cancel()
+            await asyncio.gather(*self.transfers, return_exceptions=True)
+
+    async def _scheduler(self) -> None:
+        layerwise = self.config.kv_transfer.mode == "layerwise"
+        while True:
+            self.wake.clear()
+            if not self.queue:
+                self.batch_size = 0
+                self.timer.idle()
+                await self.wake.wait()
+                continue
+            batch = self._form_batch()
+            step = self.cost.prefill([n for _, n in batch], [j.done_tokens for j, _ in batch])
+            duration = self.compute_s(step.time_s)
+            start, end = self.timer.begin(duration)
+            self.batch_size = len(batch)
+            tokens = sum(n for _, n in batch)
+            finishing = [j for j, n in batch if j.done_tokens + n >= j.prompt_tokens]
+            for job, _ in batch:
+                if not job.started:
+                    job.started = True
+                    self.holding.add(job)
+                    self.timeline.event("prefill_start", job.request_id, batch_size=len(batch),
+                                        batch_tokens=tokens)
+            if layerwise:
+                for job in finishing:
+                    self._start_transfer(job, self._layer_clock(start, duration))
+            await self.timer.end(len(batch))
+            for job, n in batch:
+                job.done_tokens += n
+                job.compute_s += duration
+            for job in finishing:
+                self.queue.remove(job)
+                self.timeline.event("prefill_end", job.request_id, compute_s=job.compute_s)
+                if not layerwise:
+                    self._start_transfer(job, None)
+
+    def _layer_clock(self, start: float, duration: float) -> Callable[[int], Awaitable[None]]:
+        """layer_ready(l): wait until layer l's share of this batch's compute is done."""
+        layers = self.model.layers
+
+        async def layer_ready(layer: int) -> None:
+            await self.clock.sleep_until(start + duration * (layer + 1) / layers)
+        return layer_ready
+
+    def _start_transfer(self, job: PrefillJob, layer_ready: Callable[[int], Awaitable[None]] | None) -> None:
+        task = asyncio.create_task(self._transfer(job, layer_ready), name=f"kv-{job.request_id}")
+        self.transfers.add(task)
+        task.add_done_callback(self.transfers.discard)
+
+    async def _transfer(self, job: PrefillJob, layer_ready: Callable[[int], Awaitable[None]] | None) -> None:
+        cfg = self.config
+        kv = cfg.kv_transfer
+        begin = KvBegin(request_id=job.request_id, model=cfg.model, layers=self.model.layers,
+                        tokens=job.prompt_tokens,
+                        total_bytes=kv_wire_bytes(self.model.kv_bytes_per_token, job.prompt_tokens, cfg.byte_scale))
+        self.timeline.event("kv_start", job.request_id, decode=job.decode["name"], mode=kv.mode,
+                            bytes=begin.total_bytes, model_bytes=job.kv_model_bytes)
+        try:
+            job.result = await send_kv(job.decode["host"], job.decode["port"], bytes.fromhex(kv.secret_hex),
+                                       begin, chunk_bytes=kv.chunk_bytes, layer_ready=layer_ready,
+                                       local_addr=cfg.kv_bind, timeout_s=kv.timeout_s * cfg.tdf)
+            self.timeline.event("kv_end", job.request_id, bytes=job.result.bytes_sent, ok=True)
+        except KvTransferError as e:
+            job.error = e.reason
+        except Exception as e:  # a bug must still answer the router, not leave it waiting
+            log.exception("KV handoff of %s crashed", job.request_id)
+            job.error = f"{type(e).__name__}: {e}"
+        finally:
+            if job.error is not None:
+                log.warning("KV handoff of %s to %s failed: %s", job.request_id, job.decode["name"], job.error)
+                self.timeline.event("kv_end", job.request_id, bytes=0, ok=False, reason=job.error)
+            self.holding.discard(job)
+            job.handed_off.set()
+            self.notify()
+
+async def serve(config: NodeConfig) -> None:
+    await PrefillNode(config).serve()

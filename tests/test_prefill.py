@@ -1,0 +1,225 @@
+"""Prefill daemon: token-budget batching, chunked prefill, cost-model timing, whole and
+layer-wise KV handoff (layer-wise overlaps compute), handoff failures, drain."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import socket
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from nodes.config import Endpoint, KvSettings, NodeConfig, PrefillSettings
+from nodes.costmodel import CostModel
+from nodes.kvproto import KvBegin, KvReceiver
+from nodes.prefill import PrefillNode
+from nodes.profiles import load_hardware, load_model
+from nodes.timeline import read_timeline
+
+MODEL = "qwen3-32b"
+HW = "trn2"
+SECRET = "ab" * 32
+
+
+def free_port() -> int:
+    """A free port below the ephemeral range, so no outgoing connection of ours takes it meanwhile."""
+    while True:
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+def config(tmp_path: Path, *, tdf: float = 1.0, mode: str = "whole", budget: int = 16384, chunk: int = 0,
+           byte_scale: float = 1e-3) -> NodeConfig:
+    return NodeConfig(run_id="t1", name="p1", role="prefill", model=MODEL, hardware=HW, tdf=tdf,
+                      byte_scale=byte_scale, t0_wall=time.time(), run_dir=str(tmp_path),
+                      http=Endpoint(host="127.0.0.1", port=free_port()), kv_bind="127.0.0.1",
+                      kv_transfer=KvSettings(mode=mode, secret_hex=SECRET, timeout_s=10.0),
+                      prefill=PrefillSettings(token_budget=budget, chunk_tokens=chunk))
+
+
+class Sink:
+    """A stand-in decode node's KV endpoint that records when transfers begin and end."""
+
+    def __init__(self):
+        self.begun: dict[str, float] = {}
+        self.done: dict[str, tuple[KvBegin, bool, float]] = {}
+        self.receiver = KvReceiver(bytes.fromhex(SECRET), max_transfer_bytes=1 << 34,
+                                   on_begin=lambda b: self.begun.__setitem__(b.request_id, time.time()),
+                                   on_complete=self._complete)
+
+    def _complete(self, begin: KvBegin, ok: bool) -> None:
+        self.done[begin.request_id] = (begin, ok, time.time())
+
+    async def __aenter__(self):
+        await self.receiver.start("127.0.0.1", 0)
+        self.peer = {"name": "d1", "host": "127.0.0.1", "port": self.receiver.port}
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.receiver.close()
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: NodeConfig):
+    node = PrefillNode(cfg)
+    task = asyncio.create_task(node.serve())
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{cfg.http.url}/health") as r:
+                    if r.status == 200:
+                        break
+            assert not task.done(), task.exception()
+            await asyncio.sleep(0.02)
+        try:
+            yield node, session
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def prefill(session, cfg, rid, tokens, peer, status=200) -> dict:
+    body = {"request_id": rid, "model": MODEL, "prompt_tokens": tokens, "decode": peer}
+    async with session.post(f"{cfg.http.url}/internal/prefill", json=body) as r:
+        assert r.status == status, await r.text()
+        return await r.json()
+
+
+def events(cfg: NodeConfig, name: str | None = None, rid: str | None = None) -> list[dict]:
+    return [e for e in read_timeline(cfg.timeline_path)
+            if (name is None or e["event"] == name) and (rid is None or e["request_id"] == rid)]
+
+
+def cost() -> CostModel:
+    return CostModel(load_hardware(HW), load_model(MODEL))
+
+
+def wire(cfg, tokens) -> int:
+    return max(1, round(load_model(MODEL).kv_bytes_per_token * tokens * cfg.byte_scale))
+
+
+async def test_whole_handoff_after_cost_model_compute(tmp_path):
+    cfg = config(tmp_path)
+    async with Sink() as sink, running(cfg) as (node, session):
+        r = await prefill(session, cfg, "r1", 4000, sink.peer)
+        assert r == {"ok": True, "kv_bytes": wire(cfg, 4000)}
+        begin, ok, _ = sink.done["r1"]
+        assert ok and begin.tokens == 4000 and begin.layers == load_model(MODEL).layers and begin.model == MODEL
+        assert node.status()["kv_used_bytes"] == 0 and node.status()["queue_depth"] == 0
+    order = [e["event"] for e in events(cfg, rid="r1")]
+    assert order == ["prefill_queued", "prefill_start", "prefill_end", "kv_start", "kv_end"]
+    [step] = events(cfg, "step_timing")
+    assert step["kind"] == "prefill" and step["planned_s"] == pytest.approx(cost().prefill([4000]).time_s)
+    start, end = events(cfg, "prefill_start")[0], events(cfg, "prefill_end")[0]
+    assert end["compute_s"] == pytest.approx(step["planned_s"])
+    assert end["t_model"] - start["t_model"] == pytest.approx(step["planned_s"], abs=0.05)
+    kv = events(cfg, "kv_start")[0]
+    assert kv["mode"] == "whole" and kv["bytes"] == wire(cfg, 4000)
+    assert kv["model_bytes"] == cost().kv_bytes(4000) and kv["decode"] == "d1"
+    assert events(cfg, "kv_end")[0]["ok"] is True
+    assert sink.begun["r1"] >= end["t_wall"]  # whole: nothing leaves before prefill ends
+
+
+async def test_batching_within_token_budget(tmp_path):
+    cfg = config(tmp_path, budget=3000, tdf=5.0)
+    async with Sink() as sink, running(cfg) as (node, session):
+        first = asyncio.create_task(prefill(session, cfg, "a", 3000, sink.peer))
+        await asyncio.sleep(0.02)  # "a" is computing; the rest queue behind it
+        rest = [asyncio.create_task(prefill(session, cfg, rid, 1000, sink.peer)) for rid in "bcde"]
+        await asyncio.gather(first, *rest)
+    starts = {e["request_id"]: e for e in events(cfg, "prefill_start")}
+    assert starts["a"]["batch_size"] == 1
+    assert [starts[r]["batch_size"] for r in "bcd"] == [3, 3, 3] and starts["b"]["batch_tokens"] == 3000
+    assert starts["e"]["batch_size"] == 1
+    steps = events(cfg, "step_timing")
+    assert [s["batch_size"] for s in steps] == [1, 3, 1]
+    assert steps[1]["planned_s"] == pytest.approx(cost().prefill([1000, 1000, 1000]).time_s)
+
+
+async def test_chunked_prefill_uses_context(tmp_path):
+    cfg = config(tmp_path, budget=4096, chunk=1000)
+    async with Sink() as sink, running(cfg) as (node, session):
+        await prefill(session, cfg, "r1", 2500, sink.peer)
+    steps = events(cfg, "step_timing")
+    c = cost()
+    expected = [c.prefill([1000], [0]).time_s, c.prefill([1000], [1000]).time_s, c.prefill([500], [2000]).time_s]
+    assert [s["planned_s"] for s in steps] == pytest.approx(expected)
+    assert len(events(cfg, "prefill_start")) == 1
+    assert events(cfg, "prefill_end")[0]["compute_s"] == pytest.approx(sum(expected))
+
+
+async def test_layerwise_overlaps_transfer_with_compute(tmp_path):
+    c = cost()
+    tokens = 8000
+    tdf = max(1.0, 1.0 / c.prefill([tokens]).time_s)  # ~1 s of wall compute
+    cfg = config(tmp_path, tdf=tdf, mode="layerwise")
+    async with Sink() as sink, running(cfg) as (node, session):
+        r = await prefill(session, cfg, "r1", tokens, sink.peer)
+        assert r["ok"]
+    start, end = events(cfg, "prefill_start")[0], events(cfg, "prefill_end")[0]
+    compute_wall = end["t_wall"] - start["t_wall"]
+    assert compute_wall > 0.5
+    kv_start = events(cfg, "kv_start")[0]
+    assert kv_start["mode"] == "layerwise" and kv_start["t_wall"] <= start["t_wall"] + 0.1
+    # the first layer leaves long before the compute ends; the last one only after it
+    assert sink.begun["r1"] < start["t_wall"] + 0.3 * compute_wall
+    assert sink.done["r1"][2] >= end["t_wall"] - 0.05
+
+
+async def test_handoff_failure_and_drain(tmp_path):
+    cfg = config(tmp_path)
+    dead = {"name": "d9", "host": "127.0.0.1", "port": free_port()}
+    async with running(cfg) as (node, session):
+        r = await prefill(session, cfg, "r1", 100, dead, status=502)
+        assert r["ok"] is False and "d9" in r["reason"]
+        node.on_command({"cmd": "drain", "factor": None})
+        r = await prefill(session, cfg, "r2", 100, dead, status=503)
+        assert "draining" in r["reason"]
+        assert node.status()["state"] == "draining"
+        bad = {"request_id": "r3", "model": MODEL, "prompt_tokens": 0, "decode": dead}
+        async with session.post(f"{cfg.http.url}/internal/prefill", json=bad) as resp:
+            assert resp.status == 400
+    [end] = events(cfg, "kv_end")
+    assert end["ok"] is False and end["bytes"] == 0 and end["reason"]
+
+
+@pytest.mark.parametrize("mode", ["whole", "layerwise"])
+async def test_prefill_to_decode_node(tmp_path, mode):
+    """The router's flow against real daemons: generate on decode, then prefill hands off."""
+    from nodes.decode import DecodeNode
+    from nodes.tokenizer import token_text
+
+    pcfg = config(tmp_path, mode=mode, tdf=5.0)
+    dcfg = NodeConfig(run_id="t1", name="d1", role="decode", model=MODEL, hardware="cs3", tdf=5.0,
+                      byte_scale=pcfg.byte_scale, t0_wall=pcfg.t0_wall, run_dir=str(tmp_path),
+                      http=Endpoint(host="127.0.0.1", port=free_port()),
+                      kv=Endpoint(host="127.0.0.1", port=free_port()),
+                      kv_transfer=KvSettings(mode=mode, secret_hex=SECRET, timeout_s=10.0))
+    decode = DecodeNode(dcfg)
+    dtask = asyncio.create_task(decode.serve())
+    try:
+        async with running(pcfg) as (node, session):
+            body = {"request_id": "r1", "model": MODEL, "prompt_tokens": 3000, "max_tokens": 5}
+            async with session.post(f"{dcfg.http.url}/internal/generate", json=body) as gen:
+                assert gen.status == 200
+                peer = {"name": "d1", "host": dcfg.kv.host, "port": dcfg.kv.port}
+                r = await prefill(session, pcfg, "r1", 3000, peer)
+                assert r == {"ok": True, "kv_bytes": wire(pcfg, 3000)}
+                lines = [json.loads(x) async for x in gen.content]
+    finally:
+        dtask.cancel()
+        await asyncio.gather(dtask, return_exceptions=True)
+    assert [x.get("text") for x in lines[:-1]] == [token_text("r1", i) for i in range(5)]
+    assert lines[-1] == {"type": "done", "output_tokens": 5}
+    recv = [e for e in read_timeline(dcfg.timeline_path) if e["event"] == "kv_recv_end"]
+    assert recv[0]["verified"] is True and recv[0]["bytes"] == wire(pcfg, 3000)
