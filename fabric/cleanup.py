@@ -1,0 +1,163 @@
+"""Leave nothing behind: a registry of the PIDs a run started, and ``clean(prefix)``.
+
+Every process the fabric starts (Mininet host and switch shells, daemons started with
+``FabricNet.popen``, delayers, tcpdump) is recorded in ``/run/pdtb/<prefix>/pids.jsonl`` with its
+kernel start time, so a crashed run's processes can be found later and a recycled PID is never
+killed by mistake. ``clean`` kills exactly those, then deletes network namespaces and interfaces
+whose names start with the prefix, and iptables rules in the root namespace whose comment is
+``pdtb:<prefix>...``. It never kills by process name (no ``mn -c``, ``pkill``, ``killall``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fabric.shaping import check_prefix
+
+REGISTRY_ROOT = Path("/run/pdtb")
+
+
+def _start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks since boot), None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+class PidRegistry:
+    """Append-only record of the processes one prefix's run started."""
+
+    def __init__(self, prefix: str, root: Path = REGISTRY_ROOT) -> None:
+        self.prefix = check_prefix(prefix)
+        self.dir = root / prefix
+        self.path = self.dir / "pids.jsonl"
+
+    def record(self, pid: int, what: str) -> None:
+        start = _start_time(pid)
+        if start is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"pid": pid, "start": start, "what": what}) + "\n")
+
+    def entries(self) -> list[dict]:
+        try:
+            lines = self.path.read_text().splitlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                out.append({"pid": int(entry["pid"]), "start": int(entry["start"]), "what": str(entry.get("what", ""))})
+            except (ValueError, KeyError, TypeError):
+                continue
+        return out
+
+    def alive(self) -> list[dict]:
+        """Recorded processes that still run (same PID and same start time)."""
+        return [e for e in self.entries() if _start_time(e["pid"]) == e["start"]]
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass
+
+
+def kill_recorded(entries: list[dict], grace_s: float = 2.0) -> list[int]:
+    """SIGTERM the still-running recorded processes, SIGKILL those left after ``grace_s``."""
+    live = [e for e in entries if _start_time(e["pid"]) == e["start"]]
+    for e in live:
+        try:
+            os.kill(e["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_start_time(e["pid"]) == e["start"] for e in live):
+        time.sleep(0.05)
+    for e in live:
+        if _start_time(e["pid"]) == e["start"]:
+            try:
+                os.kill(e["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return [e["pid"] for e in live]
+
+
+def our_name(name: str, prefix: str) -> bool:
+    """Names the fabric makes: prefix + a node name, optionally ``-`` and a port/tag."""
+    return re.fullmatch(rf"{re.escape(prefix)}[a-z][a-z0-9]*(-[a-z0-9]+)?", name) is not None
+
+
+def our_links(prefix: str) -> list[str]:
+    """Root-namespace interfaces carrying the prefix (bridges, switch ports, root attachments)."""
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    names = []
+    for line in out.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) < 2:
+            continue
+        name = parts[1].strip().split("@", 1)[0]
+        if our_name(name, prefix):
+            names.append(name)
+    return names
+
+
+def our_netns(prefix: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    names = [line.split()[0] for line in out.splitlines() if line.strip()]
+    return [n for n in names if re.fullmatch(rf"{re.escape(prefix)}[a-z0-9]+", n)]
+
+
+def remove_root_rules(prefix: str) -> int:
+    """Delete root-namespace iptables rules commented ``pdtb:<prefix>...``; returns how many."""
+    removed = 0
+    for table in ("raw", "mangle", "filter"):
+        dump = subprocess.run(["iptables-save", "-t", table], capture_output=True, text=True)
+        if dump.returncode != 0:
+            continue
+        for line in dump.stdout.splitlines():
+            if line.startswith("-A ") and re.search(rf'--comment "?pdtb:{re.escape(prefix)}(:|"|\s|$)', line):
+                spec = line[3:].replace('"', "").split()
+                proc = subprocess.run(["iptables", "-w", "5", "-t", table, "-D", *spec], capture_output=True)
+                removed += proc.returncode == 0
+    return removed
+
+
+@dataclass
+class CleanReport:
+    killed: list[int] = field(default_factory=list)
+    netns: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+    rules: int = 0
+
+    def lines(self) -> list[str]:
+        return [f"killed processes: {self.killed or 'none'}", f"deleted namespaces: {self.netns or 'none'}",
+                f"deleted interfaces: {self.links or 'none'}", f"deleted iptables rules: {self.rules}"]
+
+
+def clean(prefix: str = "pt") -> CleanReport:
+    """Remove a run's leftovers: recorded processes, then namespaces, interfaces, root rules."""
+    registry = PidRegistry(prefix)
+    report = CleanReport()
+    report.killed = kill_recorded(registry.entries())
+    for ns in our_netns(prefix):
+        if subprocess.run(["ip", "netns", "del", ns], capture_output=True).returncode == 0:
+            report.netns.append(ns)
+    # killing the host shells frees their namespaces and with them the host ends of the veths
+    for name in our_links(prefix):
+        if subprocess.run(["ip", "link", "del", "dev", name], capture_output=True).returncode == 0:
+            report.links.append(name)
+    report.rules = remove_root_rules(prefix)
+    registry.clear()
+    return report

@@ -1,0 +1,402 @@
+"""FabricNet: a topology file as a running Mininet network, with dilated, shaped links.
+
+Hosts are network namespaces; each network (frontend, efa, mgmt) is a tree of Linux bridges.
+The root namespace joins frontend and mgmt (so the router URL and the MQTT broker are reachable
+from the machine running the testbed), never efa. Everything it creates carries the prefix, and
+every process it starts is recorded (``fabric.cleanup``), so teardown, even after a crash,
+removes exactly what this run made.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+from mininet.net import Mininet
+from mininet.node import Host, Node
+
+from fabric.capture import Capture, stop_all
+from fabric.cleanup import PidRegistry, kill_recorded, our_links
+from fabric.link import FabricBridge, ShapedLink
+from fabric.shaping import check_prefix
+from fabric.shaping.loss import LossRule, LossRules
+from fabric.topo import FabricTopo
+from fabric.topology import NETWORKS, LinkParams, LinkSpec, TopologyConfig, find_path, load_topology
+
+RTO_MIN_FLOOR_S = 0.005
+"""Wall-clock floor of the default rto_min: about one jiffy at HZ=250 plus timer slack."""
+RTO_MIN_RTT_FACTOR = 3.0
+"""Default rto_min = this x the largest dilated EFA round trip (with jitter), at least the floor."""
+QUEUE_BY_NETWORK = {"frontend": 1, "efa": 2, "mgmt": 3}
+"""NFQUEUE numbers of the fallback delayer, per network (queues are per namespace)."""
+
+
+class FabricError(RuntimeError):
+    """The fabric cannot be built or changed as asked."""
+
+
+class FabricNet(Mininet):
+    """Mininet built from a :class:`TopologyConfig`, dilated by ``tdf`` and ``byte_scale``.
+
+    Link parameters given to the constructor (``overrides``) and to :meth:`set_link` are MODEL
+    values; the emulated rate is ``rate x byte_scale / tdf`` (byte scale on the efa network only:
+    the other networks carry unscaled payloads) and latency and jitter are ``x tdf``.
+    """
+
+    def __init__(self, topo: TopologyConfig | str | Path, *, tdf: float = 1.0, byte_scale: float = 1.0,
+                 prefix: str = "pt", impairment: str = "auto", overrides: dict[str, LinkParams] | None = None,
+                 rto_min_s: float | None = None, subnets: dict[str, str] | None = None,
+                 root_access: bool = True) -> None:
+        self.prefix = check_prefix(prefix)
+        topology = topo if isinstance(topo, TopologyConfig) else load_topology(topo)
+        self.registry = PidRegistry(prefix)
+        leftovers = our_links(prefix)
+        alive = self.registry.alive()
+        if leftovers or alive:
+            raise FabricError(f"leftovers of an earlier run with prefix {prefix!r} (interfaces {leftovers}, "
+                              f"processes {[e['pid'] for e in alive]}): run `pdtb clean --prefix {prefix}` first")
+        self.registry.clear()
+        if rto_min_s is not None and not (0 < rto_min_s <= 10):
+            raise ValueError(f"rto_min_s must be in (0, 10] model seconds, got {rto_min_s!r}")
+        self.fabric_topo = FabricTopo(topology, tdf=tdf, byte_scale=byte_scale, prefix=prefix,
+                                      impairment=impairment, overrides=overrides, subnets=subnets,
+                                      root_access=root_access)
+        self.topology = topology
+        self.plan = self.fabric_topo.plan
+        self.dilation = self.fabric_topo.dilation
+        self.root_access = root_access
+        self._rto_min_s = rto_min_s
+        self._procs: list[subprocess.Popen] = []
+        self._captures: list[Capture] = []
+        self._delayers: dict[tuple[str, str], Any] = {}
+        self._loss: dict[tuple[str, str], LossRules] = {}
+        self._links: dict[str, ShapedLink] = {}
+        self._down: set[str] = set()
+        self.fidelity_notes: list[str] = []
+        self.teardown_problems: list[str] = []
+        self._stopped = False
+        self._started = False
+        super().__init__(topo=self.fabric_topo, switch=FabricBridge, host=Host, controller=None,
+                         link=ShapedLink, build=False)
+
+    # -- construction ----------------------------------------------------------------------------
+
+    def addHost(self, name: str, cls: Any = None, **params: Any) -> Node:  # noqa: N802 (Mininet API)
+        node = super().addHost(name, cls=cls, **params)
+        self.registry.record(node.pid, f"shell {name}")
+        return node
+
+    def addSwitch(self, name: str, cls: Any = None, **params: Any) -> Node:  # noqa: N802
+        node = super().addSwitch(name, cls=cls, **params)
+        self.registry.record(node.pid, f"shell {name}")
+        return node
+
+    def start(self) -> None:
+        """Build the namespaces, bridges and shaped links, then the routes and impairments.
+        On any failure everything made so far is removed before the error propagates."""
+        if self._started:
+            return
+        self._started = True
+        try:
+            self.build()
+            self._links = {lk.name: lk for lk in self.links if getattr(lk, "name", None)}
+            super().start()
+            self._quiet_ipv6()
+            self._set_rto_min()
+            if self.impairment_backend == "fallback":
+                for net in NETWORKS:
+                    self._apply_fallback(net)
+                self.fidelity_notes.append(
+                    "fallback impairments: loss is exact per link and direction; one-way latency and jitter are "
+                    "held at the receiving host (each host's ingress holds twice its own link's latency), so "
+                    "every round trip is exact and a one-way delay is shifted between the two directions "
+                    "when the two ends' links differ")
+        except BaseException as exc:
+            try:
+                self.stop()
+            except FabricError as teardown:
+                exc.add_note(str(teardown))
+            raise
+
+    def _quiet_ipv6(self) -> None:
+        """No IPv6 on the fabric: no router solicitations, DAD or MLD in the captures."""
+        for host in self.hosts:
+            if host.inNamespace:
+                host.cmd("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1")
+        for name in our_links(self.prefix):
+            subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{name}.disable_ipv6=1"], capture_output=True)
+
+    # -- transport knobs ---------------------------------------------------------------------------
+
+    @property
+    def rto_min_wall_s(self) -> float:
+        """The rto_min set on every EFA route (wall seconds): the knob x TDF, or by default
+        3 x the largest dilated EFA round trip (plus jitter), at least 5 ms."""
+        if self._rto_min_s is not None:
+            return self._rto_min_s * self.dilation.tdf
+        efa_hosts = [h.name for h in self.topology.hosts if self.topology.host_link(h.name, "efa")]
+        worst = 0.0
+        for i, a in enumerate(efa_hosts):
+            for b in efa_hosts[i + 1:]:
+                path = self._path(a, b, "efa")
+                lat = sum(self._model(lk.name).latency_s for lk in path)
+                jit = sum(self._model(lk.name).jitter_s for lk in path)
+                worst = max(worst, 2 * (lat + jit))
+        return max(RTO_MIN_FLOOR_S, RTO_MIN_RTT_FACTOR * self.dilation.time(worst))
+
+    def _set_rto_min(self) -> None:
+        ms = max(1, math.ceil(self.rto_min_wall_s * 1000))
+        for h in self.topology.hosts:
+            if self.topology.host_link(h.name, "efa") is None:
+                continue
+            node = self._node(h.name)
+            subnet = self.plan.nets["efa"]
+            argv = ["ip", "route", "replace", str(subnet), "dev", self.plan.host_intf(h.name, "efa"), "proto",
+                    "kernel", "scope", "link", "src", self.plan.address(h.name, "efa"), "rto_min", f"{ms}ms",
+                    "quickack", "1"]
+            out, err, code = node.pexec(argv)
+            if code != 0:
+                raise FabricError(f"{' '.join(argv)} in {node.name} failed: {(err or out).strip()}")
+
+    # -- fallback impairments ----------------------------------------------------------------------
+
+    def _apply_fallback(self, net: str) -> None:
+        """Loss rules and delayers of every host on ``net`` from the current link parameters."""
+        from fabric.shaping.nfqdelay import Delayer
+
+        hosts = [h.name for h in self.topology.hosts if self._host_link(h.name, net) is not None]
+        root_sw = self.plan.root_switch(net) if self.root_access and net in ("frontend", "mgmt") else None
+        for g in hosts:
+            intf = self.plan.host_intf(g, net)
+            node = self._node(g)
+            own = self._emulated(self._host_link(g, net).name)
+            rules: list[LossRule] = []
+            mids_lat: list[float] = []
+            mids_jit: list[float] = []
+            senders = [(s, self.plan.address(s, net), s) for s in hosts if s != g]
+            if root_sw is not None:
+                senders.append((root_sw, self.plan.root_address(net), None))
+            for start, addr, sender_host in senders:
+                path = self._path(start, g, net)
+                keep = math.prod(1.0 - self._emulated(lk.name)["loss"] for lk in path)
+                rules.append(LossRule(addr, 1.0 - keep))
+                if sender_host is not None:
+                    middle = [lk for lk in path if not self._touches_host(lk)]
+                    mids_lat.append(sum(self._emulated(lk.name)["latency_s"] for lk in middle))
+                    mids_jit.append(sum(self._emulated(lk.name)["jitter_s"] ** 2 for lk in middle))
+            rules.append(LossRule(None, own["loss"]))
+            key = (g, net)
+            if key in self._loss or any(r.probability > 0 for r in rules):
+                if key not in self._loss:
+                    self._loss[key] = LossRules(node, intf, self.prefix)
+                self._loss[key].set(rules)
+            mid_lat = sum(mids_lat) / len(mids_lat) if mids_lat else 0.0
+            mid_jit2 = sum(mids_jit) / len(mids_jit) if mids_jit else 0.0
+            latency = 2 * own["latency_s"] + mid_lat
+            jitter = math.sqrt(2 * own["jitter_s"] ** 2 + mid_jit2)
+            if key in self._delayers:
+                self._delayers[key].update(latency, jitter)
+            elif latency > 0 or jitter > 0:
+                delayer = Delayer.start(node, intf, QUEUE_BY_NETWORK[net], latency, jitter,
+                                        comment=f"pdtb:{self.prefix}:delay:{intf}")
+                self._delayers[key] = delayer
+                self.registry.record(delayer.pid, f"delayer {intf}")
+
+    def _touches_host(self, lk: LinkSpec) -> bool:
+        return self.plan.is_host(lk.a) or self.plan.is_host(lk.b)
+
+    # -- queries -----------------------------------------------------------------------------------
+
+    @property
+    def impairment_backend(self) -> str:
+        """``netem`` or ``fallback``: how delay, jitter and loss are applied (record it with results)."""
+        return self.fabric_topo.backend
+
+    def address(self, host: str, cls: str) -> str:
+        """The address of topology host ``host`` on network ``cls``."""
+        if self._host_link(host, cls) is None:
+            raise KeyError(f"host {host!r} has no {cls} link")
+        return self.plan.address(host, cls)
+
+    def root_address(self, cls: str) -> str:
+        """The root namespace's address on ``frontend`` or ``mgmt``."""
+        if not self.root_access or cls not in ("frontend", "mgmt") or self.plan.root_switch(cls) is None:
+            raise KeyError(f"the root namespace is not attached to the {cls} network")
+        return self.plan.root_address(cls)
+
+    def link_names(self) -> list[str]:
+        """The topology's declared links (the implicit mgmt links are not listed)."""
+        return [lk.name for lk in self.topology.links]
+
+    def host_node(self, host: str) -> Node:
+        """The Mininet node of topology host ``host``."""
+        return self._node(host)
+
+    def link_params(self, link_name: str) -> LinkParams:
+        """Current MODEL parameters of a link (after overrides and runtime changes)."""
+        return self._model(link_name)
+
+    def settings(self) -> dict[str, Any]:
+        """What a run must record about its fabric."""
+        return {
+            "prefix": self.prefix, "impairment_backend": self.impairment_backend, "tdf": self.dilation.tdf,
+            "byte_scale": self.dilation.byte_scale, "byte_scaled_networks": ["efa"],
+            "rto_min_wall_s": self.rto_min_wall_s, "subnets": dict(self.plan.subnets),
+            "links": {name: {"class": self.topology.link(name).cls,
+                             "model": self._model(name).model_dump(mode="json", by_alias=True),
+                             "emulated": self._emulated(name), "up": name not in self._down}
+                      for name in self.link_names()},
+            "fidelity_notes": list(self.fidelity_notes),
+        }
+
+    # -- processes ---------------------------------------------------------------------------------
+
+    def popen(self, host: str | Node, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
+        """Start ``argv`` inside ``host``'s namespace; the PID is recorded and killed on stop().
+        stdin/stdout/stderr default to /dev/null (pass files to keep output)."""
+        node = host if isinstance(host, Node) else self._node(host)
+        for stream in ("stdin", "stdout", "stderr"):
+            kw.setdefault(stream, subprocess.DEVNULL)
+        proc = node.popen([str(a) for a in argv], **kw)
+        self._procs.append(proc)
+        self.registry.record(proc.pid, f"{node.name}: {argv[0]}")
+        return proc
+
+    # -- runtime changes ---------------------------------------------------------------------------
+
+    def set_link(self, link_name: str, *, bandwidth_bps: float | None = None, latency_s: float | None = None,
+                 jitter_s: float | None = None, loss: float | None = None, up: bool | None = None) -> None:
+        """Change a link at run time (MODEL values; None leaves a parameter as it is).
+        Both directions change; ``up=False`` takes the link down, ``up=True`` brings it back."""
+        if link_name not in self._links or link_name not in self.link_names():
+            raise KeyError(f"no link {link_name!r}; links: {self.link_names()}")
+        change = {k: v for k, v in (("bandwidth_bps", bandwidth_bps), ("latency_s", latency_s),
+                                    ("jitter_s", jitter_s), ("loss", loss)) if v is not None}
+        if change:
+            current = self._model(link_name)
+            merged = current.merged(LinkParams.si(**change))
+            self.fabric_topo.model_params[link_name] = merged
+            emu = self._emulated(link_name)
+            self._links[link_name].reshape(rate_bps=emu["rate_bps"], latency_s=emu["latency_s"],
+                                           jitter_s=emu["jitter_s"], loss=emu["loss"],
+                                           queue_packets=emu["queue_packets"])
+            if self.impairment_backend == "fallback":
+                self._apply_fallback(self.topology.link(link_name).cls)
+        if up is not None:
+            self._links[link_name].set_up(up)
+            (self._down.discard if up else self._down.add)(link_name)
+
+    # -- capture -----------------------------------------------------------------------------------
+
+    def start_capture(self, targets: Sequence[str], out_dir: Path) -> list[Path]:
+        """tcpdump (snaplen 256) on each target: a link name, or a network (``efa``, ``frontend``,
+        ``mgmt``) meaning all its links. Captured at the host end of the link (both directions,
+        as the host's NIC sees them). Returns the pcap paths; stopped by stop() or stop_capture()."""
+        names: list[str] = []
+        known = {lk.name: lk for lk in self.plan.links}
+        for target in targets:
+            if target in NETWORKS:
+                names += [lk.name for lk in self.plan.links if lk.cls == target]
+            elif target in known:
+                names.append(target)
+            else:
+                raise ValueError(f"capture target {target!r} is neither a network ({', '.join(NETWORKS)}) "
+                                 f"nor a link ({', '.join(self.link_names())})")
+        out_dir = Path(out_dir)
+        paths = []
+        for name in dict.fromkeys(names):
+            lk = known[name]
+            link = self._links[name]
+            end = link.intf1 if self.plan.is_host(lk.a) else link.intf2
+            path = out_dir / f"{name}.pcap"
+            cap = Capture.start(end.node, end.name, path)
+            self._captures.append(cap)
+            self.registry.record(cap.pid, f"tcpdump {end.name}")
+            paths.append(path)
+        return paths
+
+    def stop_capture(self) -> None:
+        """Stop all captures (waits ~1 s so their last packets are written)."""
+        stop_all(self._captures)
+        self._captures.clear()
+
+    # -- teardown ----------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop captures, delayers and started processes, then the network. Idempotent, and
+        safe after a partial start. Anything recorded that still runs is killed at the end; a
+        step that failed without leaving anything behind is noted in ``teardown_problems``;
+        FabricError only if something is left."""
+        if self._stopped:
+            return
+        self._stopped = True
+        errors: list[str] = []
+        for step in (self.stop_capture, self._stop_delayers, self._stop_procs, super().stop):
+            try:
+                step()
+            except Exception as exc:  # keep tearing down; report at the end
+                errors.append(f"{getattr(step, '__name__', step)}: {exc}")
+        kill_recorded(self.registry.entries())
+        for name in our_links(self.prefix):
+            subprocess.run(["ip", "link", "del", "dev", name], capture_output=True)
+        still = self.registry.alive()
+        left = our_links(self.prefix)
+        self.teardown_problems = errors
+        if still or left:
+            raise FabricError(f"teardown left processes {[e['pid'] for e in still]} and interfaces {left} "
+                              f"({'; '.join(errors) or 'no step failed'}); run `pdtb clean --prefix {self.prefix}`")
+        self.registry.clear()
+
+    def _stop_delayers(self) -> None:
+        """In parallel: each stop may wait seconds for its process to release held packets."""
+        def stop_one(delayer: Any) -> None:
+            try:
+                delayer.stop()
+            except Exception:  # the namespace goes away next; the process is killed by PID anyway
+                pass
+        if self._delayers:
+            with ThreadPoolExecutor(max_workers=len(self._delayers)) as pool:
+                list(pool.map(stop_one, self._delayers.values()))
+        self._delayers.clear()
+
+    def _stop_procs(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=3)
+        self._procs.clear()
+
+    def __enter__(self) -> FabricNet:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _node(self, host: str) -> Node:
+        if not self.plan.is_host(host):
+            raise KeyError(f"no host {host!r}; hosts: {[h.name for h in self.topology.hosts]}")
+        return self[self.plan.node(host)]
+
+    def _host_link(self, host: str, net: str) -> LinkSpec | None:
+        return next((lk for lk in self.plan.links if lk.cls == net and host in (lk.a, lk.b)), None)
+
+    def _path(self, src: str, dst: str, net: str) -> list[LinkSpec]:
+        return find_path(self.plan.links, src, dst, net)
+
+    def _model(self, link_name: str) -> LinkParams:
+        return self.fabric_topo.model_params[link_name]
+
+    def _emulated(self, link_name: str) -> dict[str, Any]:
+        cls = next(lk.cls for lk in self.plan.links if lk.name == link_name)
+        return self.dilation.link(self._model(link_name), cls)
+
