@@ -134,18 +134,20 @@ def load_model(model: type[M], path: str | Path) -> M:
     return validate_data(model, data, str(path))
 
 
-# kind -> "module:Class"; the classes live with their owners (nodes/, fabric/, testbed/)
+# kind -> "module:Class" or "module:loader"; they live with their owners (nodes/, fabric/, testbed/).
+# A loader (path -> object) adds checks a schema alone cannot make: a scenario's references to
+# its topology, profiles and trace resolve relative to the scenario file.
 CONFIG_KINDS: dict[str, str] = {
     "hardware": "nodes.profiles.hardware:HardwareProfile",
     "model": "nodes.profiles.models:ModelProfile",
     "topology": "fabric.topology:TopologyConfig",
-    "scenario": "testbed.config.scenario:ScenarioConfig",
+    "scenario": "testbed.config.scenario:load_scenario",
 }
 
 
-def model_for_kind(kind: str) -> type[BaseModel]:
-    module, _, cls = CONFIG_KINDS[kind].partition(":")
-    return getattr(importlib.import_module(module), cls)
+def _kind_target(kind: str) -> Any:
+    module, _, attr = CONFIG_KINDS[kind].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def load_any(path: str | Path) -> tuple[str, BaseModel]:
@@ -156,4 +158,7 @@ def load_any(path: str | Path) -> tuple[str, BaseModel]:
     kind = data.get("kind")
     if kind not in CONFIG_KINDS:
         raise ConfigError(str(path), [("kind", f"expected one of {', '.join(CONFIG_KINDS)}, got {kind!r}")])
-    return kind, load_model(model_for_kind(kind), path)
+    target = _kind_target(kind)
+    if isinstance(target, type) and issubclass(target, BaseModel):
+        return kind, load_model(target, path)
+    return kind, target(path)

@@ -1,0 +1,386 @@
+"""Run metrics from the timeline: ``RUN_DIR/summary.json`` (schema in docs/summary-schema.md).
+
+Everything is computed in model time from the events of docs/timeline.md. The client's
+events define what a user sees (TTFT, TPOT, ITL, E2E); the router's and nodes' events
+explain it (queueing, prefill, KV handoff, decode). The functions below are pure over
+lists of event dicts so they can be checked on hand-made timelines.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from nodes.timeline import read_run_timeline
+
+SCHEMA = "pdtb.summary/1"
+COMPUTE_ROLES = ("prefill", "decode", "colocated")
+# compute timing checks when no fidelity.json exists, with the fabric monitor's thresholds
+# (fabric/fidelity.py): late_s / planned_s over a node's steps, median and p99
+STEP_ERROR_MEDIAN = 0.05
+STEP_ERROR_P99 = 0.20
+_CLIENT_END = ("client_done", "client_failed")
+
+
+def stats(values: Iterable[float], scale: float = 1.0) -> dict[str, float | int | None]:
+    """count, mean, p50, p90, p99 (linear interpolation) of ``values x scale``; None when empty."""
+    arr = np.asarray([v for v in values if v is not None], dtype=float) * scale
+    if arr.size == 0:
+        return {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None}
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return {"count": int(arr.size), "mean": float(arr.mean()), "p50": float(p50), "p90": float(p90),
+            "p99": float(p99)}
+
+
+def _by_request(events: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    out: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for e in events:
+        rid = e.get("request_id")
+        if rid is not None:
+            out[rid][e["event"]].append(e)
+    return out
+
+
+def _first(evs: dict[str, list[dict[str, Any]]], name: str) -> dict[str, Any] | None:
+    lst = evs.get(name)
+    return min(lst, key=lambda e: e["t_model"]) if lst else None
+
+
+def _t(e: dict[str, Any] | None) -> float | None:
+    return None if e is None else float(e["t_model"])
+
+
+def request_records(events: list[dict[str, Any]], expected_ids: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """One record per request: client-side latencies and the server-side phases (model seconds).
+
+    ``expected_ids`` (the workload's request ids) adds requests that the client never sent.
+    """
+    grouped = _by_request(events)
+    ids = set(grouped) | set(expected_ids)
+    records = []
+    for rid in sorted(ids):
+        evs = grouped.get(rid, {})
+        sent, done, cfail = _first(evs, "client_sent"), _first(evs, "client_done"), _first(evs, "client_failed")
+        if sent is None and not evs.get("arrival") and rid not in expected_ids:
+            continue  # not a request of this run's client (e.g. a probe)
+        rec: dict[str, Any] = {
+            "request_id": rid,
+            "prompt_tokens": (sent or {}).get("prompt_tokens"),
+            "output_tokens": (sent or {}).get("output_tokens"),
+            "sent_s": _t(sent), "first_token_s": _t(_first(evs, "client_first_token")),
+            "done_s": _t(done), "failed_s": _t(cfail),
+            "completed": done is not None,
+            "reason": None, "ttft_s": None, "tpot_s": None, "e2e_s": None, "itl_s": [],
+        }
+        if done is not None and sent is not None:
+            times = [float(t) for t in done.get("token_times") or []]
+            n_out = int(done.get("output_tokens") or len(times))
+            rec["output_tokens_received"] = n_out
+            first = times[0] if times else rec["first_token_s"]
+            last = times[-1] if times else rec["done_s"]
+            if first is not None:
+                rec["ttft_s"] = first - rec["sent_s"]
+            rec["e2e_s"] = last - rec["sent_s"]
+            if n_out > 1 and rec["ttft_s"] is not None:
+                rec["tpot_s"] = (rec["e2e_s"] - rec["ttft_s"]) / (n_out - 1)
+            rec["itl_s"] = [b - a for a, b in zip(times, times[1:])]
+        elif done is None:
+            if sent is None:
+                rec["reason"] = "not_sent"
+            elif cfail is not None:
+                rec["reason"] = str(cfail.get("reason") or "client_failed")
+            elif evs.get("failed"):
+                rec["reason"] = str(_first(evs, "failed").get("reason") or "failed")
+            else:
+                rec["reason"] = "unfinished"
+        routed = _first(evs, "routed") or {}
+        kv_start, kv_end = _first(evs, "kv_start"), _first(evs, "kv_end")
+        rec.update({
+            "arrival_s": _t(_first(evs, "arrival")),
+            "prefill_node": routed.get("prefill"), "decode_node": routed.get("decode"),
+            "prefill_queued_s": _t(_first(evs, "prefill_queued")),
+            "prefill_start_s": _t(_first(evs, "prefill_start")), "prefill_end_s": _t(_first(evs, "prefill_end")),
+            "kv_start_s": _t(kv_start), "kv_end_s": _t(kv_end),
+            "kv_ok": None if kv_end is None else bool(kv_end.get("ok", True)),
+            "kv_bytes": (kv_end or kv_start or {}).get("bytes"),
+            "kv_model_bytes": (kv_start or {}).get("model_bytes"),
+            "kv_mode": (kv_start or {}).get("mode"),
+            "kv_reason": (kv_end or {}).get("reason"),
+            "decode_queued_s": _t(_first(evs, "decode_queued")),
+            "decode_admitted_s": _t(_first(evs, "decode_admitted")),
+            "decode_first_token_s": _t(_first(evs, "first_token")),
+            "decode_done_s": _t(_first(evs, "decode_done")),
+        })
+        records.append(rec)
+    return records
+
+
+def run_window(records: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """Model time from the first request sent to the last request finished (or failed)."""
+    starts = [r["sent_s"] for r in records if r["sent_s"] is not None]
+    ends = [t for r in records for t in (r["done_s"], r["failed_s"]) if t is not None]
+    if not starts:
+        return None, None
+    return min(starts), max(ends + starts)
+
+
+def goodput(records: list[dict[str, Any]], slo: dict[str, float] | None, duration_s: float | None) -> dict[str, Any] | None:
+    """DistServe goodput: requests meeting both the TTFT and the TPOT SLO, as a share and a rate.
+
+    Failed requests count in the total and never meet an SLO; a one-token request has no
+    TPOT and meets the TPOT SLO trivially.
+    """
+    if not slo:
+        return None
+    total = len(records)
+    ttft_ok = [r for r in records if r["completed"] and r["ttft_s"] is not None and r["ttft_s"] * 1e3 <= slo["ttft_ms"]]
+    tpot_ok = [r for r in records if r["completed"] and (r["tpot_s"] is None or r["tpot_s"] * 1e3 <= slo["tpot_ms"])]
+    both = {r["request_id"] for r in ttft_ok} & {r["request_id"] for r in tpot_ok}
+    return {
+        "requests": len(both),
+        "share": len(both) / total if total else None,
+        "rate_per_s": len(both) / duration_s if duration_s else None,
+        "ttft_attainment": len(ttft_ok) / total if total else None,
+        "tpot_attainment": len(tpot_ok) / total if total else None,
+    }
+
+
+def kv_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """KV handoffs: how many, how big, how long, how fast (model time, modelled bytes)."""
+    ok = [r for r in records if r["kv_ok"] and r["kv_start_s"] is not None and r["kv_end_s"] is not None]
+    failed = [r for r in records if r["kv_ok"] is False]
+    durations = [r["kv_end_s"] - r["kv_start_s"] for r in ok]
+    rates = [8 * r["kv_model_bytes"] / d / 1e9 for r, d in zip(ok, durations) if d > 0 and r["kv_model_bytes"]]
+    model_bytes = sum(int(r["kv_model_bytes"] or 0) for r in ok)
+    busy = sum(d for d in durations if d > 0)
+    time_ms = stats(durations, 1e3)
+    # what the handoff adds after the request's prefill ends (a layerwise handoff starts earlier)
+    exposed_ms = stats((r["kv_end_s"] - max(r["kv_start_s"], r["prefill_end_s"]) for r in ok
+                        if r["prefill_end_s"] is not None), 1e3)
+    return {
+        "count": len(ok),
+        "failed": len(failed),
+        "failed_by_reason": dict(Counter(str(r["kv_reason"] or "unknown") for r in failed)),
+        "bytes": sum(int(r["kv_bytes"] or 0) for r in ok),
+        "model_bytes": model_bytes,
+        "time_ms": {k: time_ms[k] for k in ("mean", "p50", "p90", "p99")},
+        "exposed_ms": {k: exposed_ms[k] for k in ("mean", "p50", "p90", "p99")},
+        "achieved_gbps": {"mean": float(np.mean(rates)) if rates else None,
+                          "p50": float(np.median(rates)) if rates else None,
+                          "aggregate": 8 * model_bytes / busy / 1e9 if busy > 0 else None},
+    }
+
+
+def _union_length(intervals: list[tuple[float, float]]) -> float:
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total
+
+
+def _queue_depth_max(pairs: list[tuple[float, float | None]]) -> int:
+    """Most requests waiting at once, from (queued, left the queue) times; None = never left."""
+    steps = [(q, 1) for q, _ in pairs] + [(s, -1) for _, s in pairs if s is not None]
+    depth = best = 0
+    for _, d in sorted(steps, key=lambda x: (x[0], x[1])):
+        depth += d
+        best = max(best, depth)
+    return best
+
+
+def node_summary(events: list[dict[str, Any]], window: tuple[float | None, float | None]) -> dict[str, dict[str, Any]]:
+    """Per compute node: busy fraction of the run window, queueing and step lateness."""
+    info: dict[str, dict[str, Any]] = {}
+    prefill: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    decode_q: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    steps: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for e in events:
+        node, ev, rid = e.get("node"), e["event"], e.get("request_id")
+        if ev == "node_start":
+            info[node] = {"role": e.get("role"), "hardware": e.get("hardware")}
+        elif ev in ("prefill_queued", "prefill_start", "prefill_end") and rid is not None:
+            prefill[node][rid].setdefault(ev, float(e["t_model"]))
+        elif ev in ("decode_queued", "decode_admitted") and rid is not None:
+            decode_q[node][rid].setdefault(ev, float(e["t_model"]))
+        elif ev == "step_timing":
+            steps[node].append(e)
+    start, end = window
+    span = (end - start) if start is not None and end is not None and end > start else None
+    out: dict[str, dict[str, Any]] = {}
+    compute = {n for n, i in info.items() if i.get("role") in COMPUTE_ROLES}
+    for node in sorted(compute | set(prefill) | set(decode_q) | set(steps)):
+        intervals = [(p["prefill_start"], p["prefill_end"]) for p in prefill[node].values()
+                     if "prefill_start" in p and "prefill_end" in p]
+        # steps run back to back on planned deadlines, so their planned lengths are the busy time;
+        # a node that logs no steps is busy while a prefill batch runs
+        if steps[node]:
+            busy = sum(float(s.get("planned_s") or 0) for s in steps[node])
+        else:
+            busy = _union_length(intervals)
+        waits, pairs = [], []
+        for table, enter, leave in ((prefill[node], "prefill_queued", "prefill_start"),
+                                    (decode_q[node], "decode_queued", "decode_admitted")):
+            for p in table.values():
+                if enter in p:
+                    pairs.append((p[enter], p.get(leave)))
+                    if leave in p:
+                        waits.append(p[leave] - p[enter])
+        late = [float(s.get("late_s") or 0) for s in steps[node]]
+        planned = [float(s.get("planned_s") or 0) for s in steps[node]]
+        errors = [max(lt, 0.0) / pl for lt, pl in zip(late, planned) if pl > 0]
+        out[node] = {
+            **info.get(node, {"role": None, "hardware": None}),
+            "busy_s": busy,
+            "busy_fraction": min(busy / span, 1.0) if span else None,
+            "queue_wait_ms": stats(waits, 1e3),
+            "max_queue_depth": _queue_depth_max(pairs),
+            "steps": len(steps[node]),
+            "step_planned_ms_p50": float(np.median(planned)) * 1e3 if planned else None,
+            "step_late_ms": {"p50": float(np.percentile(late, 50)) * 1e3 if late else None,
+                             "p99": float(np.percentile(late, 99)) * 1e3 if late else None,
+                             "max": max(late) * 1e3 if late else None},
+            "step_error": {"median": float(np.median(errors)) if errors else None,
+                           "p99": float(np.percentile(errors, 99)) if errors else None},
+        }
+    return out
+
+
+def fidelity_verdict(fidelity: dict[str, Any] | None, nodes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Is the run trustworthy? ``trustworthy`` | ``untrustworthy`` | ``unknown``.
+
+    With the fabric's fidelity monitor (``fidelity.json``: links delivering their rate, CPUs,
+    step timing) its verdict stands. Without it (the local backend has no emulated links)
+    only compute timing can be judged: late steps make the run untrustworthy, on-time steps
+    leave it unknown.
+    """
+    if fidelity:
+        if "verdict" in fidelity:
+            verdict = str(fidelity["verdict"])
+        else:
+            verdict = "trustworthy" if fidelity.get("trustworthy") else "untrustworthy"
+        links = {name: {k: p.get(k) for k in ("link", "peak_delivered_bps", "median_delivered_ratio",
+                                              "max_backlog_packets", "drops")}
+                 for name, p in (fidelity.get("ports") or {}).items()}
+        return {"verdict": verdict, "reasons": [str(r) for r in fidelity.get("reasons") or []],
+                "source": "fidelity.json", "links": links}
+    late = []
+    for name, n in nodes.items():
+        err = n.get("step_error") or {}
+        if err.get("median") is None:
+            continue
+        if err["median"] > STEP_ERROR_MEDIAN or err["p99"] > STEP_ERROR_P99:
+            late.append(f"{name} (median {err['median']:.1%}, p99 {err['p99']:.1%} of a step)")
+    timed = any((n.get("step_error") or {}).get("median") is not None for n in nodes.values())
+    if late:
+        return {"verdict": "untrustworthy", "source": None, "links": {},
+                "reasons": [f"compute steps ran late (median > {STEP_ERROR_MEDIAN:.0%} or p99 > "
+                            f"{STEP_ERROR_P99:.0%} of the step) on {', '.join(late)}: the host could not keep "
+                            "the dilated timing; raise the TDF"]}
+    reasons = ["no fabric fidelity monitor (fidelity.json): the network was not checked"]
+    if timed:
+        reasons.append("compute steps ran on time")
+    return {"verdict": "unknown", "source": None, "links": {}, "reasons": reasons}
+
+
+def low_load_check(records: list[dict[str, Any]], prediction: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Measured vs predicted for requests that ran alone (no other request in flight at the client)."""
+    if not prediction:
+        return None
+    done = [r for r in records if r["completed"] and r["sent_s"] is not None and r["done_s"] is not None]
+    # a request that never finished counts as in flight from its sending to the end of the run
+    spans = [(r["sent_s"], r["done_s"] if r["done_s"] is not None else r["failed_s"])
+             for r in records if r["sent_s"] is not None]
+    alone = [r for r in done
+             if sum(1 for s, e in spans if s < r["done_s"] and (e is None or e > r["sent_s"])) == 1]
+    out: dict[str, Any] = {"requests": len(alone), "measured": {}, "predicted": {}, "ratio": {}}
+    for key in ("ttft", "tpot", "e2e"):
+        measured = [r[f"{key}_s"] for r in alone if r[f"{key}_s"] is not None]
+        pred = prediction.get(f"{key}_s")
+        m = float(np.median(measured)) * 1e3 if measured else None
+        p = pred * 1e3 if pred is not None else None
+        out["measured"][f"{key}_ms_p50"] = m
+        out["predicted"][f"{key}_ms"] = p
+        out["ratio"][key] = m / p if m is not None and p else None
+    out["predicted"]["prompt_tokens"] = prediction.get("prompt_tokens")
+    out["predicted"]["output_tokens"] = prediction.get("output_tokens")
+    sizes = [r["prompt_tokens"] for r in alone if r["prompt_tokens"] is not None]
+    out["measured"]["prompt_tokens_p50"] = float(np.median(sizes)) if sizes else None
+    return out
+
+
+def summarize(events: list[dict[str, Any]], run: dict[str, Any], fidelity: dict[str, Any] | None = None,
+              expected_ids: Iterable[str] = ()) -> dict[str, Any]:
+    """summary.json's content from a run's events, its run.json and its fidelity.json."""
+    records = request_records(events, expected_ids)
+    start, end = run_window(records)
+    duration = (end - start) if start is not None and end is not None else None
+    completed = [r for r in records if r["completed"]]
+    failed = [r for r in records if not r["completed"]]
+    slo = run.get("slo")
+    nodes = node_summary(events, (start, end))
+    out_tokens = sum(int(r.get("output_tokens_received") or 0) for r in completed)
+    in_tokens = sum(int(r["prompt_tokens"] or 0) for r in completed)
+    return {
+        "schema": SCHEMA,
+        "time_base": "model",
+        "run_id": run.get("run_id"),
+        "scenario": run.get("scenario"),
+        "sweep_point": run.get("sweep_point") or {},
+        "duration_s": duration,
+        "counts": {"total": len(records), "completed": len(completed), "failed": len(failed),
+                   "failed_by_reason": dict(Counter(r["reason"] for r in failed))},
+        "ttft_ms": stats((r["ttft_s"] for r in completed), 1e3),
+        "tpot_ms": stats((r["tpot_s"] for r in completed), 1e3),
+        "itl_ms": stats((x for r in completed for x in r["itl_s"]), 1e3),
+        "e2e_ms": stats((r["e2e_s"] for r in completed), 1e3),
+        "throughput": {
+            "output_tokens_per_s": out_tokens / duration if duration else None,
+            "input_tokens_per_s": in_tokens / duration if duration else None,
+            "requests_per_s": len(completed) / duration if duration else None,
+        },
+        "slo": slo,
+        "goodput": goodput(records, slo, duration),
+        "kv_transfer": kv_summary(records),
+        "nodes": nodes,
+        "emulation": {k: run.get(k) for k in ("backend", "impairment_backend", "tdf", "byte_scale")},
+        "fidelity": fidelity_verdict(fidelity, nodes),
+        "prediction_check": low_load_check(records, run.get("prediction")),
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def expected_request_ids(run_dir: Path) -> list[str]:
+    """Request ids of the run's workload.jsonl (``r{index:06d}``), or none if it is absent."""
+    path = run_dir / "workload.jsonl"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [f"r{json.loads(line)['index']:06d}" for line in f if line.strip()]
+
+
+def compute_summary(run_dir: str | Path) -> dict[str, Any]:
+    """Read a run directory, write ``summary.json`` into it and return the summary."""
+    run_dir = Path(run_dir)
+    run = _read_json(run_dir / "run.json") or {}
+    fidelity = _read_json(run_dir / "fidelity.json")
+    summary = summarize(read_run_timeline(run_dir), run, fidelity, expected_request_ids(run_dir))
+    tmp = run_dir / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    tmp.replace(run_dir / "summary.json")
+    return summary

@@ -1,0 +1,176 @@
+"""Metrics on hand-made timelines: TTFT/TPOT/ITL/E2E, percentiles, goodput, failures, KV, nodes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from testbed.metrics import compute_summary, goodput, request_records, stats, summarize
+
+
+def ev(t: float, node: str, event: str, rid: str | None = None, **fields) -> dict:
+    return {"t_wall": 1000.0 + t, "t_model": t, "node": node, "event": event, "request_id": rid, **fields}
+
+
+def client_request(rid: str, sent: float, tokens: list[float], prompt: int = 100) -> list[dict]:
+    return [ev(sent, "client", "client_sent", rid, prompt_tokens=prompt, output_tokens=len(tokens), scheduled_s=sent),
+            ev(tokens[0], "client", "client_first_token", rid),
+            ev(tokens[-1], "client", "client_done", rid, output_tokens=len(tokens), token_times=tokens)]
+
+
+RUN = {"run_id": "t", "scenario": "hand", "tdf": 10.0, "byte_scale": 0.5, "backend": "local",
+       "impairment_backend": "fallback", "t0_wall": 1000.0, "slo": {"ttft_ms": 150.0, "tpot_ms": 20.0}}
+
+
+def test_stats_percentiles_linear() -> None:
+    s = stats([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0])
+    assert s == {"count": 11, "mean": 6.0, "p50": 6.0, "p90": 10.0, "p99": pytest.approx(10.9)}
+    assert stats([])["p50"] is None and stats([])["count"] == 0
+    assert stats([0.002], 1e3)["mean"] == pytest.approx(2.0)
+
+
+def test_latencies_from_client_events() -> None:
+    # r1: sent 0, tokens at 0.1, 0.12, 0.15 -> TTFT 100 ms, E2E 150 ms, TPOT 25 ms, ITL 20, 30 ms
+    # r2: sent 1, tokens 1.05, 1.06, 1.07, 1.08 -> TTFT 50 ms, E2E 80, TPOT 10, ITL 10 x3
+    events = client_request("r1", 0.0, [0.1, 0.12, 0.15]) + client_request("r2", 1.0, [1.05, 1.06, 1.07, 1.08])
+    s = summarize(events, RUN)
+    assert s["counts"] == {"total": 2, "completed": 2, "failed": 0, "failed_by_reason": {}}
+    assert s["ttft_ms"]["mean"] == pytest.approx(75.0)
+    assert s["e2e_ms"]["p50"] == pytest.approx(115.0)
+    assert s["tpot_ms"]["mean"] == pytest.approx(17.5)
+    assert s["itl_ms"]["count"] == 5
+    assert s["itl_ms"]["p50"] == pytest.approx(10.0)
+    assert s["itl_ms"]["mean"] == pytest.approx((20 + 30 + 10 * 3) / 5)
+    assert s["duration_s"] == pytest.approx(1.08)
+    assert s["throughput"]["output_tokens_per_s"] == pytest.approx(7 / 1.08)
+    assert s["throughput"]["requests_per_s"] == pytest.approx(2 / 1.08)
+    # r1 misses TPOT (25 > 20), r2 meets both -> DistServe goodput 1 of 2
+    assert s["goodput"]["requests"] == 1 and s["goodput"]["share"] == pytest.approx(0.5)
+    assert s["goodput"]["rate_per_s"] == pytest.approx(1 / 1.08)
+    assert s["goodput"]["ttft_attainment"] == 1.0 and s["goodput"]["tpot_attainment"] == 0.5
+    assert s["emulation"] == {"backend": "local", "impairment_backend": "fallback", "tdf": 10.0, "byte_scale": 0.5}
+    assert s["time_base"] == "model"
+
+
+def test_failures_by_reason_and_goodput_counts_them() -> None:
+    events = client_request("r1", 0.0, [0.1, 0.11])
+    events += [ev(0.2, "client", "client_sent", "r2", prompt_tokens=10, output_tokens=5, scheduled_s=0.2),
+               ev(0.5, "client", "client_failed", "r2", reason="http 503")]
+    events += [ev(0.3, "client", "client_sent", "r3", prompt_tokens=10, output_tokens=5, scheduled_s=0.3),
+               ev(0.4, "router", "failed", "r3", reason="kv_timeout")]
+    events += [ev(0.35, "client", "client_sent", "r4", prompt_tokens=10, output_tokens=5, scheduled_s=0.35)]
+    s = summarize(events, RUN, expected_ids=["r000005"])
+    assert s["counts"]["total"] == 5 and s["counts"]["completed"] == 1 and s["counts"]["failed"] == 4
+    assert s["counts"]["failed_by_reason"] == {"http 503": 1, "kv_timeout": 1, "unfinished": 1, "not_sent": 1}
+    assert s["goodput"]["share"] == pytest.approx(1 / 5)
+    assert s["ttft_ms"]["count"] == 1
+
+
+def test_one_token_request_meets_tpot_slo() -> None:
+    recs = request_records(client_request("r1", 0.0, [0.1]))
+    assert recs[0]["tpot_s"] is None and recs[0]["itl_s"] == []
+    g = goodput(recs, {"ttft_ms": 200.0, "tpot_ms": 1.0}, 1.0)
+    assert g["requests"] == 1
+    g = goodput(recs, {"ttft_ms": 50.0, "tpot_ms": 1.0}, 1.0)
+    assert g["requests"] == 0
+    assert goodput(recs, None, 1.0) is None
+
+
+def test_kv_transfer_and_node_busy_and_queueing() -> None:
+    events = client_request("r1", 0.0, [0.5, 0.6]) + client_request("r2", 0.0, [0.7, 0.8])
+    events += [ev(0.0, "p1", "node_start", role="prefill", hardware="trn2"),
+               ev(0.0, "p1", "prefill_queued", "r1", prompt_tokens=100),
+               ev(0.0, "p1", "prefill_queued", "r2", prompt_tokens=100),
+               ev(0.1, "p1", "prefill_start", "r1", batch_size=1, batch_tokens=100),
+               ev(0.2, "p1", "prefill_end", "r1", compute_s=0.1),
+               ev(0.2, "p1", "prefill_start", "r2", batch_size=1, batch_tokens=100),
+               ev(0.4, "p1", "prefill_end", "r2", compute_s=0.2),
+               ev(0.2, "p1", "kv_start", "r1", decode="d1", mode="whole", bytes=500, model_bytes=1_000_000),
+               ev(0.3, "p1", "kv_end", "r1", bytes=500, ok=True),
+               ev(0.4, "p1", "kv_start", "r2", decode="d1", mode="whole", bytes=500, model_bytes=1_000_000),
+               ev(0.45, "p1", "kv_end", "r2", bytes=0, ok=False, reason="connection reset"),
+               ev(0.0, "d1", "node_start", role="decode", hardware="cs3"),
+               ev(0.55, "d1", "step_timing", kind="decode", planned_s=0.1, late_s=0.001, batch_size=1),
+               ev(0.65, "d1", "step_timing", kind="decode", planned_s=0.1, late_s=0.003, batch_size=1)]
+    s = summarize(events, RUN)
+    kv = s["kv_transfer"]
+    assert kv["count"] == 1 and kv["failed"] == 1 and kv["failed_by_reason"] == {"connection reset": 1}
+    assert kv["bytes"] == 500 and kv["model_bytes"] == 1_000_000
+    assert kv["time_ms"]["p50"] == pytest.approx(100.0)
+    assert kv["achieved_gbps"]["p50"] == pytest.approx(8e6 / 0.1 / 1e9)
+    assert kv["exposed_ms"]["p50"] == pytest.approx(100.0)  # kv_start == prefill_end: all of it exposed
+    p1, d1 = s["nodes"]["p1"], s["nodes"]["d1"]
+    assert p1["role"] == "prefill" and p1["hardware"] == "trn2"
+    assert p1["busy_s"] == pytest.approx(0.3) and p1["busy_fraction"] == pytest.approx(0.3 / 0.8)
+    assert p1["queue_wait_ms"]["mean"] == pytest.approx(150.0)  # waits 0.1 and 0.2
+    assert p1["max_queue_depth"] == 2
+    assert d1["busy_s"] == pytest.approx(0.2) and d1["steps"] == 2
+    assert d1["step_late_ms"]["p50"] == pytest.approx(2.0)
+
+
+def test_layerwise_handoff_exposed_after_prefill_only() -> None:
+    events = client_request("r1", 0.0, [0.5, 0.6])
+    events += [ev(0.1, "p1", "prefill_start", "r1", batch_size=1, batch_tokens=100),
+               ev(0.1, "p1", "kv_start", "r1", decode="d1", mode="layerwise", bytes=10, model_bytes=1000),
+               ev(0.3, "p1", "prefill_end", "r1", compute_s=0.2),
+               ev(0.32, "p1", "kv_end", "r1", bytes=10, ok=True)]
+    kv = summarize(events, RUN)["kv_transfer"]
+    assert kv["time_ms"]["p50"] == pytest.approx(220.0)
+    assert kv["exposed_ms"]["p50"] == pytest.approx(20.0)
+
+
+def test_fidelity_verdict() -> None:
+    events = client_request("r1", 0.0, [0.5, 0.6])
+    # 100 steps of 10 ms: 98 on time, 2 late by 5 ms -> median error 0, p99 about 50%
+    steps = [ev(0.01 * i, "d1", "step_timing", kind="decode", planned_s=0.01, late_s=0.005 if i in (10, 60) else 0.0,
+                batch_size=1) for i in range(100)]
+    s = summarize(events + steps, RUN)
+    assert s["nodes"]["d1"]["step_error"]["median"] == 0.0
+    assert s["fidelity"]["verdict"] == "untrustworthy" and "d1" in s["fidelity"]["reasons"][0]
+    ontime = [dict(e, late_s=0.0001) for e in steps]
+    f = summarize(events + ontime, RUN)["fidelity"]
+    assert f["verdict"] == "unknown" and "compute steps ran on time" in f["reasons"]
+    assert summarize(events, RUN)["fidelity"]["reasons"] == [
+        "no fabric fidelity monitor (fidelity.json): the network was not checked"]
+    # the fabric monitor's verdict stands, whatever the steps say
+    monitor = {"trustworthy": False, "reasons": ["CPU saturated"], "ports": {
+        "qzd0-eth1": {"link": "decode0-efa", "peak_delivered_bps": 9e8, "median_delivered_ratio": 0.5,
+                      "max_backlog_packets": 40, "drops": 3, "backlogged_intervals": 7}}}
+    f = summarize(events + ontime, RUN, fidelity=monitor)["fidelity"]
+    assert f["verdict"] == "untrustworthy" and f["reasons"] == ["CPU saturated"] and f["source"] == "fidelity.json"
+    assert f["links"]["qzd0-eth1"] == {"link": "decode0-efa", "peak_delivered_bps": 9e8,
+                                       "median_delivered_ratio": 0.5, "max_backlog_packets": 40, "drops": 3}
+    assert summarize(events + steps, RUN, fidelity={"trustworthy": True, "reasons": []})["fidelity"]["verdict"] \
+        == "trustworthy"
+
+
+def test_low_load_prediction_check() -> None:
+    # r1 and r2 overlap; r3 runs alone
+    events = (client_request("r1", 0.0, [0.1, 0.2]) + client_request("r2", 0.05, [0.15, 0.25])
+              + client_request("r3", 1.0, [1.04, 1.05]))
+    run = dict(RUN, prediction={"ttft_s": 0.05, "tpot_s": 0.01, "e2e_s": 0.06, "prompt_tokens": 100,
+                                "output_tokens": 2})
+    check = summarize(events, run)["prediction_check"]
+    assert check["requests"] == 1
+    assert check["measured"]["ttft_ms_p50"] == pytest.approx(40.0)
+    assert check["ratio"]["ttft"] == pytest.approx(0.8)
+    assert summarize(events, RUN)["prediction_check"] is None
+
+
+def test_compute_summary_reads_run_dir(tmp_path: Path) -> None:
+    (tmp_path / "timeline").mkdir()
+    with open(tmp_path / "timeline" / "client.jsonl", "w") as f:
+        for e in client_request("r000000", 0.0, [0.1, 0.2]):
+            f.write(json.dumps(e) + "\n")
+        f.write('{"t_wall": 1, "torn')  # a crash mid-write leaves a torn last line
+    (tmp_path / "run.json").write_text(json.dumps(RUN))
+    (tmp_path / "workload.jsonl").write_text('{"index": 0, "arrival_s": 0, "prompt_tokens": 100, "output_tokens": 2}\n'
+                                             '{"index": 1, "arrival_s": 1, "prompt_tokens": 100, "output_tokens": 2}\n')
+    (tmp_path / "fidelity.json").write_text(json.dumps({"trustworthy": False, "reasons": ["link saturated"]}))
+    s = compute_summary(tmp_path)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == s
+    assert s["counts"]["total"] == 2 and s["counts"]["failed_by_reason"] == {"not_sent": 1}
+    assert s["fidelity"] == {"verdict": "untrustworthy", "reasons": ["link saturated"], "source": "fidelity.json",
+                             "links": {}}
