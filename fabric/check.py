@@ -1,0 +1,438 @@
+"""``pdtb fabric check TOPOLOGY``: does the emulated fabric do what its configuration says?
+
+Builds the topology, then for every shaped link measures a host-to-host path through it:
+TCP goodput (iperf3), UDP loss (iperf3 at a rate below the path's) and round-trip time (ping),
+and compares them with the configured DILATED values (docs/fidelity.md):
+
+- TCP goodput >= 90 % of the path's bottleneck rate, for rates of 10 Mbit/s .. 1 Gbit/s and
+  loss-free paths (a lossy path's TCP rate is set by its loss, not its link rate);
+- RTT within +-(10 % + 0.3 ms) for round trips of 1 .. 50 ms;
+- UDP loss within +-30 % (relative) for 0.5 .. 5 % loss.
+
+Values outside those ranges are measured and shown but not judged. TDF and byte scale are
+chosen per topology (:func:`fabric.dilation.choose_emulation`) unless given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import select
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fabric.topology import LinkSpec, TopologyConfig, load_topology
+
+GOODPUT_MIN_RATIO = 0.90
+RATE_RANGE_BPS = (10e6, 1e9)
+RTT_REL_TOL, RTT_ABS_TOL_S = 0.10, 0.3e-3
+RTT_RANGE_S = (1e-3, 50e-3)
+LOSS_REL_TOL = 0.30
+LOSS_RANGE = (0.005, 0.05)
+CHECK_NETWORKS = ("efa", "frontend")
+UDP_TARGET_PPS = 5000
+"""UDP probe packets per second: ~15 000 in 3 s put a 0.5 % loss's +-30 % band at ~2.6 sigma."""
+IPERF_PORT = 5301
+
+_ECHO_RE = re.compile(r"icmp_seq=(\d+) .*?time=([\d.]+) ms")
+
+
+class MeasureError(RuntimeError):
+    """A measurement tool failed or printed something unexpected."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """A host pair to measure on one network, and the links its packets cross."""
+
+    src: str
+    dst: str
+    cls: str
+    links: tuple[str, ...]
+
+
+@dataclass
+class Probe:
+    """One measured route under one dilation, with the configured (dilated) expectations."""
+
+    src: str
+    dst: str
+    cls: str
+    links: list[str]
+    tdf: float
+    byte_scale: float
+    rate_bps: float | None
+    rtt_s: float
+    loss: float
+    measured: dict[str, Any] = field(default_factory=dict)
+    verdicts: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(v != "FAIL" for v in self.verdicts.values())
+
+
+def _shaped(lk: LinkSpec) -> bool:
+    p = lk.params
+    return p.bandwidth_bps is not None or p.latency_s > 0 or p.jitter_s > 0 or p.loss > 0
+
+
+def plan_routes(topo: TopologyConfig) -> list[Route]:
+    """Host pairs whose paths cover every shaped link of the checked networks: greedily the pair
+    crossing the most not-yet-covered shaped links (then the shorter path), until all are."""
+    routes = []
+    for cls in CHECK_NETWORKS:
+        shaped = {lk.name for lk in topo.links if lk.cls == cls and _shaped(lk)}
+        members = [h.name for h in topo.hosts if topo.host_link(h.name, cls) is not None]
+        candidates = []
+        for i, a in enumerate(members):
+            for b in members[i + 1:]:
+                try:
+                    candidates.append(Route(a, b, cls, tuple(lk.name for lk in topo.path(a, b, cls))))
+                except KeyError:
+                    continue
+        while shaped and candidates:
+            best = max(candidates, key=lambda r: (len(shaped.intersection(r.links)), -len(r.links)))
+            if not shaped.intersection(best.links):
+                break
+            routes.append(best)
+            shaped -= set(best.links)
+    return routes
+
+
+def expect(topo: TopologyConfig, route: Route, tdf: float, byte_scale: float) -> Probe:
+    """The probe of ``route`` under a dilation: bottleneck rate, round trip and one-way loss of
+    its path, as the fabric emulates them."""
+    from fabric.topo import Dilation
+
+    dil = Dilation(tdf, byte_scale)
+    emu = [dil.link(topo.link(name).params, route.cls) for name in route.links]
+    rates = [e["rate_bps"] for e in emu if e["rate_bps"] is not None]
+    return Probe(src=route.src, dst=route.dst, cls=route.cls, links=list(route.links), tdf=tdf,
+                 byte_scale=byte_scale, rate_bps=min(rates) if rates else None,
+                 rtt_s=2.0 * math.fsum(e["latency_s"] for e in emu),
+                 loss=1.0 - math.prod(1.0 - e["loss"] for e in emu))
+
+
+def _in_range(probe: Probe, cap_bps: float) -> bool:
+    rate_ok = probe.rate_bps is None or RATE_RANGE_BPS[0] <= probe.rate_bps <= min(cap_bps, RATE_RANGE_BPS[1])
+    rtt_ok = probe.rtt_s == 0 or RTT_RANGE_S[0] <= probe.rtt_s <= RTT_RANGE_S[1]
+    return rate_ok and rtt_ok
+
+
+def _feasible_tdf(topo: TopologyConfig, route: Route, cap_bps: float) -> tuple[float, float, float | None]:
+    """(low, high, model bottleneck rate of a byte-scaled route or None): the TDFs that put the
+    route's round trip in 1..50 ms and its rate in 10 Mbit/s..cap (byte scale free on EFA)."""
+    from fabric.topo import SCALED_NETWORKS
+
+    model = expect(topo, route, 1.0, 1.0)
+    lo, hi = 1.0, math.inf
+    if model.rtt_s > 0:
+        lo, hi = max(lo, RTT_RANGE_S[0] / model.rtt_s), min(hi, RTT_RANGE_S[1] / model.rtt_s)
+    scaled = None
+    if model.rate_bps is not None:
+        hi = min(hi, model.rate_bps / RATE_RANGE_BPS[0])
+        if route.cls in SCALED_NETWORKS:
+            scaled = model.rate_bps
+        else:
+            lo = max(lo, model.rate_bps / cap_bps)
+    return lo, hi, scaled
+
+
+def plan_passes(topo: TopologyConfig, routes: list[Route], tdf: float, byte_scale: float, cap_bps: float,
+                extra: bool) -> list[list[Probe]]:
+    """Probes grouped by the network build that measures them: the run's dilation first; with
+    ``extra``, routes outside the checked ranges there get further builds at a TDF (and byte
+    scale) that brings them in range, as few builds as the ranges allow."""
+    main = [expect(topo, r, tdf, byte_scale) for r in routes]
+    passes = [[p for p in main if not extra or _in_range(p, cap_bps)]]
+    rest = [(r, *_feasible_tdf(topo, r, cap_bps)) for r, p in zip(routes, main) if extra and not _in_range(p, cap_bps)]
+    rest.sort(key=lambda x: x[2])
+    groups: list[list[tuple[Route, float, float, float | None]]] = []
+    for item in rest:
+        if item[1] > item[2]:                      # no TDF fits: measure (unjudged) with the run's dilation
+            passes[0].append(expect(topo, item[0], tdf, byte_scale))
+        elif groups and max(g[1] for g in groups[-1]) <= item[2] and item[1] <= min(g[2] for g in groups[-1]):
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    for group in groups:
+        lo, hi = max(g[1] for g in group), min(g[2] for g in group)
+        t = math.sqrt(lo * hi) if math.isfinite(hi) else lo
+        scaled = [g[3] for g in group if g[3] is not None]
+        s = min(1.0, cap_bps * t / max(scaled)) if scaled else byte_scale
+        passes.append([expect(topo, g[0], t, s) for g in group])
+    return [p for p in passes if p]
+
+
+# -- measurements -------------------------------------------------------------------------------
+
+def _wait_listening(proc: subprocess.Popen, timeout_s: float = 5.0) -> None:
+    """Wait for iperf3 -s to print that it listens (it runs with --forceflush). Reads the raw
+    pipe: a buffered reader could hold the line while select() waits for more."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout_s
+    seen = b""
+    while b"listening" not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 4096) if ready else b""
+        if not chunk:
+            break
+        seen += chunk
+    if b"listening" not in seen:
+        proc.kill()
+        raise MeasureError(f"iperf3 server did not start: {seen.decode(errors='replace').strip() or 'no output'}")
+
+
+def _iperf(net: Any, src: str, dst: str, cls: str, client_args: list[str], port: int,
+           timeout_s: float) -> dict[str, Any]:
+    server = net.popen(dst, ["iperf3", "-s", "-1", "-p", str(port), "--forceflush"],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_listening(server)
+        client = net.popen(src, ["iperf3", "-c", net.address(dst, cls), "-p", str(port), "-J", *client_args],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = client.communicate(timeout=timeout_s)
+        try:
+            data = json.loads(out)
+        except ValueError:
+            raise MeasureError(f"iperf3 {src}->{dst}: no JSON output ({err.strip()[:200]})") from None
+        if "error" in data:
+            raise MeasureError(f"iperf3 {src}->{dst}: {data['error']}")
+        return data
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait(timeout=5)
+
+
+def measure_tcp(net: Any, src: str, dst: str, cls: str, duration_s: float = 3.0, port: int = IPERF_PORT) -> float:
+    """TCP goodput (bit/s, receiver side) from ``src`` to ``dst``, after a 1 s omitted warm-up."""
+    data = _iperf(net, src, dst, cls, ["-t", f"{duration_s:g}", "-O", "1"], port, duration_s + 20)
+    return float(data["end"]["sum_received"]["bits_per_second"])
+
+
+def udp_probe_shape(rate_bps: float | None) -> tuple[float, int]:
+    """(send rate bit/s, payload bytes) for a loss probe: about UDP_TARGET_PPS packets per second,
+    at most half the path's rate (so no queueing loss adds to the configured loss)."""
+    budget = 0.5 * rate_bps if rate_bps else 1400 * 8 * UDP_TARGET_PPS
+    length = int(min(1400, max(64, budget / 8 / UDP_TARGET_PPS)))
+    return min(budget, UDP_TARGET_PPS * length * 8.0), length
+
+
+def measure_udp_loss(net: Any, src: str, dst: str, cls: str, rate_bps: float | None, duration_s: float = 3.0,
+                     port: int = IPERF_PORT) -> tuple[float, int]:
+    """(loss fraction, packets sent) of a paced UDP stream from ``src`` to ``dst``."""
+    rate, length = udp_probe_shape(rate_bps)
+    # a 4 MB socket buffer (passed to the server too): a receiver that misses a time slice on a
+    # busy host must not add socket-buffer drops to the link's configured loss
+    data = _iperf(net, src, dst, cls, ["-u", "-b", f"{int(rate)}", "-l", str(length), "-w", "4M",
+                                       "-t", f"{duration_s:g}"], port, duration_s + 20)
+    s = data["end"]["sum"]
+    packets = int(s.get("packets", 0))
+    if packets <= 0:
+        raise MeasureError(f"iperf3 UDP {src}->{dst}: no packets counted")
+    return int(s.get("lost_packets", 0)) / packets, packets
+
+
+def measure_rtt(net: Any, src: str, dst: str, cls: str, count: int = 20, interval_s: float = 0.05) -> float:
+    """Mean round-trip time (s) by ping, without the first echo (it waits for ARP).
+    ``-U``: user-to-user time, because ping's default kernel receive timestamp is taken before
+    the receiving host's ingress delay (the fallback's NFQUEUE delayer). ping runs at a low
+    real-time priority, like the delayer, so that other load on the host does not add its time
+    slices to the measurement."""
+    argv = ["chrt", "-f", "5", "ping", "-U", "-n", "-c", str(count + 1), "-i", f"{interval_s:g}", "-W", "2",
+            net.address(dst, cls)]
+    proc = net.popen(src, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=count * interval_s + 30)
+    rtts = {int(m.group(1)): float(m.group(2)) / 1e3 for m in _ECHO_RE.finditer(out)}
+    rtts.pop(1, None)
+    if not rtts:
+        raise MeasureError(f"ping {src}->{dst}: no round trip measured ({out.strip()[-200:]})")
+    return statistics.fmean(rtts.values())
+
+
+# -- judging ------------------------------------------------------------------------------------
+
+def judge(probe: Probe) -> None:
+    """Fill ``probe.verdicts``: PASS / FAIL, or ``n/a (...)`` outside the calibrated ranges or
+    when the metric was not measured."""
+    m = probe.measured
+    lo, hi = RATE_RANGE_BPS
+    if probe.rate_bps is None:
+        probe.verdicts["goodput"] = "n/a (unshaped)"
+    elif probe.loss > 0:
+        probe.verdicts["goodput"] = "n/a (lossy path)"
+    elif not lo <= probe.rate_bps <= hi:
+        probe.verdicts["goodput"] = "n/a (rate outside 10 Mbit/s..1 Gbit/s)"
+    elif "goodput_bps" not in m:
+        probe.verdicts["goodput"] = "n/a (not measured)"
+    elif m["goodput_bps"] is None:
+        probe.verdicts["goodput"] = "FAIL"
+    else:
+        probe.verdicts["goodput"] = "PASS" if m["goodput_bps"] >= GOODPUT_MIN_RATIO * probe.rate_bps else "FAIL"
+    lo, hi = RTT_RANGE_S
+    if not lo <= probe.rtt_s <= hi:
+        probe.verdicts["rtt"] = "n/a (RTT outside 1..50 ms)"
+    elif "rtt_s" not in m:
+        probe.verdicts["rtt"] = "n/a (not measured)"
+    elif m["rtt_s"] is None:
+        probe.verdicts["rtt"] = "FAIL"
+    else:
+        tol = RTT_REL_TOL * probe.rtt_s + RTT_ABS_TOL_S
+        probe.verdicts["rtt"] = "PASS" if abs(m["rtt_s"] - probe.rtt_s) <= tol else "FAIL"
+    lo, hi = LOSS_RANGE
+    if not lo <= probe.loss <= hi:
+        probe.verdicts["loss"] = "n/a (loss outside 0.5..5 %)"
+    elif "loss" not in m:
+        probe.verdicts["loss"] = "n/a (not measured)"
+    elif m["loss"] is None:
+        probe.verdicts["loss"] = "FAIL"
+    else:
+        probe.verdicts["loss"] = "PASS" if abs(m["loss"] - probe.loss) <= LOSS_REL_TOL * probe.loss else "FAIL"
+
+
+def measure_probe(net: Any, probe: Probe, duration_s: float = 3.0) -> None:
+    """Run the three measurements of one probe and judge them. A measurement that fails (no
+    echo, no iperf3 result: the path is broken) is recorded as None with its error, and fails."""
+    errors: list[str] = []
+
+    def attempt(fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except (MeasureError, subprocess.TimeoutExpired) as exc:
+            errors.append(str(exc))
+            return None
+
+    probe.measured["rtt_s"] = attempt(measure_rtt, net, probe.src, probe.dst, probe.cls)
+    if probe.rate_bps is not None:
+        probe.measured["goodput_bps"] = attempt(measure_tcp, net, probe.src, probe.dst, probe.cls, duration_s)
+    udp_s = duration_s if probe.loss > 0 else 1.0     # a loss-free path only shows it loses nothing
+    udp = attempt(measure_udp_loss, net, probe.src, probe.dst, probe.cls, probe.rate_bps, udp_s)
+    probe.measured["loss"], probe.measured["udp_packets"] = udp if udp is not None else (None, 0)
+    if errors:
+        probe.measured["errors"] = errors
+    judge(probe)
+
+
+def _fmt_rate(bps: float | None) -> str:
+    return "-" if bps is None else f"{bps / 1e6:.1f}M"
+
+
+def format_table(probes: list[Probe]) -> str:
+    """Configured vs measured, with the error, one line per probe."""
+    head = (f"{'path':<28} {'net':<8} {'tdf':>6} {'rate':>8} {'goodput':>8} {'err':>6} {'':<5}  {'rtt ms':>7} "
+            f"{'meas':>7} {'err':>6} {'':<5}  {'loss %':>6} {'meas':>6} {'err':>6} {'':<5}")
+    lines = [head, "-" * len(head)]
+
+    def err(meas: float | None, conf: float | None) -> str:
+        if meas is None or not conf:
+            return "-"
+        return f"{(meas - conf) / conf * 100:+.0f}%"
+
+    def short(v: str) -> str:
+        return v if v in ("PASS", "FAIL") else "n/a"
+
+    def num(v: float | None, scale: float) -> str:
+        return "-" if v is None else f"{v * scale:.2f}"
+
+    for p in probes:
+        m = p.measured
+        lines.append(
+            f"{p.src + '->' + p.dst:<28.28} {p.cls:<8} {p.tdf:>6.4g} {_fmt_rate(p.rate_bps):>8} "
+            f"{_fmt_rate(m.get('goodput_bps')):>8} {err(m.get('goodput_bps'), p.rate_bps):>6} "
+            f"{short(p.verdicts.get('goodput', '')):<5}  {p.rtt_s * 1e3:>7.2f} {num(m.get('rtt_s'), 1e3):>7} "
+            f"{err(m.get('rtt_s'), p.rtt_s):>6} {short(p.verdicts.get('rtt', '')):<5}  {p.loss * 100:>6.2f} "
+            f"{num(m.get('loss'), 100):>6} {err(m.get('loss'), p.loss):>6} {short(p.verdicts.get('loss', '')):<5}")
+        lines += [f"    {p.src}->{p.dst}: {e}" for e in m.get("errors", [])]
+    return "\n".join(lines)
+
+
+# -- the command --------------------------------------------------------------------------------
+
+def check_topology(topology: TopologyConfig, tdf: float | str = "auto", byte_scale: float | str = "auto",
+                   prefix: str = "pt", impairment: str = "auto", duration_s: float = 2.0) -> dict[str, Any]:
+    """Build ``topology`` (once per pass), measure every probe, tear down; the report as a dict."""
+    from fabric.dilation import choose_emulation, measure_host_capacity, rate_cap_bps
+    from fabric.net import FabricNet
+
+    started = time.monotonic()
+    auto = "auto" in (tdf, byte_scale)
+    capacity = measure_host_capacity(prefix, impairment=impairment) if auto else None
+    choice = choose_emulation(topology, tdf, byte_scale, host_capacity=capacity)
+    passes = plan_passes(topology, plan_routes(topology), choice.tdf, choice.byte_scale, rate_cap_bps(capacity),
+                         extra=auto)
+    backend = None
+    for probes in passes:
+        net = FabricNet(topology, tdf=probes[0].tdf, byte_scale=probes[0].byte_scale, prefix=prefix,
+                        impairment=impairment)
+        try:
+            net.start()
+            backend = net.impairment_backend
+            for probe in probes:
+                measure_probe(net, probe, duration_s)
+        finally:
+            net.stop()
+    probes = [p for group in passes for p in group]
+    return {"topology": topology.name, "tdf": choice.tdf, "byte_scale": choice.byte_scale,
+            "reason": choice.reason, "host_capacity_bps": capacity, "impairment_backend": backend,
+            "passes": [{"tdf": g[0].tdf, "byte_scale": g[0].byte_scale, "probes": len(g)} for g in passes],
+            "ok": all(p.ok for p in probes), "duration_s": time.monotonic() - started,
+            "probes": [asdict(p) | {"ok": p.ok} for p in probes]}
+
+
+def _auto_or_float(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
+
+
+def register_check(fabric_subparsers: argparse._SubParsersAction) -> None:
+    """Add ``check TOPOLOGY [--json] [--tdf X] [--byte-scale Y]`` to ``pdtb fabric``."""
+    p = fabric_subparsers.add_parser("check", help="build a topology and measure its links against their configuration")
+    p.add_argument("topology", metavar="TOPOLOGY", help="a shipped topology name or a topology file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--tdf", type=_auto_or_float, default="auto", help="time dilation factor (default auto)")
+    p.add_argument("--byte-scale", type=_auto_or_float, default="auto", help="byte scale (default auto)")
+    p.add_argument("--prefix", default="pt", help="name prefix of the namespaces and interfaces (default pt)")
+    p.add_argument("--impairment", default="auto", choices=("auto", "netem", "fallback"))
+    p.add_argument("--duration", type=float, default=2.0, help="seconds per iperf3 run (default 2)")
+    p.set_defaults(func=run_check)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    topology = load_topology(args.topology)
+    if os.geteuid() != 0:
+        print("error: pdtb fabric check needs root (it builds network namespaces)", file=sys.stderr)
+        return 2
+    try:
+        report = check_topology(topology, args.tdf, args.byte_scale, args.prefix, args.impairment, args.duration)
+    except (ValueError, MeasureError, RuntimeError) as exc:
+        print(f"error: fabric check of {args.topology}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        probes = [Probe(**{k: v for k, v in p.items() if k != "ok"}) for p in report["probes"]]
+        print(f"topology {report['topology']}: tdf {report['tdf']:.4g}, byte scale {report['byte_scale']:.4g}, "
+              f"impairment backend {report['impairment_backend']}")
+        print(f"  ({report['reason']})")
+        if len(report["passes"]) > 1:
+            print(f"  {len(report['passes']) - 1} more build(s) for paths outside the checked ranges at that "
+                  f"dilation: " + ", ".join(f"tdf {p['tdf']:.4g} / byte scale {p['byte_scale']:.4g}"
+                                           for p in report["passes"][1:]))
+        print(format_table(probes))
+        failed = [f"{p.src}->{p.dst} {k}" for p in probes for k, v in p.verdicts.items() if v == "FAIL"]
+        print(f"{'OK' if report['ok'] else 'FAIL'}: {len(probes)} paths in {report['duration_s']:.0f} s"
+              + (f"; outside tolerance: {', '.join(failed)}" if failed else ""))
+    return 0 if report["ok"] else 1

@@ -1,0 +1,212 @@
+"""Fidelity verdicts from synthetic samples, the automatic dilation choice and the check's plan."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from fabric.check import Probe, judge, plan_passes, plan_routes
+from fabric.dilation import choose_emulation, load_host_capacity, rate_cap_bps
+from fabric.fidelity import FidelityMonitor, evaluate, read_step_errors
+from fabric.topology import load_topology
+
+RATE = 100e6
+
+
+def _samples(delivered_ratio: float, backlog: int, n: int = 8, busy: float = 0.5,
+             rate_bps: float = RATE) -> list[dict]:
+    """n samples 0.5 s apart of one port sending at ``delivered_ratio`` x its rate, with a
+    standing queue of ``backlog`` packets, on two CPUs ``busy`` busy."""
+    out = []
+    for i in range(n):
+        t = i * 0.5
+        jiffies = int(t * 100)
+        out.append({"t": t, "cpu": [[int(jiffies * busy), jiffies]] * 2,
+                    "ports": {"pts1-1": {"link": "d0-efa", "rate_bps": rate_bps,
+                                         "bytes": int(delivered_ratio * rate_bps / 8 * t),
+                                         "backlog_packets": backlog, "backlog_bytes": backlog * 1514,
+                                         "drops": 0}}})
+    return out
+
+
+def test_backlogged_link_at_its_rate_is_trustworthy():
+    v = evaluate(_samples(0.97, backlog=40))
+    assert v["trustworthy"], v["reasons"]
+    assert v["ports"]["pts1-1"]["backlogged_intervals"] == 7
+    assert v["ports"]["pts1-1"]["median_delivered_ratio"] == pytest.approx(0.97, rel=0.02)
+
+
+def test_backlogged_link_below_its_rate_is_flagged():
+    v = evaluate(_samples(0.5, backlog=40))
+    assert not v["trustworthy"]
+    assert any("d0-efa" in r and "50%" in r for r in v["reasons"])
+
+
+def test_idle_link_is_not_blamed_for_sending_little():
+    v = evaluate(_samples(0.05, backlog=0))
+    assert v["trustworthy"], v["reasons"]
+
+
+def test_saturated_cpu_is_flagged():
+    v = evaluate(_samples(0.97, backlog=40, busy=0.99))
+    assert not v["trustworthy"]
+    assert any("CPU saturated" in r for r in v["reasons"])
+    assert v["cpu"]["saturated_intervals"] == 7
+
+
+def test_late_compute_steps_are_flagged():
+    assert not evaluate([], [0.10] * 50, step_error_threshold=0.05)["trustworthy"]
+    tail = evaluate([], [0.0] * 95 + [0.5] * 5, step_error_threshold=0.05)     # median fine, p99 not
+    assert not tail["trustworthy"] and "p99" in tail["reasons"][0]
+    ok = evaluate([], [0.01] * 100, step_error_threshold=0.05)
+    assert ok["trustworthy"] and ok["step_timing"]["median"] == pytest.approx(0.01)
+
+
+def test_late_delayer_is_flagged():
+    on_time = {"intf": "ptd0-e", "latency_s": 0.005, "released": 1000, "late_total_s": 0.05, "late_max_s": 0.002}
+    assert evaluate([], delayers=[on_time])["trustworthy"]                 # 0.05 ms late on average
+    late = on_time | {"late_total_s": 2.0}                                  # 2 ms late on average
+    v = evaluate([], delayers=[on_time, late | {"intf": "ptd1-e"}])
+    assert not v["trustworthy"] and "ptd1-e" in v["reasons"][0]
+    assert v["delayers"]["ptd1-e"]["late_mean_s"] == pytest.approx(0.002)
+
+
+def test_no_samples_is_trustworthy_and_empty():
+    v = evaluate([])
+    assert v["trustworthy"] and v["samples"] == 0 and v["ports"] == {}
+
+
+def test_step_errors_read_from_timeline(tmp_path: Path):
+    tl = tmp_path / "timeline"
+    tl.mkdir()
+    lines = [{"event": "step_timing", "planned_s": 0.02, "late_s": 0.001},
+             {"event": "step_timing", "planned_s": 0.0, "late_s": 0.001},       # no planned time: skipped
+             {"event": "first_token", "request_id": "r1"},
+             {"event": "step_timing", "planned_s": 0.01, "late_s": -0.001}]     # early counts as 0
+    (tl / "decode0.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{broken\n")
+    assert read_step_errors(tmp_path) == pytest.approx([0.05, 0.0])
+
+
+class _FakeDelayer:
+    intf_name, latency_s = "ptd0-e", 0.004
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def stats(self) -> dict:
+        self.calls += 1       # 100 packets released 0.1 ms late between start and stop
+        return {"released": 100 * self.calls, "late_total_s": 0.01 * self.calls, "late_max_s": 0.0002}
+
+
+def test_monitor_writes_fidelity_json(tmp_path: Path):
+    mon = FidelityMonitor(object(), tmp_path, interval_s=0.05, ports=[], delayers=[_FakeDelayer()]).start()
+    time.sleep(0.3)
+    verdict = mon.stop()
+    written = json.loads((tmp_path / "fidelity.json").read_text())
+    assert written["trustworthy"] == verdict["trustworthy"]
+    assert written["samples"] >= 3 and written["cpu"]["intervals"] >= 2
+    assert written["delayers"]["ptd0-e"] == {"latency_s": 0.004, "released": 100, "late_mean_s": pytest.approx(1e-4),
+                                             "late_max_s": 0.0002}
+
+
+# -- dilation ------------------------------------------------------------------------------------
+
+def test_auto_puts_fastest_links_under_the_cap():
+    pair = load_topology("pair")
+    c = choose_emulation(pair, "auto", "auto", host_capacity=4e9)          # cap: 1 Gbit/s
+    assert c.tdf == pytest.approx(1e-3 / 7.5e-6)        # 7.5 us -> 1 ms beats 100 Gbit/s -> 1 Gbit/s
+    assert c.byte_scale == pytest.approx(1e9 * c.tdf / 3.2e12)             # 3.2 Tbit/s EFA
+    assert "latency floor" in c.reason and c.host_capacity_bps == 4e9
+    slow = choose_emulation(pair, "auto", "auto", host_capacity=600e6)     # cap: 300 Mbit/s
+    assert slow.tdf == pytest.approx(100e9 / 300e6)                        # frontend is not byte-scaled
+    assert "unscaled-network rate floor" in slow.reason
+    assert 3.2e12 * slow.byte_scale / slow.tdf == pytest.approx(300e6)
+
+
+def test_auto_latency_floor_and_budget():
+    pod = load_topology("pod")
+    lat_only = pod.model_copy(update={"links": [lk.model_copy(update={"params": lk.params.model_copy(
+        update={"bandwidth_bps": None})}) for lk in pod.links]})
+    c = choose_emulation(lat_only, "auto", "auto", host_capacity=4e9)
+    assert c.tdf == pytest.approx(1e-3 / 7.5e-6) and c.byte_scale == 1.0   # smallest latency -> 1 ms
+    capped = choose_emulation(lat_only, "auto", "auto", wall_budget_s=50, workload_model_s=1, host_capacity=4e9)
+    assert capped.tdf == pytest.approx(50) and "wall budget" in capped.reason
+    # with room in the budget, TDF rises to keep the byte scale at 1
+    roomy = choose_emulation(pod, "auto", "auto", wall_budget_s=1e5, workload_model_s=1, host_capacity=4e9)
+    assert roomy.byte_scale == pytest.approx(1.0) and roomy.tdf == pytest.approx(3.2e12 / 1e9)
+
+
+def test_given_values_are_kept_and_warned_about():
+    pair = load_topology("pair")
+    c = choose_emulation(pair, 50, "auto", host_capacity=4e9)
+    assert c.tdf == 50 and c.byte_scale == pytest.approx(1e9 * 50 / 3.2e12)
+    assert "warning" in c.reason                                           # 100 Gbit/s frontend -> 2 Gbit/s
+    both = choose_emulation(pair, 400, 1 / 64, host_capacity=4e9)
+    assert (both.tdf, both.byte_scale) == (400, 1 / 64) and "given" in both.reason
+    t = choose_emulation(pair, "auto", 1 / 64, host_capacity=4e9)
+    assert t.tdf == pytest.approx(1e-3 / 7.5e-6) and t.byte_scale == 1 / 64
+    with pytest.raises(ValueError, match="tdf"):
+        choose_emulation(pair, 0.5, "auto")
+    with pytest.raises(ValueError, match="byte_scale"):
+        choose_emulation(pair, "auto", 2.0)
+
+
+def test_host_capacity_cache(tmp_path: Path):
+    path = tmp_path / "cap.json"
+    assert load_host_capacity(cache_path=path) is None
+    entry = {"host_capacity_bps": 1.5e9, "measured_at": time.time(), "kernel": os.uname().release,
+             "cpus": os.cpu_count(), "backend": "fallback"}
+    path.write_text(json.dumps(entry))
+    assert load_host_capacity("fallback", path) == 1.5e9
+    assert load_host_capacity("netem", path) is None
+    path.write_text(json.dumps(entry | {"measured_at": time.time() - 30 * 86400}))
+    assert load_host_capacity(cache_path=path) is None
+    path.write_text(json.dumps(entry | {"kernel": "other"}))
+    assert load_host_capacity(cache_path=path) is None
+    assert rate_cap_bps(None) == 1e9 and rate_cap_bps(1e9) == 5e8
+
+
+# -- fabric check planning -----------------------------------------------------------------------
+
+def test_routes_cover_every_shaped_link_once_or_more():
+    pod = load_topology("pod")
+    routes = plan_routes(pod)
+    covered = {name for r in routes for name in r.links}
+    shaped = {lk.name for lk in pod.links if lk.cls in ("efa", "frontend")}
+    assert covered == shaped
+    assert len(routes) <= 8                       # pairs share the work: 15 links, 8 host pairs
+
+
+def test_passes_bring_every_route_into_the_checked_ranges():
+    pair = load_topology("pair")
+    c = choose_emulation(pair, "auto", "auto", host_capacity=1.2e9)
+    passes = plan_passes(pair, plan_routes(pair), c.tdf, c.byte_scale, rate_cap_bps(1.2e9), extra=True)
+    assert passes[0][0].tdf == c.tdf
+    for group in passes:
+        for p in group:
+            assert 1e-3 <= p.rtt_s <= 50e-3, p
+            assert p.rate_bps is None or 10e6 <= p.rate_bps <= 600e6 * 1.0001, p
+    client = [p for g in passes for p in g if "client0-fe" in p.links]
+    assert client and client[0].tdf < c.tdf       # the slow, far client link needs a smaller TDF
+
+
+def test_judge_tolerances():
+    p = Probe("a", "b", "efa", ["l"], 10, 0.1, rate_bps=100e6, rtt_s=0.010, loss=0.0,
+              measured={"goodput_bps": 91e6, "rtt_s": 0.0112, "loss": 0.0})
+    judge(p)
+    assert p.verdicts == {"goodput": "PASS", "rtt": "PASS", "loss": "n/a (loss outside 0.5..5 %)"} and p.ok
+    q = Probe("a", "b", "efa", ["l"], 10, 0.1, rate_bps=100e6, rtt_s=0.010, loss=0.01,
+              measured={"goodput_bps": 50e6, "rtt_s": 0.0114, "loss": 0.014})
+    judge(q)
+    assert q.verdicts["goodput"].startswith("n/a") and q.verdicts["rtt"] == "FAIL" and q.verdicts["loss"] == "FAIL"
+    assert not q.ok
+
+
+def test_broken_path_fails_rather_than_errors():
+    p = Probe("a", "b", "efa", ["l"], 10, 0.1, rate_bps=100e6, rtt_s=0.010, loss=0.0,
+              measured={"rtt_s": None, "goodput_bps": None, "loss": None, "errors": ["ping a->b: no echo"]})
+    judge(p)
+    assert p.verdicts["rtt"] == "FAIL" and p.verdicts["goodput"] == "FAIL" and not p.ok
