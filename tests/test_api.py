@@ -1,0 +1,118 @@
+"""The scripting API (``from testbed import Testbed``) and ``pdtb up`` on the local backend."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from testbed.config.base import ConfigError
+
+# the loopback scenario and leftover checks are shared with test_runner_local.py
+_spec = importlib.util.spec_from_file_location("_runner_local", Path(__file__).with_name("test_runner_local.py"))
+_local = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_local)
+REPO, PREFIX = _local.REPO, _local.PREFIX
+_no_leftovers, _processes_of, write_scenario = _local._no_leftovers, _local._processes_of, _local.write_scenario
+pytestmark = pytest.mark.slow
+
+
+def _get(url: str) -> dict:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def _complete(router_url: str, max_tokens: int = 8) -> dict:
+    body = json.dumps({"model": "llama-3.1-8b", "prompt": "hello there", "max_tokens": max_tokens}).encode()
+    req = urllib.request.Request(f"{router_url}/v1/completions", data=body,
+                                 headers={"content-type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def test_testbed_lifecycle_commands_and_results(tmp_path: Path) -> None:
+    from testbed import Testbed
+
+    scenario = write_scenario(tmp_path, requests=6, rate=8.0, output=8)
+    tb = Testbed(scenario, overrides=["workload.requests=5"], backend="local", out=tmp_path / "run", prefix=PREFIX)
+    with pytest.raises(RuntimeError, match="not started"):
+        tb.router_url
+    with tb:
+        assert _get(f"{tb.router_url}/health")["ok"] is True
+        assert tb.nodes() == {"p1": "prefill", "d1": "decode", "router": "router", "client": "client"}
+        assert tb.tdf == 1.0 and 0 < tb.byte_scale <= 1
+        with pytest.raises(ConfigError, match="no emulated links"):
+            tb.set_link("efa", bandwidth_bps=1e9)
+        with pytest.raises(ConfigError, match="not a node"):
+            tb.node_command("nosuch", "drain")
+        tb.node_command("d1", "slowdown", factor=2.0)
+        tb.node_command("d1", "resume")
+        tb.run_workload(wait=True)
+        live = tb.results()  # a snapshot while the system is still up
+        assert live["counts"]["completed"] == 5
+        with pytest.raises(RuntimeError, match="already started"):
+            tb.run_workload()
+    summary = tb.results()
+    assert summary["counts"] == {"total": 5, "completed": 5, "failed": 0, "failed_by_reason": {}}
+    assert tb.stop() == summary, "stop() is idempotent"
+    with pytest.raises(RuntimeError, match="stopped"):
+        tb.set_link("efa", bandwidth_bps=1e9)
+    d1 = [json.loads(line) for line in (tb.run_dir / "timeline" / "d1.jsonl").read_text().splitlines()]
+    controls = [(e["cmd"], e.get("factor")) for e in d1 if e["event"] == "control"]
+    assert controls[:2] == [("slowdown", 2.0), ("resume", None)], controls
+    run = json.loads((tb.run_dir / "run.json").read_text())
+    assert run["finished_wall"] and (tb.run_dir / "summary.json").exists() and (tb.run_dir / "report.html").exists()
+    _no_leftovers(tb.run_dir)
+
+
+def test_exception_inside_the_with_block_tears_down(tmp_path: Path) -> None:
+    from testbed import Testbed
+
+    scenario = write_scenario(tmp_path)
+    with pytest.raises(ZeroDivisionError):
+        with Testbed(scenario, backend="local", out=tmp_path / "run", prefix=PREFIX) as tb:
+            assert _processes_of(tb.run_dir)
+            1 / 0
+    _no_leftovers(tb.run_dir)
+
+
+def test_sweep_scenario_is_refused_by_testbed(tmp_path: Path) -> None:
+    from testbed import Testbed
+
+    scenario = write_scenario(tmp_path, extra="sweep: {workload.requests: [2, 3]}")
+    with pytest.raises(ConfigError, match="one configuration"):
+        Testbed(scenario, backend="local", prefix=PREFIX)
+
+
+def test_pdtb_up_serves_until_interrupted(tmp_path: Path) -> None:
+    scenario = write_scenario(tmp_path)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", "up", str(scenario), "--backend", "local",
+                             "--out", str(out), "--prefix", PREFIX], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("router: http://127.0.0."), (line, proc.poll())
+        url = line.split()[1]
+        reply = _complete(url, max_tokens=8)
+        assert reply["usage"]["completion_tokens"] == 8
+        time.sleep(0.5)
+        assert proc.poll() is None, "up stays up"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, proc.stderr.read()[-2000:]
+    assert not (out / "workload.jsonl").exists(), "up replays no workload: requests come from the user"
+    router = [json.loads(x) for x in (out / "timeline" / "router.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "done" for e in router)
+    _no_leftovers(out)

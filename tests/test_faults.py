@@ -1,0 +1,159 @@
+"""Faults on a model-time schedule change what is measured after their time, and not before."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from statistics import median
+
+import pytest
+
+from nodes.timeline import read_run_timeline
+
+_spec = importlib.util.spec_from_file_location("_runner_local", Path(__file__).with_name("test_runner_local.py"))
+_local = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_local)
+REPO = _local.REPO
+
+
+def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "testbed.cli", "run", *args, "--json", "--no-progress"], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _by_request(run_dir: Path) -> dict[str, dict[str, dict]]:
+    out: dict[str, dict[str, dict]] = {}
+    for e in read_run_timeline(run_dir):
+        if e.get("request_id"):
+            out.setdefault(e["request_id"], {}).setdefault(e["event"], e)
+    return out
+
+
+@pytest.mark.slow
+def test_slowdown_fault_changes_decode_after_its_time_only(tmp_path: Path) -> None:
+    """Local backend: a decode slowdown x10 at model time 2 s. Requests finished before 2 s decode at
+    the predicted pace; requests that start decoding after it are about ten times slower."""
+    fault_at = 2.0
+    scenario = _local.write_scenario(tmp_path, requests=16, rate=4.0, output=24, extra=f"""
+faults:
+  - {{at: {fault_at}s, action: slowdown, target: d1, factor: 10}}
+""")
+    out = tmp_path / "run"
+    res = _run([str(scenario), "--backend", "local", "--out", str(out), "--prefix", _local.PREFIX,
+                "--set", "emulation.tdf=4"], timeout=100)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout)["counts"]["completed"] == 16
+    run = json.loads((out / "run.json").read_text())
+    (fault,) = run["faults"]
+    assert fault["ok"] and fault["action"] == "slowdown" and fault["applied_t_model"] >= fault_at
+    assert fault["applied_t_model"] < fault_at + 0.1, "applied on time (model seconds)"
+    offset = run["workload_offset_s"]
+    before, after = [], []
+    for rid, ev in _by_request(out).items():
+        done, first = ev.get("client_done"), ev.get("decode_admitted")
+        if not done or not first:
+            continue
+        times = done["token_times"]
+        tpot = (times[-1] - times[0]) / (len(times) - 1)
+        if times[-1] - offset < fault_at:
+            before.append(tpot)
+        elif first["t_model"] - offset > fault_at + 0.05:
+            after.append(tpot)
+    assert len(before) >= 3 and len(after) >= 3, (before, after)
+    assert median(after) > 5 * median(before), (before, after)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_set_link_fault_slows_kv_handoff_after_its_time_only(tmp_path: Path) -> None:
+    """Mininet: EFA cut from 3.2/1.2 Tbit/s to 3 Gbit/s at model time 1.5 s; KV handoffs before take
+    a few milliseconds of model time (mostly connection set-up), those after about 90 ms."""
+    from fabric.cleanup import clean
+
+    clean("pc")
+    fault_at = 1.5
+    path = tmp_path / "s.yaml"
+    path.write_text(f"""
+kind: scenario
+name: efacut
+topology: pair
+model: llama-3.1-8b
+kv_transfer: {{mode: whole}}
+emulation: {{backend: mininet, tdf: 5, byte_scale: 0.00390625}}
+workload:
+  arrival: {{process: fixed, rate: 4}}
+  requests: 12
+  prompt_tokens: 256
+  output_tokens: 8
+faults:
+  - {{at: {fault_at}s, action: set_link, target: efa, bandwidth: 3Gbps}}
+""")
+    out = tmp_path / "run"
+    res = _run([str(path), "--out", str(out), "--prefix", "pc"], timeout=110)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout)["counts"]["completed"] == 12
+    run = json.loads((out / "run.json").read_text())
+    (fault,) = run["faults"]
+    assert fault["ok"] and sorted(fault["links"]) == ["decode0-efa", "prefill0-efa"]
+    offset = run["workload_offset_s"]
+    before, after = [], []
+    for ev in _by_request(out).values():
+        start, end = ev.get("kv_start"), ev.get("kv_end")
+        if not start or not end:
+            continue
+        took = end["t_model"] - start["t_model"]
+        (before if end["t_model"] - offset < fault_at else after if start["t_model"] - offset > fault_at else []).append(took)
+    assert len(before) >= 3 and len(after) >= 3, (before, after)
+    # 32 MiB of model KV: ~0.2 ms at 1.2 Tbit/s, ~90 ms at 3 Gbit/s
+    assert median(after) > 0.05 and median(after) > 5 * median(before), (before, after)
+
+
+@pytest.mark.slow
+def test_crash_fault_fails_requests_after_its_time_only(tmp_path: Path) -> None:
+    """Local backend: the only prefill node crashes (a fault, not an unexpected crash) at 1.5 s.
+    Requests finished before complete; requests sent after it fail; the run still ends normally."""
+    fault_at = 1.5
+    scenario = _local.write_scenario(tmp_path, requests=12, rate=4.0, output=8, extra=f"""
+faults:
+  - {{at: {fault_at}s, action: crash, target: p1}}
+""")
+    out = tmp_path / "run"
+    res = _run([str(scenario), "--backend", "local", "--out", str(out), "--prefix", _local.PREFIX], timeout=100)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout)["counts"]["total"] == 12
+    run = json.loads((out / "run.json").read_text())
+    assert run["crashes"] == [] and run["stop_reason"] is None, "a crash fault is not a daemon crash"
+    assert run["faults"][0]["ok"]
+    offset = run["workload_offset_s"]
+    done_before, failed_after = 0, 0
+    for ev in _by_request(out).values():
+        sent = ev.get("client_sent")
+        if sent is None:
+            continue
+        t = sent["t_model"] - offset
+        if t < fault_at - 0.3:
+            assert "client_done" in ev, ev.get("client_failed")
+            done_before += 1
+        elif t > fault_at + 0.1:
+            assert "client_failed" in ev
+            failed_after += 1
+    assert done_before >= 3 and failed_after >= 3
+    p1 = [json.loads(x) for x in (out / "timeline" / "p1.jsonl").read_text().splitlines()]
+    assert [e["cmd"] for e in p1 if e["event"] == "control"] == ["crash"]
+    _local._no_leftovers(out)
+
+
+def test_faults_the_backend_cannot_apply_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    scenario = _local.write_scenario(tmp_path, extra="""
+faults:
+  - {at: 1s, action: link_down, target: efa}
+  - {at: 2s, action: drain, target: client}
+""")
+    out = tmp_path / "run"
+    res = _run([str(scenario), "--backend", "local", "--out", str(out)], timeout=30)
+    assert res.returncode == 2
+    assert "faults[0].action: link_down needs emulated links" in res.stderr
+    assert "faults[1].target: 'client' is not a serving node" in res.stderr
+    assert not out.exists(), "nothing was started, no run directory made"

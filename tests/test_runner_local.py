@@ -1,0 +1,253 @@
+"""Local backend: process supervision, the run directory, and whole runs on loopback."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from testbed.runner.process import PidRegistry, Supervisor, kill_recorded, read_registry, same_process
+from testbed.runner.rundir import RunDir, make_run_id
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+# ignores SIGTERM: must be SIGKILLed after the grace period
+STUBBORN = [sys.executable, "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rfind(")") + 2] not in "ZX"
+
+
+def _wait_for(pred, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_supervisor_own_group_registry_and_stop(tmp_path: Path) -> None:
+    recorded_for_clean: list[tuple[int, str]] = []
+    reg = PidRegistry([tmp_path / "pids.json"], run_dir=tmp_path,
+                      record=lambda pid, what: recorded_for_clean.append((pid, what)))
+    sup = Supervisor(reg)
+    a = sup.spawn("a", SLEEPER, log_path=tmp_path / "logs" / "a.log")
+    b = sup.spawn("b", STUBBORN, log_path=tmp_path / "logs" / "b.log")
+    assert os.getpgid(a.pid) == a.pid != os.getpgid(0), "each daemon leads its own process group"
+    recorded = {e["name"]: e for e in read_registry(tmp_path / "pids.json")}
+    assert recorded["a"]["pid"] == a.pid and recorded["b"]["start_ticks"] is not None
+    assert recorded_for_clean == [(a.pid, "a"), (b.pid, "b")], "pdtb clean's registry learns every PID"
+    assert _wait_for(lambda: "ready" in (tmp_path / "logs" / "b.log").read_text())
+    t = time.monotonic()
+    sup.stop_all(grace_s=0.5)
+    assert time.monotonic() - t < 5
+    assert not _alive(a.pid) and not _alive(b.pid)
+    assert read_registry(tmp_path / "pids.json") == [], "no process is still listed as running"
+    history = json.loads((tmp_path / "pids.json").read_text())["processes"]
+    assert {e["name"]: e["running"] for e in history} == {"a": False, "b": False}
+    assert sup.unexpected_exits() == [], "processes we stopped are not crashes"
+
+
+def test_unexpected_exit_is_reported_once(tmp_path: Path) -> None:
+    sup = Supervisor(PidRegistry([tmp_path / "pids.json"]))
+    sup.spawn("quick", [sys.executable, "-c", "raise SystemExit(3)"])
+    sup.spawn("slow", SLEEPER)
+    assert _wait_for(lambda: sup.get("quick").poll() is not None)
+    crashed = sup.unexpected_exits()
+    assert [m.name for m in crashed] == ["quick"] and crashed[0].poll() == 3
+    assert sup.unexpected_exits() == []
+    sup.stop_all(grace_s=1)
+
+
+def test_kill_recorded_skips_recycled_pids(tmp_path: Path) -> None:
+    """`pdtb clean` kills by registry: a PID whose start time changed is someone else's."""
+    victim = subprocess.Popen(SLEEPER, start_new_session=True)
+    bystander = subprocess.Popen(SLEEPER, start_new_session=True)
+    try:
+        reg = PidRegistry([tmp_path / "pids.json"])
+        reg.add("victim", victim.pid, SLEEPER, pgid=victim.pid)
+        entries = read_registry(tmp_path / "pids.json")
+        entries.append({"name": "fake", "pid": bystander.pid, "pgid": None, "start_ticks": 1})
+        killed = kill_recorded(entries, grace_s=2)
+        assert killed == [victim.pid]
+        victim.wait(5)
+        assert bystander.poll() is None and same_process(bystander.pid, None)
+    finally:
+        for p in (victim, bystander):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_run_dir_layout_and_run_id(tmp_path: Path) -> None:
+    rd = RunDir.create("pair", base=tmp_path)
+    assert rd.root.parent == tmp_path and rd.root.name.startswith("pair-")
+    for d in ("nodes", "logs", "timeline", "pcap"):
+        assert (rd.root / d).is_dir()
+    assert oct(rd.nodes_dir.stat().st_mode & 0o777) == "0o700"
+    rd2 = RunDir.create("pair", base=tmp_path)
+    assert rd2.root != rd.root and rd2.run_id != rd.run_id
+    rd.update_run_json(backend="local", tdf=2.0)
+    rd.update_run_json(finished_wall=1.0)
+    assert json.loads(rd.run_json.read_text()) == {"backend": "local", "tdf": 2.0, "finished_wall": 1.0}
+    from testbed.config.base import _check_name
+
+    for name in ("pair", "a-very-long-scenario-name-indeed-yes", "x", "9lives"):
+        _check_name(make_run_id(name, "20261126T203000Z"))
+
+
+# ---------------------------------------------------------------- whole runs on loopback
+REPO = Path(__file__).resolve().parent.parent
+PREFIX = "x7"  # local runs record their PIDs for `pdtb clean` under this prefix (as root); not a Mininet one
+PREFILL_HW, DECODE_HW, MODEL = "trn2", "cs3", "llama-3.1-8b"
+
+TOPOLOGY = f"""
+kind: topology
+name: loctest
+hosts:
+  - {{name: router, role: router}}
+  - {{name: p1, role: prefill, hardware: {PREFILL_HW}}}
+  - {{name: d1, role: decode, hardware: {DECODE_HW}}}
+  - {{name: client, role: client}}
+switches:
+  - {{name: sf, network: frontend}}
+  - {{name: se, network: efa}}
+links:
+  - {{name: fr, a: router, b: sf, class: frontend}}
+  - {{name: fp1, a: p1, b: sf, class: frontend}}
+  - {{name: fd1, a: d1, b: sf, class: frontend}}
+  - {{name: fc, a: client, b: sf, class: frontend}}
+  - {{name: ep1, a: p1, b: se, class: efa, params: {{bandwidth: 3.2Tbps, latency: 15us}}}}
+  - {{name: ed1, a: d1, b: se, class: efa, params: {{bandwidth: 3.2Tbps, latency: 15us}}}}
+"""
+
+
+def write_scenario(tmp_path: Path, requests: int = 8, rate: float = 8.0, output: int = 16, extra: str = "") -> Path:
+    (tmp_path / "topo.yaml").write_text(TOPOLOGY)
+    path = tmp_path / "scenario.yaml"
+    path.write_text(f"""
+kind: scenario
+name: loctest
+topology: topo.yaml
+model: {MODEL}
+emulation: {{backend: local}}
+workload:
+  arrival: {{process: fixed, rate: {rate}}}
+  requests: {requests}
+  prompt_tokens: 512
+  output_tokens: {output}
+slo: {{ttft_ms: 2000, tpot_ms: 200}}
+{extra}
+""")
+    return path
+
+
+def _processes_of(run_dir: Path) -> list[int]:
+    """PIDs of live processes whose command line mentions the run directory (daemons, mosquitto)."""
+    needle = str(run_dir).encode()
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if needle in (d / "cmdline").read_bytes() and _alive(int(d.name)):
+                out.append(int(d.name))
+        except OSError:
+            continue
+    return out
+
+
+def _no_leftovers(run_dir: Path) -> None:
+    assert _wait_for(lambda: not _processes_of(run_dir), 10), f"leftover processes: {_processes_of(run_dir)}"
+    for e in json.loads((run_dir / "pids.json").read_text())["processes"]:
+        assert not same_process(e["pid"], e["start_ticks"]), f"{e['name']} (pid {e['pid']}) still runs"
+
+
+def _pdtb(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "testbed.cli", *args, "--prefix", PREFIX], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_local_run_completes_every_request(tmp_path: Path) -> None:
+    scenario = write_scenario(tmp_path)
+    out = tmp_path / "run"
+    proc = _pdtb("run", str(scenario), "--backend", "local", "--out", str(out), "--json",
+                 "--set", "workload.requests=6")
+    stdout, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["counts"] == {"total": 6, "completed": 6, "failed": 0, "failed_by_reason": {}}, stderr
+    assert summary["ttft_ms"]["p50"] > 0 and summary["tpot_ms"]["p50"] > 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["backend"] == "local" and run["scenario"] == "loctest" and run["tdf"] == 1.0
+    assert set(run["nodes"]) == {"router", "p1", "d1", "client"}
+    assert run["nodes"]["d1"]["role"] == "decode" and run["nodes"]["d1"]["hardware"] == DECODE_HW
+    addrs = {n["addresses"]["frontend"].split(":")[0] for n in run["nodes"].values() if "frontend" in n["addresses"]}
+    assert len(addrs) == 3 and all(a.startswith("127.0.0.") for a in addrs), "a loopback address per node"
+    assert run["finished_wall"] >= run["started_wall"] and run["crashes"] == []
+    assert "requests=6" not in (out / "scenario.yaml").read_text() and "requests: 6" in (out / "scenario.yaml").read_text()
+    for node in ("router", "p1", "d1", "client"):
+        assert (out / "logs" / f"{node}.log").exists() and (out / "timeline" / f"{node}.jsonl").exists()
+        assert oct((out / "nodes" / f"{node}.json").stat().st_mode & 0o777) == "0o600"
+    assert len((out / "workload.jsonl").read_text().splitlines()) == 6
+    assert (out / "summary.json").exists()
+    _no_leftovers(out)
+
+
+@pytest.mark.slow
+def test_daemon_crash_is_recorded_and_every_request_accounted(tmp_path: Path) -> None:
+    """A decode node killed mid-run (not a fault): the run ends early, the rest fail as node_crashed."""
+    from testbed import Testbed
+
+    scenario = write_scenario(tmp_path, requests=40, rate=4.0, output=64)
+    with Testbed(scenario, backend="local", out=tmp_path / "run", prefix=PREFIX) as tb:
+        tb.run_workload(wait=False)
+        client_tl = tb.run_dir / "timeline" / "client.jsonl"
+        assert _wait_for(lambda: client_tl.exists() and b"client_done" in client_tl.read_bytes(), 30)
+        os.kill(tb._orch.sup.get("d1").pid, signal.SIGKILL)
+        assert tb.wait(60)
+    summary = tb.results()
+    counts = summary["counts"]
+    assert counts["total"] == 40 and 1 <= counts["completed"] < 40
+    assert counts["completed"] + counts["failed"] == 40
+    from nodes.timeline import read_timeline
+
+    marked = [e for e in read_timeline(tb.run_dir / "timeline" / "client.jsonl")
+              if e["event"] == "client_failed" and e["reason"] == "node_crashed:d1"]
+    assert marked, "requests the run could no longer serve are marked with the crashed node"
+    run = json.loads((tb.run_dir / "run.json").read_text())
+    assert [c["node"] for c in run["crashes"]] == ["d1"] and run["stop_reason"] == "node_crashed:d1"
+    _no_leftovers(tb.run_dir)
+
+
+@pytest.mark.slow
+def test_sigint_to_pdtb_run_cleans_up_and_writes_summary(tmp_path: Path) -> None:
+    scenario = write_scenario(tmp_path, requests=60, rate=4.0, output=32)
+    out = tmp_path / "run"
+    proc = _pdtb("run", str(scenario), "--backend", "local", "--out", str(out), "--no-progress")
+    client_tl = out / "timeline" / "client.jsonl"
+    try:
+        assert _wait_for(lambda: client_tl.exists() and b"client_done" in client_tl.read_bytes(), 40)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["total"] == 60 and summary["counts"]["completed"] < 60
+    assert json.loads((out / "run.json").read_text())["stop_reason"] == "interrupted"
+    _no_leftovers(out)

@@ -1,0 +1,147 @@
+"""Whole runs on the Mininet backend (root): the pair topology end to end, captures, Ctrl-C cleanup."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from testbed.runner.process import same_process
+
+pytestmark = pytest.mark.root
+
+REPO = Path(__file__).resolve().parent.parent
+PREFIX = "pc"  # this test file's own Mininet prefix: cleanup never touches another run's names
+# a small TDF keeps the wall time short; the byte scale is chosen for this host
+SCENARIO = """
+kind: scenario
+name: mnpair
+topology: pair
+model: llama-3.1-8b
+emulation: {{backend: mininet, tdf: {tdf}}}
+workload:
+  arrival: {{process: fixed, rate: {rate}}}
+  requests: {requests}
+  prompt_tokens: 1024
+  output_tokens: {output}
+slo: {{ttft_ms: 1000, tpot_ms: 100}}
+"""
+
+
+def write_scenario(tmp_path: Path, requests: int = 6, rate: float = 10.0, output: int = 8, tdf: float = 20) -> Path:
+    path = tmp_path / "mnpair.yaml"
+    path.write_text(SCENARIO.format(requests=requests, rate=rate, output=output, tdf=tdf))
+    return path
+
+
+def _ours_left() -> list[str]:
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    names = [line.split(":", 2)[1].strip().split("@")[0] for line in links.splitlines()]
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    return [n for n in names + netns if n.startswith(PREFIX)]
+
+
+def _processes_of(run_dir: Path) -> list[int]:
+    needle = str(run_dir).encode()
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if needle in (d / "cmdline").read_bytes():
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+def _assert_clean(run_dir: Path) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (_processes_of(run_dir) or _ours_left()):
+        time.sleep(0.1)
+    assert not _processes_of(run_dir), "a daemon or the broker outlived the run"
+    assert not _ours_left(), f"interfaces/namespaces left: {_ours_left()}"
+    for e in json.loads((run_dir / "pids.json").read_text())["processes"]:
+        assert not same_process(e["pid"], e["start_ticks"]), e
+
+
+@pytest.fixture(autouse=True)
+def _clean_prefix():
+    if os.geteuid() == 0:
+        from fabric.cleanup import clean
+
+        clean(PREFIX)  # a previous, killed test session of ours
+    yield
+
+
+def _pdtb(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "testbed.cli", *args, "--prefix", PREFIX], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_pair_end_to_end_with_efa_capture(tmp_path: Path) -> None:
+    """Every request completes on the pair topology; the EFA pcaps carry the KV handoffs."""
+    out = tmp_path / "run"
+    proc = _pdtb("run", str(write_scenario(tmp_path)), "--out", str(out), "--pcap", "efa", "--json")
+    stdout, stderr = proc.communicate(timeout=110)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout)
+    assert summary["counts"]["completed"] == summary["counts"]["total"] == 6, summary["counts"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["backend"] == "mininet" and run["tdf"] == 20 and run["impairment_backend"] in ("netem", "fallback")
+    assert run["nodes"]["router"]["addresses"]["frontend"].startswith("10.201.")
+    assert run["nodes"]["decode0"]["addresses"]["efa"].startswith("10.202.")
+    assert sorted(Path(p).name for p in run["pcaps"]) == ["decode0-efa.pcap", "prefill0-efa.pcap"]
+    assert (out / "fidelity.json").exists()
+
+    from scapy.utils import rdpcap
+
+    from fabric.kvlayer import PDKVBegin
+
+    begins = set()
+    for pkt in rdpcap(str(out / "pcap" / "decode0-efa.pcap")):
+        if pkt.haslayer(PDKVBegin):
+            begins.add(pkt[PDKVBegin].request_id.decode() if isinstance(pkt[PDKVBegin].request_id, bytes)
+                       else pkt[PDKVBegin].request_id)
+    assert begins == {f"r{i:06d}" for i in range(6)}, "one KV BEGIN frame per request on the EFA link"
+    _assert_clean(out)
+
+
+def test_sigint_mid_run_tears_everything_down(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _pdtb("run", str(write_scenario(tmp_path, requests=200, rate=5.0, output=32)), "--out", str(out),
+                 "--no-progress")
+    client_tl = out / "timeline" / "client0.jsonl"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (client_tl.exists() and b"client_done" in client_tl.read_bytes()):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        assert _ours_left(), "the net is up while the run goes"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["total"] == 200 and 0 < summary["counts"]["completed"] < 200
+    assert json.loads((out / "run.json").read_text())["stop_reason"] == "interrupted"
+    _assert_clean(out)
+
+
+def test_quickstart_end_to_end(tmp_path: Path) -> None:
+    """The README's first command: the shipped quickstart scenario on Mininet, report included."""
+    out = tmp_path / "run"
+    proc = _pdtb("run", str(REPO / "scenarios" / "quickstart.yaml"), "--out", str(out), "--json")
+    stdout, stderr = proc.communicate(timeout=110)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout)
+    assert summary["counts"]["completed"] == summary["counts"]["total"] == 20, summary["counts"]
+    assert summary["kv_transfer"]["count"] == 20 and summary["ttft_ms"]["p50"] > 0
+    assert (out / "report.html").stat().st_size > 1000
+    _assert_clean(out)
