@@ -4,7 +4,8 @@ Every run gets its own broker so runs never see each other's control traffic, an
 that the control plane is authenticated: anonymous clients are refused, every node has
 its own password, and the ACL lets a node publish only its own status while only the
 ``controller`` user may publish commands. Files live in ``RUN_DIR/broker/``; the process
-is stopped by the PID we recorded, never by name.
+is stopped by the PID we recorded, never by name. Like the daemons it gets a parent-death
+signal, so a ``pdtb`` killed outright (SIGKILL) does not leave it running.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 from testbed.config.base import ConfigError
+from testbed.runner.process import die_with_parent
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = "/usr/bin/mosquitto_passwd"
@@ -163,8 +165,9 @@ class Broker:
     def _launch(self, timeout_s: float) -> bool:
         err = open(self.dir / "mosquitto.stderr", "ab")
         try:
+            # own session (a Ctrl-C reaches only pdtb); SIGTERM when the process that started it dies
             proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf_path)], stdout=err, stderr=err,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
         finally:
             err.close()
         self.pid_path.write_text(f"{proc.pid}\n")

@@ -1,9 +1,10 @@
 """Run metrics from the timeline: ``RUN_DIR/summary.json`` (schema in docs/summary-schema.md).
 
 Everything is computed in model time from the events of docs/timeline.md. The client's
-events define what a user sees (TTFT, TPOT, ITL, E2E); the router's and nodes' events
-explain it (queueing, prefill, KV handoff, decode). The functions below are pure over
-lists of event dicts so they can be checked on hand-made timelines.
+events define what a user sees (TTFT, TPOT, ITL, E2E); a request no client logged (``pdtb up``
+serves requests from a user) is timed from the router's events instead. The router's and
+nodes' events explain it (queueing, prefill, KV handoff, decode). The functions below are
+pure over lists of event dicts so they can be checked on hand-made timelines.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ COMPUTE_ROLES = ("prefill", "decode", "colocated")
 # (fabric/fidelity.py): late_s / planned_s over a node's steps, median and p99
 STEP_ERROR_MEDIAN = 0.05
 STEP_ERROR_P99 = 0.20
-_CLIENT_END = ("client_done", "client_failed")
+_CLIENT_EVENTS = ("client_sent", "client_first_token", "client_done", "client_failed")
 
 
 def stats(values: Iterable[float], scale: float = 1.0) -> dict[str, float | int | None]:
@@ -53,49 +54,104 @@ def _t(e: dict[str, Any] | None) -> float | None:
     return None if e is None else float(e["t_model"])
 
 
+def _router_nodes(events: list[dict[str, Any]]) -> set[str]:
+    """Nodes that are routers: they say so at start, or they log request arrivals."""
+    return {e.get("node") for e in events
+            if (e["event"] == "node_start" and e.get("role") == "router") or e["event"] == "arrival"}
+
+
+def _client_timing(evs: dict[str, list[dict[str, Any]]], expected: bool) -> dict[str, Any]:
+    """A request's user-side times from the load generator's ``client_*`` events."""
+    sent, done, cfail = _first(evs, "client_sent"), _first(evs, "client_done"), _first(evs, "client_failed")
+    times = [float(t) for t in (done or {}).get("token_times") or []]
+    first_token = _t(_first(evs, "client_first_token"))
+    rec: dict[str, Any] = {
+        "source": "client",
+        "prompt_tokens": (sent or {}).get("prompt_tokens"),
+        "output_tokens": (sent or {}).get("output_tokens"),
+        "sent_s": _t(sent), "first_token_s": first_token, "done_s": _t(done), "failed_s": _t(cfail),
+        "completed": done is not None, "token_times": times, "reason": None,
+        "_n_out": None if done is None else done.get("output_tokens"),
+        "_first_s": times[0] if times else first_token,
+        "_last_s": times[-1] if times else _t(done),
+    }
+    if done is None:
+        # the client's (or, at teardown, the orchestrator's) reason wins: a request never sent
+        # because a node crashed is ``node_crashed:<node>``, not ``not_sent``
+        if cfail is not None:
+            rec["reason"] = str(cfail.get("reason") or "client_failed")
+        elif evs.get("failed"):
+            rec["reason"] = str(_first(evs, "failed").get("reason") or "failed")
+        else:
+            rec["reason"] = "not_sent" if sent is None and expected else "unfinished"
+    return rec
+
+
+def _router_timing(evs: dict[str, list[dict[str, Any]]], routers: set[str]) -> dict[str, Any]:
+    """A request's times when no load generator logged it (``pdtb up``: requests from a user).
+
+    The router logs ``arrival`` and ``done`` / ``failed`` but no per-token times, so TTFT and
+    E2E run from its ``arrival`` to the decode (or colocated) node's ``first_token`` and to the
+    router's ``done``; the ITLs are the gaps of the node's ``decode_done.token_times``.
+    """
+    arrival, done = _first(evs, "arrival"), _first(evs, "done")
+    fails = evs.get("failed") or []
+    router_fails = [e for e in fails if e.get("node") in routers] or fails
+    fail = min(router_fails, key=lambda e: e["t_model"]) if router_fails else None
+    node_done = _first(evs, "decode_done")
+    times = [float(t) for t in (node_done or {}).get("token_times") or []] if done is not None else []
+    first_token = _t(_first(evs, "first_token"))
+    rec: dict[str, Any] = {
+        "source": "router",
+        "prompt_tokens": (arrival or done or {}).get("prompt_tokens"),
+        "output_tokens": (arrival or {}).get("max_tokens"),
+        # a request the router refused (bad body, duplicate id) has no arrival: it came when refused
+        "sent_s": _t(arrival or fail), "first_token_s": first_token,
+        "done_s": _t(done), "failed_s": None if done is not None else _t(fail),
+        "completed": done is not None, "token_times": times, "reason": None,
+        "_n_out": None if done is None else done.get("output_tokens"),
+        "_first_s": first_token if first_token is not None else times[0] if times else None,
+        "_last_s": _t(done),
+    }
+    if done is None:
+        rec["reason"] = str(_first(evs, "failed").get("reason") or "failed") if fails else "unfinished"
+    return rec
+
+
 def request_records(events: list[dict[str, Any]], expected_ids: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """One record per request: client-side latencies and the server-side phases (model seconds).
+    """One record per request: user-side latencies and the server-side phases (model seconds).
 
     ``expected_ids`` (the workload's request ids) adds requests that the client never sent.
+    A request without any ``client_*`` event (one a user sent to ``pdtb up``) is timed from
+    the router's events instead (``source: "router"``).
     """
     grouped = _by_request(events)
-    ids = set(grouped) | set(expected_ids)
+    expected = set(expected_ids)
+    routers = _router_nodes(events)
     records = []
-    for rid in sorted(ids):
+    for rid in sorted(set(grouped) | expected):
         evs = grouped.get(rid, {})
-        sent, done, cfail = _first(evs, "client_sent"), _first(evs, "client_done"), _first(evs, "client_failed")
-        if sent is None and not evs.get("arrival") and rid not in expected_ids:
-            continue  # not a request of this run's client (e.g. a probe)
-        rec: dict[str, Any] = {
-            "request_id": rid,
-            "prompt_tokens": (sent or {}).get("prompt_tokens"),
-            "output_tokens": (sent or {}).get("output_tokens"),
-            "sent_s": _t(sent), "first_token_s": _t(_first(evs, "client_first_token")),
-            "done_s": _t(done), "failed_s": _t(cfail),
-            "completed": done is not None,
-            "reason": None, "ttft_s": None, "tpot_s": None, "e2e_s": None, "itl_s": [],
-        }
-        if done is not None and sent is not None:
-            times = [float(t) for t in done.get("token_times") or []]
-            n_out = int(done.get("output_tokens") or len(times))
+        has_client = any(evs.get(name) for name in _CLIENT_EVENTS)
+        refused = any(e.get("node") in routers for e in evs.get("failed") or [])
+        if not (has_client or evs.get("arrival") or refused or rid in expected):
+            continue  # not a request that reached the router or came from the workload
+        if has_client or rid in expected:
+            rec = {"request_id": rid, **_client_timing(evs, rid in expected)}
+        else:
+            rec = {"request_id": rid, **_router_timing(evs, routers)}
+        n_out, first, last = rec.pop("_n_out"), rec.pop("_first_s"), rec.pop("_last_s")
+        rec.update({"ttft_s": None, "tpot_s": None, "e2e_s": None, "itl_s": []})
+        if rec["completed"] and rec["sent_s"] is not None:
+            times = rec["token_times"]
+            n_out = int(n_out if n_out is not None else len(times))
             rec["output_tokens_received"] = n_out
-            first = times[0] if times else rec["first_token_s"]
-            last = times[-1] if times else rec["done_s"]
             if first is not None:
                 rec["ttft_s"] = first - rec["sent_s"]
-            rec["e2e_s"] = last - rec["sent_s"]
-            if n_out > 1 and rec["ttft_s"] is not None:
+            if last is not None:
+                rec["e2e_s"] = last - rec["sent_s"]
+            if n_out > 1 and rec["ttft_s"] is not None and rec["e2e_s"] is not None:
                 rec["tpot_s"] = (rec["e2e_s"] - rec["ttft_s"]) / (n_out - 1)
             rec["itl_s"] = [b - a for a, b in zip(times, times[1:])]
-        elif done is None:
-            if sent is None:
-                rec["reason"] = "not_sent"
-            elif cfail is not None:
-                rec["reason"] = str(cfail.get("reason") or "client_failed")
-            elif evs.get("failed"):
-                rec["reason"] = str(_first(evs, "failed").get("reason") or "failed")
-            else:
-                rec["reason"] = "unfinished"
         routed = _first(evs, "routed") or {}
         kv_start, kv_end = _first(evs, "kv_start"), _first(evs, "kv_end")
         rec.update({
@@ -119,9 +175,12 @@ def request_records(events: list[dict[str, Any]], expected_ids: Iterable[str] = 
 
 
 def run_window(records: list[dict[str, Any]]) -> tuple[float | None, float | None]:
-    """Model time from the first request sent to the last request finished (or failed)."""
-    starts = [r["sent_s"] for r in records if r["sent_s"] is not None]
-    ends = [t for r in records for t in (r["done_s"], r["failed_s"]) if t is not None]
+    """Model time from the first request sent to the last sent request finished (or failed).
+
+    A request never sent does not stretch the window (its failure is written at teardown)."""
+    sent = [r for r in records if r["sent_s"] is not None]
+    starts = [r["sent_s"] for r in sent]
+    ends = [t for r in sent for t in (r["done_s"], r["failed_s"]) if t is not None]
     if not starts:
         return None, None
     return min(starts), max(ends + starts)
@@ -339,6 +398,8 @@ def summarize(events: list[dict[str, Any]], run: dict[str, Any], fidelity: dict[
         "duration_s": duration,
         "counts": {"total": len(records), "completed": len(completed), "failed": len(failed),
                    "failed_by_reason": dict(Counter(r["reason"] for r in failed))},
+        # where each request's times come from: the load generator, or the router (pdtb up)
+        "timed_by": {src: sum(1 for r in records if r["source"] == src) for src in ("client", "router")},
         "ttft_ms": stats((r["ttft_s"] for r in completed), 1e3),
         "tpot_ms": stats((r["tpot_s"] for r in completed), 1e3),
         "itl_ms": stats((x for r in completed for x in r["itl_s"]), 1e3),

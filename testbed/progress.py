@@ -124,9 +124,11 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_row("fidelity", str(fid["verdict"]), "", "", "")
     check = summary.get("prediction_check")
     if check and check["requests"]:
-        m, p = check["measured"], check["predicted"]
-        table.add_row(f"TTFT ms of requests alone (n={check['requests']}): measured p50 | predicted",
-                      _ms(m["ttft_ms_p50"]), _ms(p["ttft_ms"]), "", "")
+        m, p, ratio = check["measured"], check["predicted"], check["ratio"]
+        table.add_section()
+        for key, label in (("ttft", "TTFT"), ("tpot", "TPOT")):
+            table.add_row(f"{label} ms of requests alone (n={check['requests']}): measured p50 | predicted | ratio",
+                          _ms(m[f"{key}_ms_p50"]), _ms(p[f"{key}_ms"]), _num(ratio[key]), "")
     return table
 
 

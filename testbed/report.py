@@ -143,9 +143,12 @@ def _bins(t_min: float, t_max: float, n: int = 60) -> np.ndarray:
     return np.linspace(t_min, t_min + span, n + 1)
 
 
-def plot_throughput(events: list[dict[str, Any]], path: Path) -> Path | None:
-    times = [float(t) for e in events if e["event"] == "client_done" for t in (e.get("token_times") or [])]
-    done = [float(e["t_model"]) for e in events if e["event"] == "client_done"]
+def plot_throughput(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Output tokens/s and completions/s over time, from the completed requests' token times
+    (the client's, or the decode node's for requests timed by the router)."""
+    done_recs = [r for r in records if r["completed"]]
+    times = [t for r in done_recs for t in r["token_times"]]
+    done = [r["done_s"] for r in done_recs if r["done_s"] is not None]
     if not times:
         return None
     edges = _bins(min(times), max(times))
@@ -242,6 +245,12 @@ def _summary_html(summary: dict[str, Any]) -> str:
                                                    for k, v in summary["sweep_point"].items()) + "</p>")
     parts.append(_table(["total", "completed", "failed"] + list(c["failed_by_reason"]),
                         [[c["total"], c["completed"], c["failed"], *c["failed_by_reason"].values()]]))
+    by_router = (summary.get("timed_by") or {}).get("router")
+    if by_router:
+        parts.append(f"<p>{by_router} request(s) had no load-generator events (sent by a user to "
+                     "<code>pdtb up</code>): their TTFT and E2E run from the router's arrival to the decode "
+                     "node's first token and the router's completion, and their ITLs are the decode node's "
+                     "token gaps.</p>")
     rows = [[label, *(summary[k][s] for s in ("mean", "p50", "p90", "p99")), summary[k]["count"]]
             for k, label in (("ttft_ms", "TTFT (ms)"), ("tpot_ms", "TPOT (ms)"), ("itl_ms", "ITL (ms)"),
                              ("e2e_ms", "E2E (ms)"))]
@@ -296,7 +305,7 @@ def write_report(run_dir: str | Path) -> Path:
         (plot_cdf([x * 1e3 for r in done for x in r["itl_s"]], "inter-token latency (ms, model time)",
                   "ITL CDF", run_dir / "itl_cdf.png", slo.get("tpot_ms")), "ITL CDF"),
         (plot_request_timeline(records, run_dir / "timeline.png"), "per-request timeline"),
-        (plot_throughput(events, run_dir / "throughput.png"), "throughput"),
+        (plot_throughput(records, run_dir / "throughput.png"), "throughput"),
         (plot_kv_traffic(records, run_dir / "kv_traffic.png", prediction.get("kv_bandwidth_bps")), "KV traffic"),
     ]
     figures = "".join(_img(p, alt) for p, alt in plots if p is not None) or "<p>No completed requests to plot.</p>"

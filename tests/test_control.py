@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiomqtt
@@ -162,3 +165,40 @@ async def test_killed_node_last_will_reaches_router(broker, tmp_path):
     async with StatusWatcher(settings(broker, "router")) as w2:
         assert await w2.wait_for(lambda w: w.status("p1") is not None, 5)
         assert w2.status("p1")["state"] == "offline"
+
+
+def test_broker_goes_away_when_its_parent_is_killed(tmp_path):
+    """mosquitto gets the daemons' parent-death signal: a SIGKILLed pdtb leaves no broker behind."""
+    from testbed.runner.process import proc_start_ticks, same_process
+
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from testbed.broker import Broker\n"
+        "b = Broker(Path(sys.argv[1]), 'orphan', '127.0.0.1', ['d1'])\n"
+        "b.start()\n"
+        "print(b.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    pid, ticks = None, None
+    try:
+        line = parent.stdout.readline()
+        assert line.strip().isdigit(), f"the broker did not start: {line!r}"
+        pid = int(line)
+        ticks = proc_start_ticks(pid)
+        assert same_process(pid, ticks)
+        parent.kill()  # SIGKILL: no stop(), no cleanup code runs in the parent
+        parent.wait(5)
+        for _ in range(200):
+            if not same_process(pid, ticks):
+                break
+            time.sleep(0.05)
+        assert not same_process(pid, ticks), "mosquitto outlived the process that started it"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(5)
+        if pid is not None and same_process(pid, ticks):  # only the PID we saw start, never by name
+            os.kill(pid, signal.SIGKILL)

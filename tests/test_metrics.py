@@ -67,6 +67,69 @@ def test_failures_by_reason_and_goodput_counts_them() -> None:
     assert s["ttft_ms"]["count"] == 1
 
 
+def test_real_reason_wins_over_not_sent() -> None:
+    """The orchestrator writes ``client_failed`` for requests never sent when a node crashed: that reason counts,
+    and those requests (failed at teardown) do not stretch the run's duration."""
+    events = client_request("r000000", 0.0, [0.1, 0.2])
+    events += [ev(0.5, "client", "client_sent", "r000001", prompt_tokens=10, output_tokens=2, scheduled_s=0.5),
+               ev(0.6, "client", "client_failed", "r000001", reason="node_crashed:d1"),
+               ev(9.0, "client", "client_failed", "r000002", reason="node_crashed:d1")]
+    s = summarize(events, RUN, expected_ids=["r000000", "r000001", "r000002", "r000003"])
+    assert s["counts"]["failed_by_reason"] == {"node_crashed:d1": 2, "not_sent": 1}
+    assert s["duration_s"] == pytest.approx(0.6)
+    assert s["timed_by"] == {"client": 4, "router": 0}
+
+
+def router_request(rid: str, arrival: float, tokens: list[float], done: float, prompt: int = 100) -> list[dict]:
+    """A request a user sent to ``pdtb up``: router and decode node events, no client events."""
+    return [ev(arrival, "router", "arrival", rid, prompt_tokens=prompt, max_tokens=len(tokens), stream=True),
+            ev(arrival, "router", "routed", rid, prefill="p1", decode="d1"),
+            ev(tokens[0], "d1", "first_token", rid),
+            ev(tokens[-1], "d1", "decode_done", rid, output_tokens=len(tokens), token_times=tokens),
+            ev(done, "router", "done", rid, prompt_tokens=prompt, output_tokens=len(tokens))]
+
+
+def test_requests_without_client_events_are_timed_by_the_router() -> None:
+    """``pdtb up``: no client and no workload; the router's and decode node's events give the latencies."""
+    events = [ev(0.0, "router", "node_start", role="router", hardware=None)]
+    # r1: arrival 1.0, tokens at the decode node 1.1, 1.12, 1.15, router done 1.16
+    events += router_request("user-1", 1.0, [1.1, 1.12, 1.15], 1.16, prompt=300)
+    events += [ev(2.0, "router", "arrival", "user-2", prompt_tokens=50, max_tokens=8, stream=False),
+               ev(2.0, "router", "routed", "user-2", prefill="p1", decode="d1"),
+               ev(2.1, "p1", "failed", "user-2", reason="kv_timeout"),
+               ev(2.2, "router", "failed", "user-2", reason="prefill failed: kv_timeout")]
+    # refused before its arrival (bad body): a failed request, at the time it came
+    events += [ev(2.5, "router", "failed", "req-bad", reason="rejected: could not parse the JSON body", status=400)]
+    events += [ev(3.0, "router", "arrival", "user-3", prompt_tokens=50, max_tokens=8, stream=True)]  # in flight
+    events += [ev(0.5, "d1", "step_timing", kind="decode", planned_s=0.01, late_s=0.0, batch_size=1)]  # no request
+    s = summarize(events, RUN)
+    assert s["counts"] == {"total": 4, "completed": 1, "failed": 3, "failed_by_reason": {
+        "kv_timeout": 1, "rejected: could not parse the JSON body": 1, "unfinished": 1}}
+    assert s["timed_by"] == {"client": 0, "router": 4}
+    assert s["ttft_ms"]["p50"] == pytest.approx(100.0)  # decode node's first token - router arrival
+    assert s["e2e_ms"]["p50"] == pytest.approx(160.0)  # router done - router arrival
+    assert s["tpot_ms"]["p50"] == pytest.approx(30.0)  # (160 - 100) / 2
+    assert s["itl_ms"]["count"] == 2 and s["itl_ms"]["mean"] == pytest.approx(25.0)
+    assert s["duration_s"] == pytest.approx(3.0 - 1.0)
+    assert s["throughput"]["input_tokens_per_s"] == pytest.approx(300 / 2.0)
+    assert s["throughput"]["output_tokens_per_s"] == pytest.approx(3 / 2.0)
+    rec = {r["request_id"]: r for r in request_records(events)}
+    assert rec["user-1"]["source"] == "router" and rec["user-1"]["output_tokens_received"] == 3
+    assert rec["user-2"]["failed_s"] == pytest.approx(2.2)  # the router's failure, what the user saw
+    assert rec["req-bad"]["sent_s"] == pytest.approx(2.5)
+
+
+def test_client_events_win_over_router_events() -> None:
+    """With a load generator, its times stand; a request a user sent alongside is timed by the router."""
+    events = client_request("r000000", 0.0, [0.2, 0.3]) + router_request("r000000", 0.01, [0.15, 0.25], 0.26)
+    events += router_request("manual", 1.0, [1.05], 1.06)
+    s = summarize(events, RUN, expected_ids=["r000000"])
+    assert s["timed_by"] == {"client": 1, "router": 1} and s["counts"]["completed"] == 2
+    rec = {r["request_id"]: r for r in request_records(events, ["r000000"])}
+    assert rec["r000000"]["ttft_s"] == pytest.approx(0.2) and rec["r000000"]["e2e_s"] == pytest.approx(0.3)
+    assert rec["manual"]["ttft_s"] == pytest.approx(0.05) and rec["manual"]["tpot_s"] is None
+
+
 def test_one_token_request_meets_tpot_slo() -> None:
     recs = request_records(client_request("r1", 0.0, [0.1]))
     assert recs[0]["tpot_s"] is None and recs[0]["itl_s"] == []
@@ -146,16 +209,31 @@ def test_fidelity_verdict() -> None:
 
 
 def test_low_load_prediction_check() -> None:
-    # r1 and r2 overlap; r3 runs alone
+    """Measured vs predicted TTFT/TPOT/E2E of requests that ran alone (run.json ``prediction``)."""
+    # r1 and r2 overlap; r3 and r5 run alone; r4 never finishes and overlaps r5's sending
     events = (client_request("r1", 0.0, [0.1, 0.2]) + client_request("r2", 0.05, [0.15, 0.25])
-              + client_request("r3", 1.0, [1.04, 1.05]))
-    run = dict(RUN, prediction={"ttft_s": 0.05, "tpot_s": 0.01, "e2e_s": 0.06, "prompt_tokens": 100,
-                                "output_tokens": 2})
+              + client_request("r3", 1.0, [1.04, 1.05, 1.07], prompt=120)
+              + client_request("r5", 3.0, [3.06, 3.07, 3.08], prompt=80)
+              + client_request("r6", 4.0, [4.05, 4.06]))
+    events += [ev(3.9, "client", "client_sent", "r4", prompt_tokens=10, output_tokens=5, scheduled_s=3.9),
+               ev(5.0, "client", "client_failed", "r4", reason="timeout")]
+    run = dict(RUN, prediction={"ttft_s": 0.05, "tpot_s": 0.01, "e2e_s": 0.07, "prompt_tokens": 100,
+                                "output_tokens": 3})
     check = summarize(events, run)["prediction_check"]
-    assert check["requests"] == 1
-    assert check["measured"]["ttft_ms_p50"] == pytest.approx(40.0)
-    assert check["ratio"]["ttft"] == pytest.approx(0.8)
+    assert check["requests"] == 2  # r3 and r5 (r6 overlaps the unfinished r4)
+    # TTFT 40 and 60 ms; TPOT 15 and 10 ms; E2E 70 and 80 ms
+    assert check["measured"]["ttft_ms_p50"] == pytest.approx(50.0)
+    assert check["measured"]["tpot_ms_p50"] == pytest.approx(12.5)
+    assert check["measured"]["e2e_ms_p50"] == pytest.approx(75.0)
+    assert check["measured"]["prompt_tokens_p50"] == pytest.approx(100.0)
+    assert check["predicted"] == {"ttft_ms": pytest.approx(50.0), "tpot_ms": pytest.approx(10.0),
+                                  "e2e_ms": pytest.approx(70.0), "prompt_tokens": 100, "output_tokens": 3}
+    assert check["ratio"] == {"ttft": pytest.approx(1.0), "tpot": pytest.approx(1.25), "e2e": pytest.approx(75 / 70)}
     assert summarize(events, RUN)["prediction_check"] is None
+    # nothing ran alone: counts and measurements say so, predictions stay
+    busy = summarize(client_request("r1", 0.0, [0.1, 0.2]) + client_request("r2", 0.05, [0.15, 0.25]), run)
+    assert busy["prediction_check"]["requests"] == 0 and busy["prediction_check"]["measured"]["ttft_ms_p50"] is None
+    assert busy["prediction_check"]["ratio"]["ttft"] is None and busy["prediction_check"]["predicted"]["ttft_ms"] == 50
 
 
 def test_compute_summary_reads_run_dir(tmp_path: Path) -> None:

@@ -18,8 +18,10 @@ def ev(t: float, node: str, event: str, rid: str | None = None, **fields) -> dic
     return {"t_wall": 1000.0 + t, "t_model": t, "node": node, "event": event, "request_id": rid, **fields}
 
 
-def make_run(run_dir: Path, n: int = 6, kv_s: float = 0.01, point: dict | None = None) -> Path:
-    """A hand-made run: n requests through router, prefill0, decode0; the last one fails."""
+def make_run(run_dir: Path, n: int = 6, kv_s: float = 0.01, point: dict | None = None, client: bool = True) -> Path:
+    """A hand-made run: n requests through router, prefill0, decode0; the last one fails.
+
+    ``client=False``: a ``pdtb up`` run, requests from a user: no client timeline, no workload."""
     tl: dict[str, list[dict]] = {"client0": [], "router": [], "prefill0": [], "decode0": []}
     tl["prefill0"].append(ev(0, "prefill0", "node_start", role="prefill", hardware="trn2"))
     tl["decode0"].append(ev(0, "decode0", "node_start", role="decode", hardware="cs3"))
@@ -47,10 +49,13 @@ def make_run(run_dir: Path, n: int = 6, kv_s: float = 0.01, point: dict | None =
                           ev(tokens[-1], "decode0", "decode_done", rid, output_tokens=4, token_times=tokens)]
         tl["decode0"] += [ev(tk, "decode0", "step_timing", kind="decode", planned_s=0.001, late_s=0.00001,
                              batch_size=1) for tk in tokens]
+        tl["router"].append(ev(tokens[-1] + 0.0002, "router", "done", rid, prompt_tokens=1000, output_tokens=4))
         tl["client0"] += [ev(tokens[0] + 0.0003, "client0", "client_first_token", rid),
                           ev(tokens[-1] + 0.0003, "client0", "client_done", rid, output_tokens=4,
                              token_times=[tk + 0.0003 for tk in tokens])]
     (run_dir / "timeline").mkdir(parents=True)
+    if not client:
+        del tl["client0"]
     for node, events in tl.items():
         (run_dir / "timeline" / f"{node}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     run = {"run_id": run_dir.name, "scenario": "hand", "tdf": 5.0, "byte_scale": 0.25, "backend": "local",
@@ -78,6 +83,21 @@ def test_run_report_is_self_contained(tmp_path: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["counts"]["completed"] == 5 and summary["counts"]["failed"] == 1
     assert summary["prediction_check"]["requests"] == 6 - 1
+
+
+def test_report_of_a_run_without_load_generator(tmp_path: Path) -> None:
+    """``pdtb up``: requests from a user are timed by the router, not counted as never sent."""
+    run_dir = make_run(tmp_path / "up", client=False)
+    text = write_report(run_dir).read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["counts"] == {"total": 6, "completed": 5, "failed": 1, "failed_by_reason": {"kv_timeout": 1}}
+    assert summary["timed_by"] == {"client": 0, "router": 6}
+    # arrival t, prefill 10+50 ms, KV 10 ms, first token 1 ms later at the decode node
+    assert summary["ttft_ms"]["p50"] == pytest.approx(71.0)
+    assert summary["e2e_ms"]["p50"] == pytest.approx(74.2)
+    assert (run_dir / "throughput.png").read_bytes().startswith(b"\x89PNG")
+    assert text.count('src="data:image/png;base64,') == 5
+    assert "had no load-generator events" in text
 
 
 def test_sweep_report(tmp_path: Path) -> None:
@@ -133,3 +153,18 @@ def test_summary_table_prints(tmp_path: Path) -> None:
     print_summary_table(summary, console)
     text = console.export_text()
     assert "TTFT ms" in text and "goodput" in text and "5/6 completed" in text and "http 504 1" in text
+    # measured vs predicted of the requests alone: TTFT 71.3 ms vs 70, TPOT 1 ms vs 1
+    assert re.search(r"TTFT ms of requests alone \(n=5\).*71\.3.*70\.0.*1\.02", text)
+    assert re.search(r"TPOT ms of requests alone \(n=5\).*1\.000.*1\.000.*1\.00", text)
+
+
+def test_cli_start_does_not_load_plotting() -> None:
+    """Every ``pdtb`` start (even --version) loads all CLI modules: none may pull in matplotlib."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom testbed.cli import build_parser\nbuild_parser()\n"
+            "print(sorted(m for m in ('matplotlib', 'testbed.report', 'testbed.metrics') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]"

@@ -185,6 +185,39 @@ def test_sweep_errors_name_key_and_value(tmp_path: Path) -> None:
     assert "has no values" in errors(tmp_path, dict(BASE, sweep={"emulation.tdf": []}))
 
 
+def test_set_reaches_one_sweep_key(tmp_path: Path) -> None:
+    """Sweep keys contain dots: ``--set sweep.KEY.PATH=[...]`` sets one axis, checked like any key path."""
+    data = dict(BASE, sweep={"fabric.efa.loss": [0, "1%"], "faults[0].at": ["1s", "2s"]},
+                faults=[{"at": "1s", "action": "crash", "target": "d1"}])
+    sc = load(tmp_path, data, ["sweep.faults[0].at=[3s]", "sweep.workload.prompt_tokens=[64, 128]"])
+    assert sc.sweep == {"fabric.efa.loss": [0, "1%"], "faults[0].at": ["3s"], "workload.prompt_tokens": [64, 128]}
+    points = expand_sweep(sc)
+    assert len(points) == 4 and {c.faults[0].at for _, c in points} == {3.0}
+    assert {c.workload.prompt_tokens.value for _, c in points} == {64, 128}
+    # null removes an axis; removing the last one removes the sweep
+    assert load(tmp_path, data, ["sweep.fabric.efa.loss=null"]).sweep == {"faults[0].at": ["1s", "2s"]}
+    sc = load(tmp_path, data, ["sweep.fabric.efa.loss=null", "sweep.faults[0].at=null"])
+    assert sc.sweep == {} and "sweep" not in sc.raw and len(expand_sweep(sc)) == 1
+    # a scenario without a sweep gets one
+    assert load(tmp_path, BASE, ["sweep.kv_transfer.mode=[whole, layerwise]"]).sweep == {
+        "kv_transfer.mode": ["whole", "layerwise"]}
+    # the swept path is validated like any --set path, and so are its values
+    assert ": sweep.workload.nope: unknown key path" in errors(tmp_path, BASE, ["sweep.workload.nope=[1]"])
+    assert ": sweep.workload..rate: sweep key: bad key path segment ''" in errors(
+        tmp_path, BASE, ["sweep.workload..rate=[1]"])
+    assert ": sweep.sweep.x: a sweep cannot sweep itself" in errors(tmp_path, BASE, ["sweep.sweep.x=[1]"])
+    assert ": sweep.kind: unknown key path" in errors(tmp_path, BASE, ["sweep.kind=[1]"])
+    assert "takes a list of values" in errors(tmp_path, BASE, ["sweep.emulation.tdf=5"])
+    assert ": sweep.emulation.tdf[1]: emulation.tdf: " in errors(tmp_path, BASE, ["sweep.emulation.tdf=[5, 0.5]"])
+    assert "must be a mapping" in errors(tmp_path, dict(BASE, sweep=[1]), ["sweep.emulation.tdf=[5]"])
+
+
+def test_set_null_removes_a_setting(tmp_path: Path) -> None:
+    sc = load(tmp_path, dict(BASE, router={"request_timeout": "5s"}), ["router.request_timeout=null", "slo=null"])
+    assert sc.router.request_timeout == load(tmp_path, BASE).router.request_timeout and sc.slo is None
+    assert "request_timeout" not in sc.raw["router"] and "slo" not in sc.raw
+
+
 def test_generic_loader_checks_sweeps_too(tmp_path: Path) -> None:
     """``pdtb validate`` loads by kind (load_any): sweep values are still checked, and expand."""
     kind, sc = load_any(write(tmp_path, dict(BASE, sweep={"kv_transfer.mode": ["whole", "layerwise"]})))

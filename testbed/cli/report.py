@@ -5,9 +5,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from testbed.metrics import compute_summary
-from testbed.report import is_sweep_dir, write_report, write_sweep_report
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write report.html and PNG plots for a run (or a sweep) directory")
@@ -17,6 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # matplotlib and numpy are imported here, not at load: every `pdtb` start loads this module
+    from testbed.metrics import compute_summary
+    from testbed.report import is_sweep_dir, write_report, write_sweep_report
+
     d: Path = args.run_dir
     if not d.is_dir():
         print(f"error: {d}: not a directory", file=sys.stderr)

@@ -466,14 +466,12 @@ def set_key_path(data: dict[str, Any], path: str, value: Any) -> None:
     """Set ``path`` in a raw scenario mapping, creating missing mappings on the way.
 
     Raises ValueError (with a message for the user) for a path the schema does not have.
-    A string set on a key that holds a mapping with a ``path`` (``workload.trace=FILE``)
-    replaces only that ``path``, so the rest of the trace settings stay.
+    ``None`` (``--set key=null``) removes a mapping key, so its default applies. A string set
+    on a key that holds a mapping with a ``path`` (``workload.trace=FILE``) replaces only that
+    ``path``, so the rest of the trace settings stay. ``sweep.KEY.PATH`` sets one sweep axis.
     """
-    if path.startswith("sweep."):  # sweep keys are key paths themselves: sweep.fabric.efa.loss=[0, 1%]
-        key = path[len("sweep."):]
-        if not isinstance(data.get("sweep"), dict):
-            data["sweep"] = {}
-        data["sweep"][key] = value
+    if path.startswith("sweep."):
+        _set_sweep_axis(data, path[len("sweep."):], value)
         return
     parts = split_key_path(path)
     if parts[0] in ("kind",) or not _schema_has_path(parts):
@@ -495,10 +493,39 @@ def set_key_path(data: dict[str, Any], path: str, value: Any) -> None:
         node[last] = value
         return
     current = node.get(last)
-    if isinstance(current, dict) and "path" in current and isinstance(value, str):
+    if value is None:
+        node.pop(last, None)
+    elif isinstance(current, dict) and "path" in current and isinstance(value, str):
         current["path"] = value
     else:
         node[last] = value
+
+
+def _set_sweep_axis(data: dict[str, Any], key: str, value: Any) -> None:
+    """``sweep.KEY.PATH=[v1, v2]``: add or replace the axis ``KEY.PATH`` (a key path itself,
+    checked like any other); ``null`` removes the axis. Sweep keys contain dots, so this is
+    the only way ``--set`` reaches one of them."""
+    try:
+        parts = split_key_path(key)
+    except ValueError as exc:
+        raise ValueError(f"sweep key: {exc}") from None
+    if parts[0] == "sweep":
+        raise ValueError("a sweep cannot sweep itself")
+    if parts[0] == "kind" or not _schema_has_path(parts):
+        raise ValueError("unknown key path (not a scenario setting)")
+    sweep = data.get("sweep")
+    if sweep is None:
+        sweep = data["sweep"] = {}
+    elif not isinstance(sweep, dict):
+        raise ValueError(f"sweep must be a mapping of key paths to lists, got {type(sweep).__name__}")
+    if value is None:
+        sweep.pop(key, None)
+        if not sweep:
+            data.pop("sweep")
+    elif not isinstance(value, list):
+        raise ValueError(f"a sweep axis takes a list of values, e.g. [1, 2], got {value!r}")
+    else:
+        sweep[key] = value
 
 
 def _expand_shorthand(parts: list[str | int], value: Any) -> dict[str, Any]:

@@ -59,7 +59,7 @@ def _is_zombie(pid: int) -> bool:
     return stat[stat.rfind(")") + 2:].split()[0] in ("Z", "X")
 
 
-def _pdeathsig() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: die with SIGTERM when the orchestrator dies."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
@@ -209,7 +209,7 @@ class Supervisor:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             out = open(log_path, "ab")
         kw: dict[str, Any] = dict(stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                  preexec_fn=_pdeathsig)
+                                  preexec_fn=die_with_parent)
         if env is not None:
             kw["env"] = env
         if cwd is not None:
