@@ -17,8 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,23 +31,13 @@ sys.path.insert(0, str(REPO))
 
 from nodes.config import Endpoint, KvSettings, NodeConfig, DecodeSettings  # noqa: E402
 from nodes.costmodel import CostModel  # noqa: E402
+from nodes.engine import kv_wire_bytes  # noqa: E402
 from nodes.kvproto import KvBegin, send_kv  # noqa: E402
 from nodes.profiles import load_hardware, load_model  # noqa: E402
 from nodes.timeline import read_timeline  # noqa: E402
+from tests.daemon_helpers import free_port  # noqa: E402
 
 SECRET = os.urandom(32).hex()
-
-
-def _free_port() -> int:
-    """A free port below the ephemeral range (no outgoing connection can take it meanwhile)."""
-    while True:
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -66,7 +54,7 @@ async def _request(session: aiohttp.ClientSession, cfg: NodeConfig, model, rid: 
     async with session.post(f"{cfg.http.url}/internal/generate", json=body) as r:
         r.raise_for_status()
         begin = KvBegin(request_id=rid, model=cfg.model, layers=model.layers, tokens=prompt,
-                        total_bytes=max(1, round(model.kv_bytes_per_token * prompt * cfg.byte_scale)))
+                        total_bytes=kv_wire_bytes(model.kv_bytes_per_token, prompt, cfg.byte_scale))
         await send_kv(cfg.kv.host, cfg.kv.port, bytes.fromhex(SECRET), begin, chunk_bytes=256 * 1024)
         n = 0
         async for line in r.content:
@@ -117,8 +105,8 @@ def measure(hardware: str, model_name: str, step_ms: float, steps: int, batch: i
     with tempfile.TemporaryDirectory() as tmp:
         cfg = NodeConfig(run_id="bench", name="d1", role="decode", model=model_name, hardware=hardware,
                          tdf=tdf, byte_scale=1e-3, t0_wall=time.time(), run_dir=tmp,
-                         http=Endpoint(host="127.0.0.1", port=_free_port()),
-                         kv=Endpoint(host="127.0.0.1", port=_free_port()),
+                         http=Endpoint(host="127.0.0.1", port=free_port()),
+                         kv=Endpoint(host="127.0.0.1", port=free_port()),
                          kv_transfer=KvSettings(secret_hex=SECRET), decode=DecodeSettings(max_batch=batch))
         cfg_path = Path(tmp) / "d1.json"
         cfg.save(cfg_path)

@@ -16,106 +16,42 @@ As in vLLM, the forward pass that completes a prompt also samples its first outp
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections import deque
 from typing import Any
 
-from aiohttp import web
-
 from nodes.config import NodeConfig
-from nodes.engine import (BadRequest, ComputeNode, GenRequest, KvBudget, StepTimer, require_field, admit_fifo,
-                          error_response, open_stream, read_body, relay)
+from nodes.engine import GenRequest, StreamingNode, admit_fifo, plan_prefill
 
 log = logging.getLogger(__name__)
 
 
-class ColocatedNode(ComputeNode):
+class ColocatedNode(StreamingNode):
     role = "colocated"
 
     def __init__(self, config: NodeConfig):
         super().__init__(config)
-        self.kv = KvBudget(self.cost.kv_capacity_bytes())
-        self.requests: dict[str, GenRequest] = {}
-        self.waiting: deque[GenRequest] = deque()  # waiting for KV room
         self.prefilling: list[GenRequest] = []  # admitted, prompt not yet fully prefilled
-        self.running: list[GenRequest] = []  # decoding
-        self.timer = StepTimer(self.clock, self.timeline, "decode")
-        self.app.router.add_post("/internal/generate", self._generate)
 
     def load(self) -> dict[str, Any]:
         return {"queue_depth": len(self.waiting) + len(self.prefilling), "batch_size": len(self.running),
                 "kv_used_bytes": self.kv.used, "kv_free_bytes": self.kv.free}
 
-    async def _generate(self, request: web.Request) -> web.StreamResponse:
-        try:
-            body = await read_body(request, self.config.model)
-            max_tokens = require_field(body, "max_tokens", int, minimum=1)
-        except BadRequest as e:
-            return error_response(400, str(e))
-        if not self.accepting():
-            return error_response(503, f"node {self.config.name} is {self.state}")
-        rid = body["request_id"]
-        if rid in self.requests:
-            return error_response(409, f"request {rid} is already registered")
-        gen = GenRequest(rid, body["prompt_tokens"], max_tokens,
-                         kv_bytes=self.cost.kv_bytes(body["prompt_tokens"] + max_tokens))
-        if gen.kv_bytes > self.kv.capacity:
-            return error_response(507, f"KV of {gen.kv_bytes} bytes exceeds node capacity {self.kv.capacity}")
-        self.requests[rid] = gen
-        resp = None
-        try:
-            resp = await open_stream(request)
-            self.timeline.event("prefill_queued", rid, prompt_tokens=gen.prompt_tokens)
-            self.waiting.append(gen)
-            self.notify()
-            await relay(resp, gen)
-            return resp
-        except (asyncio.CancelledError, ConnectionError) as e:
-            if not gen.finished:
-                gen.finished = True
-                self.timeline.event("failed", rid, reason="router disconnected")
-            if isinstance(e, asyncio.CancelledError):
-                raise
-            return resp or web.Response(status=499)
-        finally:
-            self._drop(gen)
+    async def _enqueue(self, gen: GenRequest) -> None:
+        self.timeline.event("prefill_queued", gen.request_id, prompt_tokens=gen.prompt_tokens)
+        self.waiting.append(gen)
+        self.notify()
 
     def _drop(self, gen: GenRequest) -> None:
-        self.requests.pop(gen.request_id, None)
-        for queue in (self.waiting, self.prefilling, self.running):
-            if gen in queue:
-                queue.remove(gen)
-        if gen.reserved:
-            gen.reserved = False
-            self.kv.release(gen.kv_bytes)
-        self.notify()
+        if gen in self.prefilling:
+            self.prefilling.remove(gen)
+        super()._drop(gen)
 
     def _admit(self) -> None:
         room = self.config.decode.max_batch - len(self.running) - len(self.prefilling)
         self.prefilling.extend(admit_fifo(self.waiting, self.kv, room))
 
-    def _prefill_chunks(self, budget: int) -> list[tuple[GenRequest, int]]:
-        """(request, prompt tokens this step) in FIFO order within ``budget`` tokens."""
-        chunk = self.config.prefill.chunk_tokens
-        out: list[tuple[GenRequest, int]] = []
-        left = budget
-        for gen in self.prefilling:
-            remaining = gen.prompt_tokens - gen.prefilled
-            if chunk > 0:
-                take = min(remaining, chunk, left)
-            elif remaining <= left or not out:
-                take = remaining
-            else:
-                break
-            if take <= 0:
-                break
-            out.append((gen, take))
-            left -= take
-        return out
-
     async def run(self) -> None:
-        chunked = self.config.prefill.chunk_tokens > 0
+        chunk = self.config.prefill.chunk_tokens
         budget = self.config.prefill.token_budget
         while True:
             self.wake.clear()
@@ -124,11 +60,11 @@ class ColocatedNode(ComputeNode):
                 self.timer.idle()
                 await self.wake.wait()
                 continue
-            if chunked:
+            if chunk > 0:
                 decoding = list(self.running)
-                chunks = self._prefill_chunks(max(0, budget - len(decoding)))
+                chunks = plan_prefill(self.prefilling, max(0, budget - len(decoding)), chunk)
             elif self.prefilling:
-                decoding, chunks = [], self._prefill_chunks(budget)
+                decoding, chunks = [], plan_prefill(self.prefilling, budget, chunk)
             else:
                 decoding, chunks = list(self.running), []
             duration = 0.0
@@ -162,8 +98,7 @@ class ColocatedNode(ComputeNode):
                     gen.emit_token(self.timeline, t)  # the prefill pass samples the first token
             for gen in [g for g in self.running if g.finished]:
                 self.running.remove(gen)
-                gen.reserved = False
-                self.kv.release(gen.kv_bytes)
+                self._release(gen)
 
 
 async def serve(config: NodeConfig) -> None:

@@ -18,7 +18,7 @@ import logging
 import math
 import secrets
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Self
 
 import aiomqtt
 
@@ -92,7 +92,69 @@ def _is_refusal(rc: Any) -> bool:
     return isinstance(value, int) and value in (4, 5, 0x86, 0x87, 0x8C)
 
 
-class NodeControl:
+class _Subscriber:
+    """An MQTT client subscribed to one topic, reconnected in the background if the broker goes
+    away; the roles differ only in what they do with a live connection (``_serve``)."""
+
+    def __init__(self, settings: MqttSettings, topic: str, task_name: str, what: str):
+        self.settings = settings
+        self._topic = topic
+        self._task_name = task_name
+        self._what = what  # in log lines
+        self._client: aiomqtt.Client | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def _make(self) -> aiomqtt.Client:
+        raise NotImplementedError
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        """Use a connected client until its connection fails."""
+        raise NotImplementedError
+
+    async def _connected(self, client: aiomqtt.Client) -> None:
+        """Before ``async with`` returns: the first connection is up and subscribed."""
+
+    async def _leaving(self, client: aiomqtt.Client) -> None:
+        """On a clean exit, before the connection closes."""
+
+    async def _subscribe(self) -> aiomqtt.Client:
+        client = await _connect(self._make, self.settings.username)
+        await client.subscribe(self._topic, qos=QOS)
+        return client
+
+    async def __aenter__(self) -> Self:
+        self._client = await self._subscribe()
+        await self._connected(self._client)
+        self._task = asyncio.create_task(self._run(), name=self._task_name)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        client, self._client = self._client, None
+        if client is not None:
+            await self._leaving(client)
+            with contextlib.suppress(aiomqtt.MqttError, OSError):
+                await client.__aexit__(None, None, None)
+
+    async def _run(self) -> None:
+        while True:
+            client = self._client
+            try:
+                if client is None:
+                    client = self._client = await self._subscribe()
+                await self._serve(client)
+            except* (aiomqtt.MqttError, ControlError, OSError) as eg:
+                log.warning("%s connection lost (%s); reconnecting", self._what, eg.exceptions[0])
+                with contextlib.suppress(Exception):
+                    await client.__aexit__(None, None, None)
+                self._client = None
+                await asyncio.sleep(0.5)
+
+
+class NodeControl(_Subscriber):
     """A daemon's link to the control plane: retained status heartbeats, last will, commands.
 
     ``status_fn()`` returns the node's load dict (``state``, ``queue_depth``, ``batch_size``,
@@ -104,13 +166,11 @@ class NodeControl:
     def __init__(self, settings: MqttSettings, node: str, role: str,
                  status_fn: Callable[[], dict[str, Any]],
                  on_command: Callable[[dict[str, Any]], Awaitable[None] | None]):
-        self.settings = settings
+        super().__init__(settings, cmd_topic(settings, node), f"control-{node}", "control plane")
         self.node = node
         self.role = role
         self.status_fn = status_fn
         self.on_command = on_command
-        self._client: aiomqtt.Client | None = None
-        self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._offline = json.dumps({"node": node, "role": role, "state": "offline"}).encode()
 
@@ -125,47 +185,23 @@ class NodeControl:
         """Publish the status at once (after a state change) instead of at the next heartbeat."""
         self._wake.set()
 
-    async def __aenter__(self) -> "NodeControl":
-        self._client = await _connect(self._make, self.settings.username)
-        await self._client.subscribe(cmd_topic(self.settings, self.node), qos=QOS)
-        await self._publish_status(self._client)
-        self._task = asyncio.create_task(self._run(), name=f"control-{self.node}")
-        return self
+    async def _connected(self, client: aiomqtt.Client) -> None:
+        await self._publish_status(client)
 
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        client, self._client = self._client, None
-        if client is not None:
-            # a clean stop says "offline" itself: the will only fires on an unclean disconnect
-            with contextlib.suppress(aiomqtt.MqttError, OSError):
-                await client.publish(status_topic(self.settings, self.node), self._offline,
-                                     qos=QOS, retain=True, timeout=2.0)
-            with contextlib.suppress(aiomqtt.MqttError, OSError):
-                await client.__aexit__(None, None, None)
+    async def _leaving(self, client: aiomqtt.Client) -> None:
+        # a clean stop says "offline" itself: the will only fires on an unclean disconnect
+        with contextlib.suppress(aiomqtt.MqttError, OSError):
+            await client.publish(status_topic(self.settings, self.node), self._offline,
+                                 qos=QOS, retain=True, timeout=2.0)
 
     async def _publish_status(self, client: aiomqtt.Client) -> None:
         payload = json.dumps(self.status()).encode()
         await client.publish(status_topic(self.settings, self.node), payload, qos=QOS, retain=True)
 
-    async def _run(self) -> None:
-        while True:
-            client = self._client
-            try:
-                if client is None:
-                    client = self._client = await _connect(self._make, self.settings.username)
-                    await client.subscribe(cmd_topic(self.settings, self.node), qos=QOS)
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._heartbeat(client))
-                    tg.create_task(self._commands(client))
-            except* (aiomqtt.MqttError, ControlError, OSError) as eg:
-                log.warning("control plane connection lost (%s); reconnecting", eg.exceptions[0])
-                with contextlib.suppress(Exception):
-                    await client.__aexit__(None, None, None)
-                self._client = None
-                await asyncio.sleep(0.5)
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._heartbeat(client))
+            tg.create_task(self._commands(client))
 
     async def _heartbeat(self, client: aiomqtt.Client) -> None:
         while True:
@@ -191,17 +227,15 @@ class NodeControl:
             self._wake.set()
 
 
-class StatusWatcher:
+class StatusWatcher(_Subscriber):
     """The latest status dict of every node (router side); offline nodes via their last will."""
 
     def __init__(self, settings: MqttSettings,
                  on_update: Callable[[str, dict[str, Any] | None], None] | None = None):
-        self.settings = settings
+        super().__init__(settings, f"{settings.topic_prefix}/nodes/+/status", "status-watcher", "status watcher")
         self.on_update = on_update
         self._status: dict[str, dict[str, Any]] = {}
         self._changed = asyncio.Condition()
-        self._client: aiomqtt.Client | None = None
-        self._task: asyncio.Task[None] | None = None
 
     def _make(self) -> aiomqtt.Client:
         return _client(self.settings, f"pdtb-{self.settings.username}-watch-{secrets.token_hex(3)}")
@@ -229,37 +263,9 @@ class StatusWatcher:
             except asyncio.TimeoutError:
                 return False
 
-    async def __aenter__(self) -> "StatusWatcher":
-        self._client = await _connect(self._make, self.settings.username)
-        await self._client.subscribe(f"{self.settings.topic_prefix}/nodes/+/status", qos=QOS)
-        self._task = asyncio.create_task(self._run(), name="status-watcher")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._client is not None:
-            with contextlib.suppress(aiomqtt.MqttError, OSError):
-                await self._client.__aexit__(None, None, None)
-            self._client = None
-
-    async def _run(self) -> None:
-        while True:
-            client = self._client
-            try:
-                if client is None:
-                    client = self._client = await _connect(self._make, self.settings.username)
-                    await client.subscribe(f"{self.settings.topic_prefix}/nodes/+/status", qos=QOS)
-                async for message in client.messages:
-                    await self._handle(message)
-            except (aiomqtt.MqttError, ControlError, OSError) as e:
-                log.warning("status watcher connection lost (%s); reconnecting", e)
-                with contextlib.suppress(Exception):
-                    await client.__aexit__(None, None, None)
-                self._client = None
-                await asyncio.sleep(0.5)
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            await self._handle(message)
 
     async def _handle(self, message: aiomqtt.Message) -> None:
         parts = str(message.topic).split("/")

@@ -11,40 +11,31 @@ slowdown, on absolute deadlines, and streams one token per running request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections import deque
 from typing import Any
 
 from aiohttp import web
 
 from nodes.config import NodeConfig
-from nodes.engine import (BadRequest, ComputeNode, GenRequest, KvBudget, StepTimer, require_field, admit_fifo,
-                          error_response, kv_wire_bytes, open_stream, read_body, relay)
+from nodes.engine import GenRequest, StreamingNode, admit_fifo, error_response, kv_wire_bytes
 from nodes.kvproto import KvBegin, KvReceiver, KvTransferError
 
 log = logging.getLogger(__name__)
 
 
-class DecodeNode(ComputeNode):
+class DecodeNode(StreamingNode):
     role = "decode"
 
     def __init__(self, config: NodeConfig):
         super().__init__(config)
         if config.kv is None or config.kv_transfer is None:
             raise ValueError(f"node {config.name}: a decode node needs kv and kv_transfer settings")
-        self.kv = KvBudget(self.cost.kv_capacity_bytes())
-        self.requests: dict[str, GenRequest] = {}  # registered by /internal/generate
         self.kv_waiters: dict[str, asyncio.Future[KvBegin]] = {}
         self.early_kv: dict[str, KvBegin] = {}  # verified KV that came before its generate call
-        self.waiting: deque[GenRequest] = deque()  # KV verified, waiting for KV room
-        self.running: list[GenRequest] = []
-        self.timer = StepTimer(self.clock, self.timeline, "decode")
         self.receiver = KvReceiver(
             bytes.fromhex(config.kv_transfer.secret_hex),
             max_transfer_bytes=kv_wire_bytes(1, max(1, self.kv.capacity), config.byte_scale),
             on_begin=self._kv_begin, on_complete=self._kv_complete, logger=log)
-        self.app.router.add_post("/internal/generate", self._generate)
 
     def load(self) -> dict[str, Any]:
         return {"queue_depth": len(self.requests) - len(self.running), "batch_size": len(self.running),
@@ -84,68 +75,37 @@ class DecodeNode(ComputeNode):
                                                   self.early_kv.pop, begin.request_id, None)
 
     # --- the token stream
-    async def _generate(self, request: web.Request) -> web.StreamResponse:
-        try:
-            body = await read_body(request, self.config.model)
-            max_tokens = require_field(body, "max_tokens", int, minimum=1)
-        except BadRequest as e:
-            return error_response(400, str(e))
-        if not self.accepting():
-            return error_response(503, f"node {self.config.name} is {self.state}")
-        rid = body["request_id"]
-        if rid in self.requests:
-            return error_response(409, f"request {rid} is already registered")
-        gen = GenRequest(rid, body["prompt_tokens"], max_tokens,
-                         kv_bytes=self.cost.kv_bytes(body["prompt_tokens"] + max_tokens))
-        if gen.kv_bytes > self.kv.capacity:
-            return error_response(507, f"KV of {gen.kv_bytes} bytes exceeds node capacity {self.kv.capacity}")
-        early = self.early_kv.pop(rid, None)
+    def _register(self, gen: GenRequest) -> web.Response | None:
+        """Also await the request's KV, unless it came first (then it must be for this prompt)."""
+        early = self.early_kv.pop(gen.request_id, None)
         if early is not None and early.tokens != gen.prompt_tokens:
             return error_response(409, f"KV received for {early.tokens} tokens, request has {gen.prompt_tokens}")
         waiter = asyncio.get_running_loop().create_future()
         if early is not None:
             waiter.set_result(early)
-        self.requests[rid] = gen
-        self.kv_waiters[rid] = waiter
-        resp = None
+        super()._register(gen)
+        self.kv_waiters[gen.request_id] = waiter
+        return None
+
+    async def _enqueue(self, gen: GenRequest) -> None:
+        """Queue for admission once the KV is verified; fail the stream if it never is."""
+        waiter = self.kv_waiters[gen.request_id]
         try:
-            resp = await open_stream(request)
-            try:
-                await asyncio.wait_for(asyncio.shield(waiter), self.config.kv_transfer.timeout_s * self.config.tdf)
-            except asyncio.TimeoutError:
-                gen.fail(self.timeline, f"no KV cache within {self.config.kv_transfer.timeout_s:g} s")
-            except KvTransferError as e:
-                gen.fail(self.timeline, f"KV transfer failed: {e.reason}")
-            else:
-                self.timeline.event("decode_queued", rid, kv_model_bytes=gen.kv_bytes)
-                self.waiting.append(gen)
-                self.notify()
-            await relay(resp, gen)
-            return resp
-        except (asyncio.CancelledError, ConnectionError) as e:
-            if not gen.finished:
-                gen.finished = True
-                self.timeline.event("failed", rid, reason="router disconnected")
-            if isinstance(e, asyncio.CancelledError):
-                raise
-            return resp or web.Response(status=499)
-        finally:
-            self._drop(gen)
+            await asyncio.wait_for(asyncio.shield(waiter), self.config.kv_transfer.timeout_s * self.config.tdf)
+        except asyncio.TimeoutError:
+            gen.fail(self.timeline, f"no KV cache within {self.config.kv_transfer.timeout_s:g} s")
+        except KvTransferError as e:
+            gen.fail(self.timeline, f"KV transfer failed: {e.reason}")
+        else:
+            self.timeline.event("decode_queued", gen.request_id, kv_model_bytes=gen.kv_bytes)
+            self.waiting.append(gen)
+            self.notify()
 
     def _drop(self, gen: GenRequest) -> None:
-        """Forget a request (done, failed or abandoned) and free its KV."""
-        self.requests.pop(gen.request_id, None)
         waiter = self.kv_waiters.pop(gen.request_id, None)
         if waiter is not None and not waiter.done():
             waiter.cancel()
-        with contextlib.suppress(ValueError):
-            self.waiting.remove(gen)
-        if gen in self.running:
-            self.running.remove(gen)
-        if gen.reserved:
-            gen.reserved = False
-            self.kv.release(gen.kv_bytes)
-        self.notify()
+        super()._drop(gen)
 
     # --- continuous batching
     def _admit(self) -> None:
@@ -179,8 +139,7 @@ class DecodeNode(ComputeNode):
                 gen.emit_token(self.timeline, t)
                 if gen.finished:
                     self.running.remove(gen)
-                    gen.reserved = False
-                    self.kv.release(gen.kv_bytes)
+                    self._release(gen)
 
 
 async def serve(config: NodeConfig) -> None:

@@ -6,6 +6,9 @@
   previous step's deadline + its duration, never "now + duration"), so scheduling error never
   accumulates over a long decode; every step is logged as a ``step_timing`` event.
 - ``GenRequest`` and ``KvBudget``: a generation request and the KV memory it reserves.
+- ``StreamingNode``: a ``ComputeNode`` that answers ``/internal/generate`` with a token
+  stream (decode, colocated): admission checks, the stream, disconnects and KV release.
+- ``plan_prefill``: which prompt tokens a prefill step takes (prefill, colocated).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, Sequence, TypeVar
 
 from aiohttp import web
 
@@ -285,6 +288,80 @@ class ComputeNode:
             self.timeline.close()
 
 
+class StreamingNode(ComputeNode):
+    """A compute node whose ``POST /internal/generate`` stays open as the request's token
+    stream; requests reserve KV for prompt + all output tokens and run in ``running``."""
+
+    def __init__(self, config: NodeConfig):
+        super().__init__(config)
+        self.kv = KvBudget(self.cost.kv_capacity_bytes())
+        self.requests: dict[str, GenRequest] = {}  # registered by /internal/generate
+        self.waiting: deque[GenRequest] = deque()  # waiting for KV room
+        self.running: list[GenRequest] = []  # decoding
+        self.timer = StepTimer(self.clock, self.timeline, "decode")
+        self.app.router.add_post("/internal/generate", self._generate)
+
+    # --- to be provided by each role
+    async def _enqueue(self, gen: GenRequest) -> None:
+        """Once the stream is open: queue the request for its work (or fail it)."""
+        raise NotImplementedError
+
+    # --- shared
+    def _register(self, gen: GenRequest) -> web.Response | None:
+        """Record an accepted request; a role may refuse it instead (the error response)."""
+        self.requests[gen.request_id] = gen
+        return None
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await read_body(request, self.config.model)
+            max_tokens = require_field(body, "max_tokens", int, minimum=1)
+        except BadRequest as e:
+            return error_response(400, str(e))
+        if not self.accepting():
+            return error_response(503, f"node {self.config.name} is {self.state}")
+        rid = body["request_id"]
+        if rid in self.requests:
+            return error_response(409, f"request {rid} is already registered")
+        gen = GenRequest(rid, body["prompt_tokens"], max_tokens,
+                         kv_bytes=self.cost.kv_bytes(body["prompt_tokens"] + max_tokens))
+        if gen.kv_bytes > self.kv.capacity:
+            return error_response(507, f"KV of {gen.kv_bytes} bytes exceeds node capacity {self.kv.capacity}")
+        refusal = self._register(gen)
+        if refusal is not None:
+            return refusal
+        resp = None
+        try:
+            resp = await open_stream(request)
+            await self._enqueue(gen)
+            await relay(resp, gen)
+            return resp
+        except (asyncio.CancelledError, ConnectionError) as e:
+            if not gen.finished:
+                gen.finished = True
+                self.timeline.event("failed", rid, reason="router disconnected")
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return resp or web.Response(status=499)
+        finally:
+            self._drop(gen)
+
+    def _drop(self, gen: GenRequest) -> None:
+        """Forget a request (done, failed or abandoned) and free its KV."""
+        self.requests.pop(gen.request_id, None)
+        for queue in (self.waiting, self.running):
+            if gen in queue:
+                queue.remove(gen)
+        self._release(gen)
+        self.notify()
+
+    def _release(self, gen: GenRequest) -> None:
+        """Give back a request's KV reservation (once)."""
+        if gen.reserved:
+            gen.reserved = False
+            self.kv.release(gen.kv_bytes)
+
+
 async def open_stream(request: web.Request) -> web.StreamResponse:
     """Open the NDJSON response at once (the router learns the request is registered)."""
     resp = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
@@ -317,3 +394,34 @@ def admit_fifo(waiting: deque[GenRequest], budget: KvBudget, room: int) -> list[
         admitted.append(gen)
     return admitted
 
+
+class Prefillable(Protocol):
+    """A request as prefill planning sees it (a prefill node's job, a colocated request)."""
+
+    prompt_tokens: int
+    prefilled: int  # prompt tokens already prefilled (by earlier chunks)
+
+
+P = TypeVar("P", bound=Prefillable)
+
+
+def plan_prefill(queue: Sequence[P], budget: int, chunk_tokens: int) -> list[tuple[P, int]]:
+    """(item, prompt tokens this step) in FIFO order within ``budget`` tokens: chunks of at most
+    ``chunk_tokens`` when chunking, else whole prompts (one larger than the budget runs alone)."""
+    batch: list[tuple[P, int]] = []
+    left = budget
+    for item in queue:
+        remaining = item.prompt_tokens - item.prefilled
+        if chunk_tokens > 0:
+            take = min(remaining, chunk_tokens, left)
+        elif remaining <= left or not batch:
+            take = remaining
+        else:
+            break
+        if take <= 0:
+            break
+        batch.append((item, take))
+        left -= take
+        if left <= 0:
+            break
+    return batch

@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from nodes.config import NodeConfig
-from nodes.engine import (BadRequest, ComputeNode, StepTimer, error_response, kv_wire_bytes,
+from nodes.engine import (BadRequest, ComputeNode, StepTimer, error_response, kv_wire_bytes, plan_prefill,
                           read_body, read_decode_peer)
 from nodes.kvproto import KvBegin, KvResult, KvTransferError, send_kv
 
@@ -35,7 +35,7 @@ class PrefillJob:
     prompt_tokens: int
     decode: dict[str, Any]
     kv_model_bytes: int
-    done_tokens: int = 0
+    prefilled: int = 0  # prompt tokens already prefilled (by earlier chunks)
     compute_s: float = 0.0
     started: bool = False
     handed_off: asyncio.Event = field(default_factory=asyncio.Event)
@@ -88,28 +88,6 @@ class PrefillNode(ComputeNode):
             return error_response(502, f"KV handoff to {peer['name']} failed: {job.error}")
         return web.json_response({"ok": True, "kv_bytes": job.result.bytes_sent})
 
-    def _form_batch(self) -> list[tuple[PrefillJob, int]]:
-        """(job, tokens this batch) in FIFO order within the token budget."""
-        budget = self.config.prefill.token_budget
-        chunk = self.config.prefill.chunk_tokens
-        batch: list[tuple[PrefillJob, int]] = []
-        left = budget
-        for job in self.queue:
-            remaining = job.prompt_tokens - job.done_tokens
-            if chunk > 0:
-                take = min(remaining, chunk, left)
-            elif remaining <= left or not batch:
-                take = remaining  # whole prompts; one larger than the budget runs alone
-            else:
-                break
-            if take <= 0:
-                break
-            batch.append((job, take))
-            left -= take
-            if left <= 0:
-                break
-        return batch
-
     async def run(self) -> None:
         try:
             await self._scheduler()
@@ -127,13 +105,13 @@ class PrefillNode(ComputeNode):
                 self.timer.idle()
                 await self.wake.wait()
                 continue
-            batch = self._form_batch()
-            step = self.cost.prefill([n for _, n in batch], [j.done_tokens for j, _ in batch])
+            batch = plan_prefill(self.queue, self.config.prefill.token_budget, self.config.prefill.chunk_tokens)
+            step = self.cost.prefill([n for _, n in batch], [j.prefilled for j, _ in batch])
             duration = self.compute_s(step.time_s)
             start, end = self.timer.begin(duration)
             self.batch_size = len(batch)
             tokens = sum(n for _, n in batch)
-            finishing = [j for j, n in batch if j.done_tokens + n >= j.prompt_tokens]
+            finishing = [j for j, n in batch if j.prefilled + n >= j.prompt_tokens]
             for job, _ in batch:
                 if not job.started:
                     job.started = True
@@ -145,7 +123,7 @@ class PrefillNode(ComputeNode):
                     self._start_transfer(job, self._layer_clock(start, duration))
             await self.timer.end(len(batch))
             for job, n in batch:
-                job.done_tokens += n
+                job.prefilled += n
                 job.compute_s += duration
             for job in finishing:
                 self.queue.remove(job)

@@ -15,7 +15,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import CookedLinux
 from scapy.utils import wrpcap
 
@@ -26,6 +25,8 @@ from nodes.timeline import Timeline
 from testbed.analyze import analyze_run, format_table, read_connections
 from testbed.cli import analyze as cli_analyze
 from testbed.config.base import ConfigError
+
+from pcap_helpers import Segments
 
 SECRET = b"run-secret"
 TDF, SCALE = 10.0, 0.25
@@ -198,15 +199,8 @@ def _crafted_run(tmp_path: Path, duplicate: bool, link: str = "ip") -> Path:
     s2c = kp.frame(kp.FrameType.HELLO, bytes(32)) + kp.frame(kp.FrameType.AUTH_OK, bytes(32)) + kp.encode_ack(
         kp.KvAck("r000009", True, kp.Code.OK, 5000, "verified"))
     cli, srv = ("10.202.0.1", 41000), ("10.202.0.2", 9999)   # not the default port: found by its HELLO
-    pkts, t = [], 1_800_000_001.0
-
-    def seg(src, dst, seq, ack, flags, data=b""):
-        nonlocal t
-        t += 0.001
-        p = IP(src=src[0], dst=dst[0]) / TCP(sport=src[1], dport=dst[1], seq=seq, ack=ack, flags=flags) / data
-        p.time = t
-        pkts.append(p)
-
+    segments = Segments(t0=1_800_000_001.0)
+    seg = segments.add
     seg(cli, srv, 100, 0, "S")
     seg(srv, cli, 900, 101, "SA")
     seg(cli, srv, 101, 901, "A")
@@ -221,6 +215,7 @@ def _crafted_run(tmp_path: Path, duplicate: bool, link: str = "ip") -> Path:
             seg(cli, srv, 177 + i, 989, "PA", body[i:i + mss])
     seg(srv, cli, 989, 177 + len(body), "PA", s2c[88:])
     seg(cli, srv, 177 + len(body), 989 + len(s2c) - 88, "FA")
+    pkts = segments.packets
     if link == "sll":   # Linux cooked capture (tcpdump -i any)
         framed = []
         for p in pkts:

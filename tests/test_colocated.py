@@ -5,35 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
-import socket
 import time
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from nodes.colocated import ColocatedNode
 from nodes.config import Endpoint, NodeConfig, PrefillSettings
 from nodes.costmodel import CostModel
 from nodes.profiles import load_hardware, load_model
-from nodes.timeline import read_timeline
 from nodes.tokenizer import token_text
+
+from daemon_helpers import events, free_port, running
 
 MODEL = "qwen3-32b"
 HW = "h100"
-
-
-def free_port() -> int:
-    """A free port below the ephemeral range, so no outgoing connection of ours takes it meanwhile."""
-    while True:
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
 
 
 def config(tmp_path: Path, *, tdf: float = 1.0, budget: int = 16384, chunk: int = 0) -> NodeConfig:
@@ -41,26 +27,6 @@ def config(tmp_path: Path, *, tdf: float = 1.0, budget: int = 16384, chunk: int 
                       byte_scale=1.0, t0_wall=time.time(), run_dir=str(tmp_path),
                       http=Endpoint(host="127.0.0.1", port=free_port()),
                       prefill=PrefillSettings(token_budget=budget, chunk_tokens=chunk))
-
-
-@contextlib.asynccontextmanager
-async def running(cfg: NodeConfig):
-    node = ColocatedNode(cfg)
-    task = asyncio.create_task(node.serve())
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(f"{cfg.http.url}/health") as r:
-                    if r.status == 200:
-                        break
-            assert not task.done(), task.exception()
-            await asyncio.sleep(0.02)
-        try:
-            yield node, session
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 async def generate(session, cfg, rid, prompt, max_tokens) -> list[tuple[float, dict]]:
@@ -72,18 +38,13 @@ async def generate(session, cfg, rid, prompt, max_tokens) -> list[tuple[float, d
         return [(time.time(), json.loads(line)) async for line in r.content]
 
 
-def events(cfg: NodeConfig, name: str | None = None, rid: str | None = None) -> list[dict]:
-    return [e for e in read_timeline(cfg.timeline_path)
-            if (name is None or e["event"] == name) and (rid is None or e["request_id"] == rid)]
-
-
 def cost() -> CostModel:
     return CostModel(load_hardware(HW), load_model(MODEL))
 
 
 async def test_both_phases_and_stream(tmp_path):
     cfg = config(tmp_path, tdf=5.0)
-    async with running(cfg) as (node, session):
+    async with running(ColocatedNode, cfg) as (node, session):
         lines = [x for _, x in await generate(session, cfg, "r1", 2000, 5)]
         assert node.kv.used == 0 and not node.requests
     assert [x["type"] for x in lines] == ["token"] * 5 + ["done"]
@@ -107,7 +68,7 @@ async def _stall_of_running_request(tmp_path: Path, chunk: int) -> tuple[float, 
     long_prompt = 16000
     tdf = max(1.0, 0.5 / c.prefill([long_prompt]).time_s)
     cfg = config(tmp_path / f"c{chunk}", tdf=tdf, budget=2048 if chunk else 16384, chunk=chunk)
-    async with running(cfg) as (node, session):
+    async with running(ColocatedNode, cfg) as (node, session):
         a = asyncio.create_task(generate(session, cfg, "a", 100, 400))
         while not node.running:
             await asyncio.sleep(0.005)
@@ -143,7 +104,7 @@ async def test_admission_by_kv_capacity(tmp_path):
     per_token = load_model(MODEL).kv_bytes_per_token
     out = int(0.55 * c.kv_capacity_bytes() / per_token)  # one request's reservation fits, two do not
     cfg = config(tmp_path, tdf=5.0)
-    async with running(cfg) as (node, session):
+    async with running(ColocatedNode, cfg) as (node, session):
         a = asyncio.create_task(generate(session, cfg, "a", 100, out))
         for _ in range(400):
             if node.running:

@@ -3,17 +3,13 @@ batching, token streaming, disconnects and control commands (drain, resume, slow
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import random
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from nodes.config import Endpoint, KvSettings, NodeConfig
@@ -22,26 +18,15 @@ from nodes.costmodel import CostModel
 from nodes.decode import DecodeNode
 from nodes.kvproto import KvBegin, KvTransferError, send_kv
 from nodes.profiles import load_hardware, load_model
-from nodes.timeline import read_timeline
 from nodes.tokenizer import token_text
 from testbed.broker import Broker
+
+from daemon_helpers import events, free_port, running, wire_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "qwen3-32b"
 HW = "cs3"
 SECRET = "ab" * 32
-
-
-def free_port() -> int:
-    """A free port below the ephemeral range, so no outgoing connection of ours takes it meanwhile."""
-    while True:
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
 
 
 def config(tmp_path: Path, *, tdf: float = 1.0, byte_scale: float = 1e-3, timeout_s: float = 10.0,
@@ -51,30 +36,6 @@ def config(tmp_path: Path, *, tdf: float = 1.0, byte_scale: float = 1e-3, timeou
                       http=Endpoint(host="127.0.0.1", port=free_port()),
                       kv=Endpoint(host="127.0.0.1", port=free_port()),
                       kv_transfer=KvSettings(secret_hex=SECRET, timeout_s=timeout_s), **kw)
-
-
-@contextlib.asynccontextmanager
-async def running(cfg: NodeConfig):
-    node = DecodeNode(cfg)
-    task = asyncio.create_task(node.serve())
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(f"{cfg.http.url}/health") as r:
-                    if r.status == 200:
-                        break
-            assert not task.done(), task.exception()
-            await asyncio.sleep(0.02)
-        try:
-            yield node, session
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-def wire_bytes(cfg: NodeConfig, tokens: int) -> int:
-    return max(1, round(load_model(MODEL).kv_bytes_per_token * tokens * cfg.byte_scale))
 
 
 async def push_kv(cfg: NodeConfig, rid: str, tokens: int, *, secret: str = SECRET, total: int | None = None):
@@ -93,10 +54,6 @@ async def generate(session, cfg, rid, prompt, max_tokens, status: int = 200) -> 
         return [json.loads(line) async for line in r.content]
 
 
-def events(cfg: NodeConfig, name: str | None = None) -> list[dict]:
-    return [e for e in read_timeline(cfg.timeline_path) if name is None or e["event"] == name]
-
-
 def check_stream(lines: list[dict], rid: str, n: int) -> None:
     assert [x["type"] for x in lines] == ["token"] * n + ["done"]
     assert [x["index"] for x in lines[:-1]] == list(range(n))
@@ -106,7 +63,7 @@ def check_stream(lines: list[dict], rid: str, n: int) -> None:
 
 async def test_kv_after_and_before_generate(tmp_path):
     cfg = config(tmp_path)
-    async with running(cfg) as (node, session):
+    async with running(DecodeNode, cfg) as (node, session):
         # generate first, KV second (the router's order)
         gen = asyncio.create_task(generate(session, cfg, "r1", 300, 8))
         await asyncio.sleep(0.1)
@@ -128,7 +85,7 @@ async def test_kv_after_and_before_generate(tmp_path):
 
 async def test_kv_verification_path(tmp_path):
     cfg = config(tmp_path, timeout_s=1.0)
-    async with running(cfg) as (node, session):
+    async with running(DecodeNode, cfg) as (node, session):
         gen = asyncio.create_task(generate(session, cfg, "r1", 300, 4))
         await asyncio.sleep(0.1)
         with pytest.raises(KvTransferError, match="authentication"):
@@ -158,7 +115,7 @@ async def test_admission_waits_for_kv_capacity(tmp_path):
     cap = cost.kv_capacity_bytes()
     per_token = load_model(MODEL).kv_bytes_per_token
     prompt = int(0.55 * cap / per_token)  # one request fits, two do not
-    async with running(cfg) as (node, session):
+    async with running(DecodeNode, cfg) as (node, session):
         a = asyncio.create_task(generate(session, cfg, "a", prompt, 6))
         b = asyncio.create_task(generate(session, cfg, "b", prompt, 6))
         await asyncio.sleep(0.1)
@@ -183,7 +140,7 @@ async def test_oversized_request_refused(tmp_path):
     cfg = config(tmp_path)
     cap = CostModel(load_hardware(HW), load_model(MODEL)).kv_capacity_bytes()
     too_many = cap // load_model(MODEL).kv_bytes_per_token + 1
-    async with running(cfg) as (node, session):
+    async with running(DecodeNode, cfg) as (node, session):
         [r] = await generate(session, cfg, "big", too_many, 1, status=507)
         assert "capacity" in r["reason"]
 
@@ -193,7 +150,7 @@ async def test_steps_follow_cost_model_on_deadlines(tmp_path):
     cfg = config(tmp_path, tdf=tdf)
     cost = CostModel(load_hardware(HW), load_model(MODEL))
     n = 30
-    async with running(cfg) as (node, session):
+    async with running(DecodeNode, cfg) as (node, session):
         gen = asyncio.create_task(generate(session, cfg, "r1", 1000, n))
         await asyncio.sleep(0.05)
         await push_kv(cfg, "r1", 1000)
@@ -210,7 +167,7 @@ async def test_steps_follow_cost_model_on_deadlines(tmp_path):
 
 async def test_router_disconnect_frees_kv(tmp_path):
     cfg = config(tmp_path, tdf=50.0)
-    async with running(cfg) as (node, session):
+    async with running(DecodeNode, cfg) as (node, session):
         body = {"request_id": "r1", "model": MODEL, "prompt_tokens": 100, "max_tokens": 20000}
         r = await session.post(f"{cfg.http.url}/internal/generate", json=body)
         await push_kv(cfg, "r1", 100)
@@ -236,7 +193,7 @@ def broker(tmp_path):
 async def test_commands_drain_resume_slowdown(tmp_path, broker):
     cfg = config(tmp_path, tdf=10.0, mqtt=broker.mqtt_settings("d1", heartbeat_s=0.2))
     ctl = Controller(broker.mqtt_settings("controller"))
-    async with running(cfg) as (node, session), StatusWatcher(broker.mqtt_settings("router")) as w:
+    async with running(DecodeNode, cfg) as (node, session), StatusWatcher(broker.mqtt_settings("router")) as w:
         assert await w.wait_for(lambda w: w.is_up("d1"), 5)
         await ctl.send("d1", "drain")
         assert await w.wait_for(lambda w: w.status("d1")["state"] == "draining", 5)

@@ -15,6 +15,8 @@ from fabric.kvlayer import (PDKV, PDKVAck, PDKVAuth, PDKVAuthOk, PDKVBegin, PDKV
 from nodes import kvproto as kp
 from nodes.kvproto import DEFAULT_KV_PORT, Code, FrameType, KvAck, KvBegin, KvEnd
 
+from pcap_helpers import Segments
+
 LUA = Path(__file__).resolve().parents[1] / "tools" / "pdtb-kv.lua"
 BEGIN = KvBegin("r000007", "llama-3.1-70b", 80, 8192, 2_684_354_560)
 DATA = kp.payload("r000007", 4096, 300)
@@ -95,16 +97,9 @@ def _session_pcap(path: Path, port: int) -> None:
     c2s = f[PDKVAuth] + f[PDKVBegin] + f[PDKVChunk] + f[PDKVEnd]
     s2c = f[PDKVHello] + f[PDKVAuthOk] + f[PDKVAck]
     cli, srv = ("10.202.0.1", 40000), ("10.202.0.2", port)
-    pkts, t = [], 1_800_000_000.0
+    segments = Segments(t0=1_800_000_000.0)
+    seg = segments.add
     cseq, sseq = 1000, 5000
-
-    def seg(src, dst, seq, ack, flags, data=b""):
-        nonlocal t
-        t += 0.001
-        p = IP(src=src[0], dst=dst[0]) / TCP(sport=src[1], dport=dst[1], seq=seq, ack=ack, flags=flags) / data
-        p.time = t
-        pkts.append(p)
-
     seg(cli, srv, cseq, 0, "S")
     seg(srv, cli, sseq, cseq + 1, "SA")
     cseq += 1
@@ -114,7 +109,7 @@ def _session_pcap(path: Path, port: int) -> None:
         seg(srv, cli, sseq + i, cseq, "PA", s2c[i:i + 50])
     for i in range(0, len(c2s), 90):
         seg(cli, srv, cseq + i, sseq + len(s2c), "PA", c2s[i:i + 90])
-    wrpcap(str(path), pkts)
+    wrpcap(str(path), segments.packets)
 
 
 @pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")

@@ -3,14 +3,10 @@ layer-wise KV handoff (layer-wise overlaps compute), handoff failures, drain."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import random
-import socket
 import time
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from nodes.config import Endpoint, KvSettings, NodeConfig, PrefillSettings
@@ -20,21 +16,11 @@ from nodes.prefill import PrefillNode
 from nodes.profiles import load_hardware, load_model
 from nodes.timeline import read_timeline
 
+from daemon_helpers import events, free_port, running, wire_bytes
+
 MODEL = "qwen3-32b"
 HW = "trn2"
 SECRET = "ab" * 32
-
-
-def free_port() -> int:
-    """A free port below the ephemeral range, so no outgoing connection of ours takes it meanwhile."""
-    while True:
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
 
 
 def config(tmp_path: Path, *, tdf: float = 1.0, mode: str = "whole", budget: int = 16384, chunk: int = 0,
@@ -68,26 +54,6 @@ class Sink:
         await self.receiver.close()
 
 
-@contextlib.asynccontextmanager
-async def running(cfg: NodeConfig):
-    node = PrefillNode(cfg)
-    task = asyncio.create_task(node.serve())
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(f"{cfg.http.url}/health") as r:
-                    if r.status == 200:
-                        break
-            assert not task.done(), task.exception()
-            await asyncio.sleep(0.02)
-        try:
-            yield node, session
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
 async def prefill(session, cfg, rid, tokens, peer, status=200) -> dict:
     body = {"request_id": rid, "model": MODEL, "prompt_tokens": tokens, "decode": peer}
     async with session.post(f"{cfg.http.url}/internal/prefill", json=body) as r:
@@ -95,24 +61,15 @@ async def prefill(session, cfg, rid, tokens, peer, status=200) -> dict:
         return await r.json()
 
 
-def events(cfg: NodeConfig, name: str | None = None, rid: str | None = None) -> list[dict]:
-    return [e for e in read_timeline(cfg.timeline_path)
-            if (name is None or e["event"] == name) and (rid is None or e["request_id"] == rid)]
-
-
 def cost() -> CostModel:
     return CostModel(load_hardware(HW), load_model(MODEL))
 
 
-def wire(cfg, tokens) -> int:
-    return max(1, round(load_model(MODEL).kv_bytes_per_token * tokens * cfg.byte_scale))
-
-
 async def test_whole_handoff_after_cost_model_compute(tmp_path):
     cfg = config(tmp_path)
-    async with Sink() as sink, running(cfg) as (node, session):
+    async with Sink() as sink, running(PrefillNode, cfg) as (node, session):
         r = await prefill(session, cfg, "r1", 4000, sink.peer)
-        assert r == {"ok": True, "kv_bytes": wire(cfg, 4000)}
+        assert r == {"ok": True, "kv_bytes": wire_bytes(cfg, 4000)}
         begin, ok, _ = sink.done["r1"]
         assert ok and begin.tokens == 4000 and begin.layers == load_model(MODEL).layers and begin.model == MODEL
         assert node.status()["kv_used_bytes"] == 0 and node.status()["queue_depth"] == 0
@@ -124,7 +81,7 @@ async def test_whole_handoff_after_cost_model_compute(tmp_path):
     assert end["compute_s"] == pytest.approx(step["planned_s"])
     assert end["t_model"] - start["t_model"] == pytest.approx(step["planned_s"], abs=0.05)
     kv = events(cfg, "kv_start")[0]
-    assert kv["mode"] == "whole" and kv["bytes"] == wire(cfg, 4000)
+    assert kv["mode"] == "whole" and kv["bytes"] == wire_bytes(cfg, 4000)
     assert kv["model_bytes"] == cost().kv_bytes(4000) and kv["decode"] == "d1"
     assert events(cfg, "kv_end")[0]["ok"] is True
     assert sink.begun["r1"] >= end["t_wall"]  # whole: nothing leaves before prefill ends
@@ -132,7 +89,7 @@ async def test_whole_handoff_after_cost_model_compute(tmp_path):
 
 async def test_batching_within_token_budget(tmp_path):
     cfg = config(tmp_path, budget=3000, tdf=5.0)
-    async with Sink() as sink, running(cfg) as (node, session):
+    async with Sink() as sink, running(PrefillNode, cfg) as (node, session):
         first = asyncio.create_task(prefill(session, cfg, "a", 3000, sink.peer))
         await asyncio.sleep(0.02)  # "a" is computing; the rest queue behind it
         rest = [asyncio.create_task(prefill(session, cfg, rid, 1000, sink.peer)) for rid in "bcde"]
@@ -148,7 +105,7 @@ async def test_batching_within_token_budget(tmp_path):
 
 async def test_chunked_prefill_uses_context(tmp_path):
     cfg = config(tmp_path, budget=4096, chunk=1000)
-    async with Sink() as sink, running(cfg) as (node, session):
+    async with Sink() as sink, running(PrefillNode, cfg) as (node, session):
         await prefill(session, cfg, "r1", 2500, sink.peer)
     steps = events(cfg, "step_timing")
     c = cost()
@@ -163,7 +120,7 @@ async def test_layerwise_overlaps_transfer_with_compute(tmp_path):
     tokens = 8000
     tdf = max(1.0, 1.0 / c.prefill([tokens]).time_s)  # ~1 s of wall compute
     cfg = config(tmp_path, tdf=tdf, mode="layerwise")
-    async with Sink() as sink, running(cfg) as (node, session):
+    async with Sink() as sink, running(PrefillNode, cfg) as (node, session):
         r = await prefill(session, cfg, "r1", tokens, sink.peer)
         assert r["ok"]
     start, end = events(cfg, "prefill_start")[0], events(cfg, "prefill_end")[0]
@@ -179,7 +136,7 @@ async def test_layerwise_overlaps_transfer_with_compute(tmp_path):
 async def test_handoff_failure_and_drain(tmp_path):
     cfg = config(tmp_path)
     dead = {"name": "d9", "host": "127.0.0.1", "port": free_port()}
-    async with running(cfg) as (node, session):
+    async with running(PrefillNode, cfg) as (node, session):
         r = await prefill(session, cfg, "r1", 100, dead, status=502)
         assert r["ok"] is False and "d9" in r["reason"]
         node.on_command({"cmd": "drain", "factor": None})
@@ -208,13 +165,13 @@ async def test_prefill_to_decode_node(tmp_path, mode):
     decode = DecodeNode(dcfg)
     dtask = asyncio.create_task(decode.serve())
     try:
-        async with running(pcfg) as (node, session):
+        async with running(PrefillNode, pcfg) as (node, session):
             body = {"request_id": "r1", "model": MODEL, "prompt_tokens": 3000, "max_tokens": 5}
             async with session.post(f"{dcfg.http.url}/internal/generate", json=body) as gen:
                 assert gen.status == 200
                 peer = {"name": "d1", "host": dcfg.kv.host, "port": dcfg.kv.port}
                 r = await prefill(session, pcfg, "r1", 3000, peer)
-                assert r == {"ok": True, "kv_bytes": wire(pcfg, 3000)}
+                assert r == {"ok": True, "kv_bytes": wire_bytes(pcfg, 3000)}
                 lines = [json.loads(x) async for x in gen.content]
     finally:
         dtask.cancel()
@@ -222,4 +179,4 @@ async def test_prefill_to_decode_node(tmp_path, mode):
     assert [x.get("text") for x in lines[:-1]] == [token_text("r1", i) for i in range(5)]
     assert lines[-1] == {"type": "done", "output_tokens": 5}
     recv = [e for e in read_timeline(dcfg.timeline_path) if e["event"] == "kv_recv_end"]
-    assert recv[0]["verified"] is True and recv[0]["bytes"] == wire(pcfg, 3000)
+    assert recv[0]["verified"] is True and recv[0]["bytes"] == wire_bytes(pcfg, 3000)
