@@ -104,6 +104,19 @@ def test_pdtb_up_serves_until_interrupted(tmp_path: Path) -> None:
         url = line.split()[1]
         reply = _complete(url, max_tokens=8)
         assert reply["usage"]["completion_tokens"] == 8
+        # the openai SDK, unchanged, streams through the real daemons with usage in the last chunk
+        import openai
+
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(
+            model="llama-3.1-8b", messages=[{"role": "user", "content": "count to five"}], max_tokens=12,
+            stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert len(texts) == 12
+        usage = chunks[-1].usage
+        assert usage is not None and usage.completion_tokens == 12 and usage.prompt_tokens > 0
+        assert usage.total_tokens == usage.prompt_tokens + 12
         time.sleep(0.5)
         assert proc.poll() is None, "up stays up"
         proc.send_signal(signal.SIGTERM)
