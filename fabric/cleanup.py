@@ -4,21 +4,25 @@ Every process the fabric starts (Mininet host and switch shells, daemons started
 ``FabricNet.popen``, delayers, tcpdump) is recorded in ``/run/pdtb/<prefix>/pids.jsonl`` with its
 kernel start time, so a crashed run's processes can be found later and a recycled PID is never
 killed by mistake. ``clean`` kills exactly those, then deletes network namespaces and interfaces
-whose names start with the prefix, and iptables rules in the root namespace whose comment is
-``pdtb:<prefix>...``. It never kills by process name (no ``mn -c``, ``pkill``, ``killall``).
+whose names start with the prefix, iptables rules in the root namespace whose comment is
+``pdtb:<prefix>...``, and the temp dirs of the prefix's NFQUEUE delayers whose process is gone.
+It never kills by process name (no ``mn -c``, ``pkill``, ``killall``).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fabric.shaping import check_prefix
+from fabric.shaping.nfqdelay import WORKDIR_PREFIX
 
 REGISTRY_ROOT = Path("/run/pdtb")
 
@@ -134,20 +138,53 @@ def remove_root_rules(prefix: str) -> int:
     return removed
 
 
+def _control_paths_in_use() -> set[str]:
+    """``--control`` socket paths on the command line of every running process: a delayer's
+    temp dir is in use while its process runs (the processes are only read, never signalled)."""
+    used = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        used.update(os.fsdecode(argv[i + 1]) for i, arg in enumerate(argv[:-1]) if arg == b"--control")
+    return used
+
+
+def stale_delayer_dirs(prefix: str, tmp: Path | None = None) -> list[Path]:
+    """Temp dirs (``pdtb-nfq-<interface>.<random>``) of delayers on the prefix's interfaces whose
+    process no longer runs: what a crashed run leaves in the temp directory."""
+    tmp = Path(tempfile.gettempdir()) if tmp is None else tmp
+    candidates = []
+    for path in tmp.glob(f"{WORKDIR_PREFIX}*"):
+        intf, dot, _ = path.name[len(WORKDIR_PREFIX):].rpartition(".")
+        if dot and our_name(intf, prefix) and path.is_dir() and not path.is_symlink():
+            candidates.append(path)
+    if not candidates:
+        return []
+    used = {str(Path(p).parent) for p in _control_paths_in_use()}
+    return sorted(p for p in candidates if str(p) not in used)
+
+
 @dataclass
 class CleanReport:
     killed: list[int] = field(default_factory=list)
     netns: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
     rules: int = 0
+    workdirs: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         return [f"killed processes: {self.killed or 'none'}", f"deleted namespaces: {self.netns or 'none'}",
-                f"deleted interfaces: {self.links or 'none'}", f"deleted iptables rules: {self.rules}"]
+                f"deleted interfaces: {self.links or 'none'}", f"deleted iptables rules: {self.rules}",
+                f"deleted delayer directories: {self.workdirs or 'none'}"]
 
 
 def clean(prefix: str = "pt") -> CleanReport:
-    """Remove a run's leftovers: recorded processes, then namespaces, interfaces, root rules."""
+    """Remove a run's leftovers: recorded processes, then namespaces, interfaces, root rules and
+    the temp dirs of its delayers (after the kills, so a killed delayer's dir goes too)."""
     registry = PidRegistry(prefix)
     report = CleanReport()
     report.killed = kill_recorded(registry.entries())
@@ -159,5 +196,9 @@ def clean(prefix: str = "pt") -> CleanReport:
         if subprocess.run(["ip", "link", "del", "dev", name], capture_output=True).returncode == 0:
             report.links.append(name)
     report.rules = remove_root_rules(prefix)
+    for path in stale_delayer_dirs(prefix):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            report.workdirs.append(str(path))
     registry.clear()
     return report

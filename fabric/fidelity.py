@@ -220,8 +220,8 @@ class FidelityMonitor:
         self.interval_s = interval_s
         self.step_error_threshold = step_error_threshold
         self.ports = shaped_ports(net) if ports is None else ports
-        # the fallback backend's delayers (FabricNet keeps them per host and network)
-        self.delayers = list(getattr(net, "_delayers", {}).values()) if delayers is None else delayers
+        # the fallback backend's delayers (none on netem)
+        self.delayers = list(net.delayers().values()) if delayers is None else delayers
         self._delayer_start: dict[int, dict[str, Any]] = {}
         self.samples: list[dict[str, Any]] = []
         self.errors: list[str] = []

@@ -12,10 +12,13 @@ egress is the host's receive direction (where an incast queues).
 from __future__ import annotations
 
 import math
+import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 from mininet.link import Intf, Link
+from mininet.log import warn
 from mininet.node import Switch
 from mininet.nodelib import LinuxBridge
 
@@ -24,7 +27,9 @@ NETEM_ORDER_RATE = 100_000_000_000
 """netem rate (bit/s) on jittered links, too high to shape anything: it only keeps packets in order."""
 BURST_WALL_S = 0.001
 """HTB burst: one millisecond of the rate (at least two packets), so high rates are reachable
-with the kernel's timer granularity, and low rates stay smooth."""
+when HTB's wake-ups run late on a busy host, and low rates stay smooth. HTB never sends more
+than ``rate x t + burst`` (measured: wire rate <= 1.0000 of the configured rate from 10 Mbit/s to
+1 Gbit/s, docs/fabric.md); the burst is only a head start after an idle period."""
 
 
 class TcError(RuntimeError):
@@ -170,6 +175,28 @@ class ShapedLink(Link):
 class FabricBridge(LinuxBridge):
     """Mininet's LinuxBridge driven by iproute2 instead of brctl (bridge-utils is not needed):
     a plain learning bridge, no STP, no controller."""
+
+    isSetup = False
+    """Own flag, so :meth:`setup` runs on the first bridge whatever Node classes came before."""
+
+    @classmethod
+    def setup(cls) -> None:
+        """Check what the bridge needs (iproute2), not LinuxBridge's brctl, whose absence makes
+        Mininet exit the process; warn, as Mininet does, when bridged packets also traverse the
+        root namespace's iptables (a FORWARD policy of DROP there would cut the fabric)."""
+        if shutil.which("ip") is None:
+            raise TcError("FabricBridge needs the `ip` command (iproute2) on PATH")
+        Switch.setup()   # Mininet's own checks (mnexec, ifconfig)
+        filtered = []
+        for table in ("arp", "ip", "ip6"):
+            try:
+                if Path(f"/proc/sys/net/bridge/bridge-nf-call-{table}tables").read_text().strip() == "1":
+                    filtered.append(f"{table}tables")
+            except OSError:
+                continue
+        if filtered:
+            warn(f"*** Warning: bridged fabric packets also traverse the root namespace's {', '.join(filtered)} "
+                 f"(net.bridge.bridge-nf-call-*=1)\n")
 
     def start(self, _controllers: Any) -> None:
         self._ip(["link", "add", "name", self.name, "type", "bridge", "stp_state", "0", "forward_delay", "0"])

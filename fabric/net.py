@@ -12,7 +12,7 @@ import math
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from mininet.net import Mininet
 from mininet.node import Host, Node
@@ -24,6 +24,9 @@ from fabric.shaping import check_prefix
 from fabric.shaping.loss import LossRule, LossRules
 from fabric.topo import FabricTopo
 from fabric.topology import NETWORKS, LinkParams, LinkSpec, TopologyConfig, find_path, load_topology
+
+if TYPE_CHECKING:
+    from fabric.shaping.nfqdelay import Delayer
 
 RTO_MIN_FLOOR_S = 0.005
 """Wall-clock floor of the default rto_min: about one jiffy at HZ=250 plus timer slack."""
@@ -70,7 +73,7 @@ class FabricNet(Mininet):
         self._rto_min_s = rto_min_s
         self._procs: list[subprocess.Popen] = []
         self._captures: list[Capture] = []
-        self._delayers: dict[tuple[str, str], Any] = {}
+        self._delayers: dict[tuple[str, str], Delayer] = {}
         self._loss: dict[tuple[str, str], LossRules] = {}
         self._links: dict[str, ShapedLink] = {}
         self._down: set[str] = set()
@@ -238,6 +241,11 @@ class FabricNet(Mininet):
         """Current MODEL parameters of a link (after overrides and runtime changes)."""
         return self._model(link_name)
 
+    def delayers(self) -> dict[str, Delayer]:
+        """The fallback backend's NFQUEUE delayers by the interface whose ingress they hold
+        (``<node>-e`` etc.; empty on the netem backend). A snapshot: set_link may add one."""
+        return {d.intf_name: d for d in self._delayers.values()}
+
     def settings(self) -> dict[str, Any]:
         """What a run must record about its fabric."""
         return {
@@ -291,9 +299,10 @@ class FabricNet(Mininet):
     # -- capture -----------------------------------------------------------------------------------
 
     def start_capture(self, targets: Sequence[str], out_dir: Path) -> list[Path]:
-        """tcpdump (snaplen 256) on each target: a link name, or a network (``efa``, ``frontend``,
-        ``mgmt``) meaning all its links. Captured at the host end of the link (both directions,
-        as the host's NIC sees them). Returns the pcap paths; stopped by stop() or stop_capture()."""
+        """tcpdump (``fabric.capture.SNAPLEN``: headers and the KV BEGIN frame, not payloads) on
+        each target: a link name, or a network (``efa``, ``frontend``, ``mgmt``) meaning all its
+        links. Captured at the host end of the link (both directions, as the host's NIC sees them).
+        Returns the pcap paths; stopped by stop() or stop_capture()."""
         names: list[str] = []
         known = {lk.name: lk for lk in self.plan.links}
         for target in targets:
@@ -318,7 +327,8 @@ class FabricNet(Mininet):
         return paths
 
     def stop_capture(self) -> None:
-        """Stop all captures (waits ~1 s so their last packets are written)."""
+        """Stop all captures, once their files have stopped growing (at most a few seconds), so
+        the packets tcpdump already received are written."""
         stop_all(self._captures)
         self._captures.clear()
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,12 +64,20 @@ print(json.dumps({"rtts": rtts, "lost": lost}))
 """
 
 
+def delayer_dirs(prefix: str = PREFIX) -> list[Path]:
+    """The NFQUEUE delayers' temp dirs (``pdtb-nfq-<interface>.<random>``) on the prefix's interfaces."""
+    from fabric.cleanup import our_name
+    return [p for p in Path(tempfile.gettempdir()).glob("pdtb-nfq-*")
+            if our_name(p.name[len("pdtb-nfq-"):].rpartition(".")[0], prefix)]
+
+
 def leftovers() -> dict:
     from fabric.cleanup import PidRegistry, our_links, our_netns
     rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
     return {"links": our_links(PREFIX), "netns": our_netns(PREFIX),
             "pids": [e["pid"] for e in PidRegistry(PREFIX).alive()],
-            "rules": [line for line in rules.splitlines() if f"pdtb:{PREFIX}" in line]}
+            "rules": [line for line in rules.splitlines() if f"pdtb:{PREFIX}" in line],
+            "delayer_dirs": [str(p) for p in delayer_dirs()]}
 
 
 def nothing_left() -> bool:
@@ -95,16 +106,39 @@ def make_net(topo, **kw):
     return FabricNet(topo, prefix=PREFIX, subnets=SUBNETS, impairment="auto", **kw)
 
 
-def iperf(net, src: str, dst: str, seconds: float = 3.0, udp_bps: float | None = None) -> dict:
+def iperf(net, src: str, dst: str, seconds: float = 3.0) -> dict:
     server = net.popen(dst, ["iperf3", "-s", "-1", "-B", net.address(dst, "efa")])
     time.sleep(0.4)
     argv = ["iperf3", "-c", net.address(dst, "efa"), "-t", str(seconds), "-J"]
-    if udp_bps:
-        argv += ["-u", "-b", str(int(udp_bps)), "-l", "1200"]
     client = net.popen(src, argv, stdout=subprocess.PIPE)
     out, _ = client.communicate(timeout=seconds + 30)
     server.wait(timeout=10)
     return json.loads(out)
+
+
+def udp_iperf(net, src: str, dst: str, rate_bps: float, seconds: float = 2.0, tries: int = 3) -> dict:
+    """iperf3 UDP's end summary, retried when iperf3 itself fails to set up or report: its UDP
+    handshake is one datagram each way, which the configured loss drops now and then."""
+    errors = []
+    for _ in range(tries):
+        server = net.popen(dst, ["iperf3", "-s", "-1", "-B", net.address(dst, "efa")])
+        time.sleep(0.4)
+        client = net.popen(src, ["iperf3", "-c", net.address(dst, "efa"), "-t", str(seconds), "-J", "-u",
+                                 "-b", str(int(rate_bps)), "-l", "1200"], stdout=subprocess.PIPE)
+        try:
+            out, _ = client.communicate(timeout=seconds + 10)
+            data = json.loads(out)
+            if "sum" in data.get("end", {}):
+                return data["end"]["sum"]
+            errors.append(data.get("error", "no summary"))
+        except (subprocess.TimeoutExpired, ValueError) as exc:
+            errors.append(type(exc).__name__)
+            client.kill()
+            client.wait()
+        finally:
+            server.kill()
+            server.wait()
+    pytest.fail(f"iperf3 UDP {src}->{dst} failed {tries} times: {errors}")
 
 
 def echo(net, src: str, dst: str, count: int = 10, timeout_s: float = 1.0) -> dict:
@@ -116,6 +150,21 @@ def echo(net, src: str, dst: str, count: int = 10, timeout_s: float = 1.0) -> di
     server.send_signal(signal.SIGKILL)
     server.wait()
     return json.loads(out)
+
+
+def pcap_udp_payloads(path: Path, port: int) -> list[bytes]:
+    """Payloads (as captured) of the UDP datagrams to or from ``port`` in a classic pcap file."""
+    data = path.read_bytes()
+    off, out = 24, []
+    while off + 16 <= len(data):
+        incl = struct.unpack("<I", data[off + 8:off + 12])[0]
+        rec = data[off + 16:off + 16 + incl]
+        off += 16 + incl
+        if len(rec) >= 42 and rec[12:14] == b"\x08\x00" and rec[23] == 17:
+            udp = rec[14 + (rec[14] & 15) * 4:]
+            if port in struct.unpack("!HH", udp[:4]):
+                out.append(udp[8:])
+    return out
 
 
 def median(values: list[float]) -> float:
@@ -178,7 +227,7 @@ def test_shaped_rate_loss_and_runtime_changes(duo: Path) -> None:
         # loss on both links of the path composes: 1 - 0.95 * 0.95 = 9.75 %
         net.set_link("p0-efa", loss=0.05)
         net.set_link("d0-efa", loss=0.05)
-        udp = iperf(net, "p0", "d0", seconds=2, udp_bps=20e6)["end"]["sum"]
+        udp = udp_iperf(net, "p0", "d0", 20e6)
         assert udp["packets"] > 2000
         assert 6.0 <= udp["lost_percent"] <= 14.0, udp
         net.set_link("p0-efa", loss=0.0)
@@ -186,8 +235,15 @@ def test_shaped_rate_loss_and_runtime_changes(duo: Path) -> None:
         # latency: 2 ms model one-way per link x TDF 10 -> 80 ms wall round trip
         base = median(echo(net, "p0", "d0")["rtts"])
         assert base < 0.02, base
+        assert net.delayers() == {}                     # no latency anywhere yet: no delayer
         net.set_link("p0-efa", latency_s=2e-3)
         net.set_link("d0-efa", latency_s=2e-3)
+        if net.impairment_backend == "fallback":        # each ingress holds twice its link's 20 ms
+            delayers = net.delayers()
+            assert set(delayers) == {f"{PREFIX}p0-e", f"{PREFIX}d0-e"}
+            assert all(d.latency_s == pytest.approx(0.04) for d in delayers.values())
+        else:
+            assert net.delayers() == {}
         rtt = median(echo(net, "p0", "d0")["rtts"])
         assert 0.075 <= rtt <= 0.11, rtt
         # link down: nothing passes; up: traffic resumes with the same settings
@@ -204,6 +260,7 @@ def test_shaped_rate_loss_and_runtime_changes(duo: Path) -> None:
 
 
 def test_capture_writes_pcaps_with_snaplen(duo: Path, tmp_path: Path) -> None:
+    from fabric.capture import DRAIN_MAX_S, SNAPLEN
     net = make_net(duo, tdf=TDF)
     try:
         net.start()
@@ -211,14 +268,119 @@ def test_capture_writes_pcaps_with_snaplen(duo: Path, tmp_path: Path) -> None:
         assert sorted(p.name for p in paths) == ["d0-efa.pcap", "p0-efa.pcap"]
         with pytest.raises(ValueError):
             net.start_capture(["bogus"], tmp_path)
-        echo(net, "p0", "d0", count=3)
-        net.stop_capture()
+        got = echo(net, "p0", "d0", count=5)
+        t = time.monotonic()
+        net.stop_capture()          # right after the last echo: nothing tcpdump received may be lost
+        stopped_in = time.monotonic() - t
     finally:
         net.stop()
+    assert got["lost"] == 0, got
+    assert stopped_in < DRAIN_MAX_S + 2.0, stopped_in
     for path in paths:
         data = path.read_bytes()
-        assert len(data) > 24 + 3 * 16, path
-        assert int.from_bytes(data[16:20], "little") == 256          # snaplen in the pcap header
+        assert int.from_bytes(data[16:20], "little") == SNAPLEN == 256    # snaplen in the pcap header
+        payloads = pcap_udp_payloads(path, 9999)                          # 5 echoes, both directions
+        assert sorted(payloads) == sorted([str(i).encode() for i in range(5)] * 2), (path, payloads)
+
+
+def test_snaplen_keeps_a_whole_begin_header_and_request_id() -> None:
+    """BEGIN starts a segment; behind the largest Ethernet/IP/TCP headers its frame header, fixed
+    fields and the longest request id still fit the capture's snap length."""
+    from fabric.capture import HEADERS_MAX, KV_BEGIN_HEAD_MAX, SNAPLEN
+    from nodes.kvproto import KvBegin, encode_begin
+    rid = "r" * 64                                                        # the longest request id
+    raw = encode_begin(KvBegin(request_id=rid, model="m", layers=80, tokens=4096, total_bytes=1 << 30))
+    end_of_rid = raw.index(rid.encode()) + len(rid)
+    assert end_of_rid == KV_BEGIN_HEAD_MAX
+    assert HEADERS_MAX == 14 + 60 + 60 and HEADERS_MAX + end_of_rid <= SNAPLEN
+
+
+def test_capture_stop_waits_until_the_file_stops_growing(tmp_path: Path) -> None:
+    from fabric.capture import Capture, wait_settled
+    path = tmp_path / "growing.pcap"
+
+    def writer(count: int) -> subprocess.Popen:
+        """Appends a byte every 0.05 s, ``count`` times (0: forever); returns once it has begun."""
+        path.write_bytes(b"")
+        proc = subprocess.Popen([sys.executable, "-c", "import itertools, sys, time\n"
+                                 "for _ in (range(int(sys.argv[2])) if int(sys.argv[2]) else itertools.count()):\n"
+                                 "    open(sys.argv[1], 'ab').write(b'x'); time.sleep(0.05)", str(path), str(count)])
+        while path.stat().st_size == 0 and proc.poll() is None:
+            time.sleep(0.01)
+        return proc
+
+    proc = writer(16)
+    try:
+        waited = wait_settled([Capture(None, "x", path, proc)], settle_s=0.4, max_s=10.0)
+        assert path.stat().st_size == 16, "stopped before the writes ended"
+        assert 0.4 <= waited <= 6.0, waited
+    finally:
+        proc.kill()
+        proc.wait()
+    proc = writer(0)
+    try:
+        waited = wait_settled([Capture(None, "x", path, proc)], settle_s=0.4, max_s=1.0)
+        assert 1.0 <= waited <= 2.5, waited                               # bounded
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_net_without_root_access_builds_and_tears_down(duo: Path) -> None:
+    """No root-namespace attachment: Mininet then sets up the bridge class first, which must not
+    look for brctl (bridge-utils is not installed). A fresh interpreter, as Mininet's per-class
+    setup state is per process."""
+    script = f"""
+import json
+from fabric.cleanup import our_links
+from fabric.net import FabricNet
+net = FabricNet({str(duo)!r}, tdf={TDF}, prefix={PREFIX!r}, subnets={SUBNETS!r}, root_access=False)
+try:
+    net.start()
+    try:
+        net.root_address("frontend")
+        root = "attached"
+    except KeyError:
+        root = "detached"
+    ping = net.host_node("p0").cmd("ping -c 1 -W 2", net.address("d0", "efa"))
+    print(json.dumps({{"root": root, "root_links": [n for n in our_links({PREFIX!r}) if "root" in n],
+                      "ping": " 0% packet loss" in ping}}))
+finally:
+    net.stop()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "brctl" not in proc.stdout + proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"root": "detached", "root_links": [], "ping": True}
+    assert nothing_left(), leftovers()
+
+
+def test_clean_removes_dead_delayers_dirs_of_its_prefix_only() -> None:
+    from fabric.cleanup import clean
+    other = "zz" if PREFIX != "zz" else "zy"
+    tmp = Path(tempfile.gettempdir())
+    dead = Path(tempfile.mkdtemp(prefix=f"pdtb-nfq-{PREFIX}x0-e.", dir=tmp))
+    (dead / "delayer.log").write_text("crashed\n")
+    live = Path(tempfile.mkdtemp(prefix=f"pdtb-nfq-{PREFIX}x1-e.", dir=tmp))
+    foreign = Path(tempfile.mkdtemp(prefix=f"pdtb-nfq-{other}x0-e.", dir=tmp))
+    # a running process naming the dir's control socket, as a delayer does
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--control",
+                               str(live / "ctl.sock")])
+    try:
+        report = clean(PREFIX)
+        assert str(dead) in report.workdirs and not dead.exists()
+        assert live.exists() and foreign.exists()
+        assert any("delayer directories" in line and str(dead) in line for line in report.lines())
+        holder.kill()
+        holder.wait()
+        assert clean(PREFIX).workdirs == [str(live)] and not live.exists()
+        assert foreign.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+        for path in (dead, live, foreign):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def test_clean_removes_a_crashed_runs_leftovers() -> None:
@@ -243,4 +405,5 @@ time.sleep(600)
     assert left["links"] and left["pids"], left
     report = clean(PREFIX)
     assert set(left["pids"]) <= set(report.killed)
+    assert sorted(report.workdirs) == sorted(left["delayer_dirs"])     # the killed delayers' temp dirs
     assert nothing_left(), leftovers()

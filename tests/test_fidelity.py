@@ -112,6 +112,16 @@ def test_monitor_writes_fidelity_json(tmp_path: Path):
                                              "late_max_s": 0.0002}
 
 
+def test_monitor_takes_the_nets_delayers(tmp_path: Path):
+    class _Net:
+        def delayers(self) -> dict:
+            return {"ptd0-e": _FakeDelayer()}
+
+    mon = FidelityMonitor(_Net(), tmp_path, interval_s=0.05, ports=[]).start()
+    verdict = mon.stop()
+    assert verdict["delayers"]["ptd0-e"]["released"] == 100
+
+
 # -- dilation ------------------------------------------------------------------------------------
 
 def test_auto_puts_fastest_links_under_the_cap():

@@ -47,6 +47,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
 
+WORKDIR_PREFIX = "pdtb-nfq-"
+"""A delayer's temp dir is ``<tmp>/pdtb-nfq-<interface>.<random>``: the interface name (which
+starts with the fabric's prefix) lets ``fabric.cleanup.clean`` find a crashed run's dirs."""
 DEFAULT_MAX_PACKETS = 10000
 """Kernel queue bound: 10000 GSO-or-MTU packets; 1 Gbit/s x 50 ms of 1500-byte packets is 4167."""
 
@@ -325,7 +328,7 @@ class Delayer:
         comment = comment or f"pdtb-nfq-{intf_name}"
         if not _COMMENT_RE.match(comment):
             raise ValueError(f"iptables comment {comment!r} must match {_COMMENT_RE.pattern}")
-        workdir = Path(tempfile.mkdtemp(prefix="pdtb-nfq-"))
+        workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{intf_name}."))
         argv = [sys.executable, "-m", "fabric.shaping.nfqdelay", "--queue", str(queue_num),
                 "--latency-s", repr(float(latency_s)), "--jitter-s", repr(float(jitter_s)),
                 "--control", str(workdir / "ctl.sock"), "--max-packets", str(max_packets)]
