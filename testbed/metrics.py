@@ -15,14 +15,14 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from fabric.fidelity import judge_step_timing
 from nodes.timeline import read_run_timeline
 
 SCHEMA = "pdtb.summary/1"
 COMPUTE_ROLES = ("prefill", "decode", "colocated")
-# compute timing checks when no fidelity.json exists, with the fabric monitor's thresholds
-# (fabric/fidelity.py): late_s / planned_s over a node's steps, median and p99
-STEP_ERROR_MEDIAN = 0.05
-STEP_ERROR_P99 = 0.20
+# compute timing checks when no fidelity.json exists use the fabric monitor's judgement
+# (fabric.fidelity.judge_step_timing) with its default threshold
+STEP_ERROR_THRESHOLD = 0.05
 _CLIENT_EVENTS = ("client_sent", "client_first_token", "client_done", "client_failed")
 
 
@@ -308,10 +308,14 @@ def node_summary(events: list[dict[str, Any]], window: tuple[float | None, float
             "step_late_ms": {"p50": float(np.percentile(late, 50)) * 1e3 if late else None,
                              "p99": float(np.percentile(late, 99)) * 1e3 if late else None,
                              "max": max(late) * 1e3 if late else None},
-            "step_error": {"median": float(np.median(errors)) if errors else None,
-                           "p99": float(np.percentile(errors, 99)) if errors else None},
+            "step_error": _step_error(errors),
         }
     return out
+
+
+def _step_error(errors: list[float]) -> dict[str, Any]:
+    summary, reasons, warnings = judge_step_timing(errors, STEP_ERROR_THRESHOLD)
+    return {**summary, "reasons": reasons, "warnings": warnings}
 
 
 def fidelity_verdict(fidelity: dict[str, Any] | None, nodes: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -331,24 +335,18 @@ def fidelity_verdict(fidelity: dict[str, Any] | None, nodes: dict[str, dict[str,
                                               "max_backlog_packets", "drops")}
                  for name, p in (fidelity.get("ports") or {}).items()}
         return {"verdict": verdict, "reasons": [str(r) for r in fidelity.get("reasons") or []],
+                "warnings": [str(w) for w in fidelity.get("warnings") or []],
                 "source": "fidelity.json", "links": links}
-    late = []
-    for name, n in nodes.items():
-        err = n.get("step_error") or {}
-        if err.get("median") is None:
-            continue
-        if err["median"] > STEP_ERROR_MEDIAN or err["p99"] > STEP_ERROR_P99:
-            late.append(f"{name} (median {err['median']:.1%}, p99 {err['p99']:.1%} of a step)")
-    timed = any((n.get("step_error") or {}).get("median") is not None for n in nodes.values())
+    timed = {name: n["step_error"] for name, n in nodes.items() if (n.get("step_error") or {}).get("median") is not None}
+    late = [f"{name}: {r}" for name, err in timed.items() for r in err["reasons"]]
+    warnings = [f"{name}: {w}" for name, err in timed.items() for w in err["warnings"]]
     if late:
-        return {"verdict": "untrustworthy", "source": None, "links": {},
-                "reasons": [f"compute steps ran late (median > {STEP_ERROR_MEDIAN:.0%} or p99 > "
-                            f"{STEP_ERROR_P99:.0%} of the step) on {', '.join(late)}: the host could not keep "
-                            "the dilated timing; raise the TDF"]}
+        return {"verdict": "untrustworthy", "source": None, "links": {}, "warnings": warnings,
+                "reasons": late + ["the host could not keep the dilated timing; raise the TDF"]}
     reasons = ["no fabric fidelity monitor (fidelity.json): the network was not checked"]
     if timed:
         reasons.append("compute steps ran on time")
-    return {"verdict": "unknown", "source": None, "links": {}, "reasons": reasons}
+    return {"verdict": "unknown", "source": None, "links": {}, "reasons": reasons, "warnings": warnings}
 
 
 def low_load_check(records: list[dict[str, Any]], prediction: dict[str, Any] | None) -> dict[str, Any] | None:

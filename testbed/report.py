@@ -209,6 +209,7 @@ def _emulation_html(summary: dict[str, Any]) -> str:
     fid = summary["fidelity"]
     css = {"trustworthy": "ok", "untrustworthy": "fail"}.get(fid["verdict"], "warn")
     reasons = "".join(f"<li>{html.escape(r)}</li>" for r in fid["reasons"])
+    reasons += "".join(f"<li>warning: {html.escape(w)}</li>" for w in fid.get("warnings") or [])
     scale = em.get("byte_scale")
     note = ("Byte scale 1: packet-level behaviour is preserved; only wall time grows."
             if scale == 1 else

@@ -59,8 +59,10 @@ def test_saturated_cpu_is_flagged():
 
 def test_late_compute_steps_are_flagged():
     assert not evaluate([], [0.10] * 50, step_error_threshold=0.05)["trustworthy"]
-    tail = evaluate([], [0.0] * 95 + [0.5] * 5, step_error_threshold=0.05)     # median fine, p99 not
-    assert not tail["trustworthy"] and "p99" in tail["reasons"][0]
+    tail = evaluate([], [0.0] * 95 + [0.5] * 5, step_error_threshold=0.05)     # median fine, p99 not: a warning
+    assert tail["trustworthy"] and "p99" in tail["warnings"][0]
+    many = evaluate([], [0.0] * 85 + [0.06] * 15, step_error_threshold=0.05)   # 15 % of steps late
+    assert not many["trustworthy"] and "15.0% of the steps" in many["reasons"][0]
     ok = evaluate([], [0.01] * 100, step_error_threshold=0.05)
     assert ok["trustworthy"] and ok["step_timing"]["median"] == pytest.approx(0.01)
 

@@ -185,11 +185,15 @@ def test_layerwise_handoff_exposed_after_prefill_only() -> None:
 
 def test_fidelity_verdict() -> None:
     events = client_request("r1", 0.0, [0.5, 0.6])
-    # 100 steps of 10 ms: 98 on time, 2 late by 5 ms -> median error 0, p99 about 50%
+    # 100 steps of 10 ms: 98 on time, 2 late by 5 ms -> median error 0, p99 about 50%: a warning only
     steps = [ev(0.01 * i, "d1", "step_timing", kind="decode", planned_s=0.01, late_s=0.005 if i in (10, 60) else 0.0,
                 batch_size=1) for i in range(100)]
     s = summarize(events + steps, RUN)
     assert s["nodes"]["d1"]["step_error"]["median"] == 0.0
+    assert s["fidelity"]["verdict"] == "unknown" and "d1: " in s["fidelity"]["warnings"][0]
+    # 20 of 100 late by 5 ms -> 20 % of the steps late: untrustworthy
+    late = [dict(e, late_s=0.005 if i % 5 == 0 else 0.0) for i, e in enumerate(steps)]
+    s = summarize(events + late, RUN)
     assert s["fidelity"]["verdict"] == "untrustworthy" and "d1" in s["fidelity"]["reasons"][0]
     ontime = [dict(e, late_s=0.0001) for e in steps]
     f = summarize(events + ontime, RUN)["fidelity"]
@@ -250,5 +254,5 @@ def test_compute_summary_reads_run_dir(tmp_path: Path) -> None:
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == s
     assert s["counts"]["total"] == 2 and s["counts"]["failed_by_reason"] == {"not_sent": 1}
-    assert s["fidelity"] == {"verdict": "untrustworthy", "reasons": ["link saturated"], "source": "fidelity.json",
-                             "links": {}}
+    assert s["fidelity"] == {"verdict": "untrustworthy", "reasons": ["link saturated"], "warnings": [],
+                             "source": "fidelity.json", "links": {}}

@@ -145,3 +145,19 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     assert summary["kv_transfer"]["count"] == 20 and summary["ttft_ms"]["p50"] > 0
     assert (out / "report.html").stat().st_size > 1000
     _assert_clean(out)
+
+
+def test_low_load_run_matches_prediction(tmp_path: Path) -> None:
+    """At low load (every request alone) measured TTFT and TPOT are within 10% of `pdtb predict`."""
+    out = tmp_path / "run"
+    proc = _pdtb("run", str(REPO / "scenarios" / "quickstart.yaml"), "--out", str(out), "--json",
+                 "--set", "workload.requests=4", "--set", "workload.arrival.process=fixed",
+                 "--set", "workload.arrival.rate=2", "--set", "workload.prompt_tokens=1536")
+    stdout, stderr = proc.communicate(timeout=110)
+    assert proc.returncode == 0, stderr[-3000:]
+    check = json.loads(stdout)["prediction_check"]
+    assert check["requests"] == 4, check
+    assert check["measured"]["prompt_tokens_p50"] == check["predicted"]["prompt_tokens"] == 1536
+    for metric in ("ttft", "tpot"):
+        assert 0.9 <= check["ratio"][metric] <= 1.1, (metric, check)
+    _assert_clean(out)
