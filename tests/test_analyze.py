@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
 import signal
 import subprocess
 import time
@@ -31,8 +29,7 @@ from pcap_helpers import Segments
 SECRET = b"run-secret"
 TDF, SCALE = 10.0, 0.25
 SIZES = [40_000_000, 40_000_003]
-needs_capture = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("tcpdump") or not shutil.which("tshark"),
-                                   reason="needs root, tcpdump and tshark")
+needs_capture = pytest.mark.root  # tcpdump needs root; tcpdump and tshark come from bootstrap.sh
 
 
 async def _run_transfers(run: Path, snaplen: int) -> int:
@@ -84,8 +81,6 @@ async def _settle(pcap: Path, quiet_s: float = 0.5, limit_s: float = 15.0) -> No
 
 @pytest.fixture(scope="module", params=[0, 200], ids=["full", "snap200"])
 def captured_run(request, tmp_path_factory):
-    if os.geteuid() != 0 or not shutil.which("tcpdump") or not shutil.which("tshark"):
-        pytest.skip("needs root, tcpdump and tshark")
     run = tmp_path_factory.mktemp(f"run-{request.param}")
     port = asyncio.run(_run_transfers(run, request.param))
     return run, port, request.param
@@ -238,10 +233,9 @@ def test_retransmissions_counted_like_tshark(tmp_path, duplicate, link):
     assert t["retransmissions"] == (1 if duplicate else 0)
     assert t["tcp_payload_bytes_wire"] - t["tcp_payload_bytes"] == (1400 if duplicate else 0)
     assert t["timeline"] is None   # no timeline in this run
-    if shutil.which("tshark"):
-        pcap = run / "pcap" / "crafted.pcap"
-        assert sum(_tshark_retrans(pcap).values()) == t["retransmissions"]
-        assert _tshark_stream_bytes(pcap, 9999)[(t["client"], t["server"])] == t["tcp_payload_bytes_wire"]
+    pcap = run / "pcap" / "crafted.pcap"
+    assert sum(_tshark_retrans(pcap).values()) == t["retransmissions"]
+    assert _tshark_stream_bytes(pcap, 9999)[(t["client"], t["server"])] == t["tcp_payload_bytes_wire"]
 
 
 def test_errors_name_the_file(tmp_path):

@@ -1,7 +1,6 @@
 """Scapy layer and Wireshark dissector of the KV handoff protocol."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -112,7 +111,6 @@ def _session_pcap(path: Path, port: int) -> None:
     wrpcap(str(path), segments.packets)
 
 
-@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
 @pytest.mark.parametrize("port", [DEFAULT_KV_PORT, 45123])
 def test_lua_dissector_decodes_fields(tmp_path, port):
     pcap = tmp_path / "kv.pcap"

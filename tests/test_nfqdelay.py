@@ -29,10 +29,11 @@ def _within(measured: float, configured: float) -> bool:
     return abs(measured - configured) <= 0.10 * configured + 0.3e-3
 
 
+pytestmark = pytest.mark.root
+
+
 @pytest.fixture
 def pair():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
     from mininet.link import Link
     from mininet.node import Host
 
