@@ -27,13 +27,22 @@ from fabric.shaping.nfqdelay import WORKDIR_PREFIX
 REGISTRY_ROOT = Path("/run/pdtb")
 
 
-def _start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (start time in clock ticks since boot), None if gone."""
+def proc_start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None if gone.
+
+    A PID is signalled only while this still matches what was recorded, so a recycled PID is
+    never hit.
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    # the command name (field 2) may contain spaces and parentheses: split after the last ')'
+    fields = stat[stat.rfind(")") + 2:].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
 
 
 class PidRegistry:
@@ -45,7 +54,7 @@ class PidRegistry:
         self.path = self.dir / "pids.jsonl"
 
     def record(self, pid: int, what: str) -> None:
-        start = _start_time(pid)
+        start = proc_start_ticks(pid)
         if start is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +77,7 @@ class PidRegistry:
 
     def alive(self) -> list[dict]:
         """Recorded processes that still run (same PID and same start time)."""
-        return [e for e in self.entries() if _start_time(e["pid"]) == e["start"]]
+        return [e for e in self.entries() if proc_start_ticks(e["pid"]) == e["start"]]
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -80,17 +89,17 @@ class PidRegistry:
 
 def kill_recorded(entries: list[dict], grace_s: float = 2.0) -> list[int]:
     """SIGTERM the still-running recorded processes, SIGKILL those left after ``grace_s``."""
-    live = [e for e in entries if _start_time(e["pid"]) == e["start"]]
+    live = [e for e in entries if proc_start_ticks(e["pid"]) == e["start"]]
     for e in live:
         try:
             os.kill(e["pid"], signal.SIGTERM)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_start_time(e["pid"]) == e["start"] for e in live):
+    while time.monotonic() < deadline and any(proc_start_ticks(e["pid"]) == e["start"] for e in live):
         time.sleep(0.05)
     for e in live:
-        if _start_time(e["pid"]) == e["start"]:
+        if proc_start_ticks(e["pid"]) == e["start"]:
             try:
                 os.kill(e["pid"], signal.SIGKILL)
             except ProcessLookupError:

@@ -21,24 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from fabric.cleanup import proc_start_ticks
+
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 Spawner = Callable[..., "subprocess.Popen[bytes]"]
-
-
-def proc_start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # the command name (field 2) may contain spaces and parentheses: split after the last ')'
-    fields = stat[stat.rfind(")") + 2:].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
 
 
 def same_process(pid: int, start_ticks: int | None) -> bool:
