@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from fabric.topology import LinkSpec, TopologyConfig, load_topology
 
@@ -261,42 +261,34 @@ def measure_rtt(net: Any, src: str, dst: str, cls: str, count: int = 20, interva
 
 # -- judging ------------------------------------------------------------------------------------
 
+def _verdict(measured: dict[str, Any], key: str, outside: str | None,
+             within: Callable[[float], bool]) -> str:
+    """PASS/FAIL of one metric, or ``n/a (...)`` when the configuration is outside the calibrated
+    range (``outside`` names why) or the metric was not measured."""
+    if outside:
+        return f"n/a ({outside})"
+    if key not in measured:
+        return "n/a (not measured)"
+    if measured[key] is None:
+        return "FAIL"
+    return "PASS" if within(measured[key]) else "FAIL"
+
+
 def judge(probe: Probe) -> None:
     """Fill ``probe.verdicts``: PASS / FAIL, or ``n/a (...)`` outside the calibrated ranges or
     when the metric was not measured."""
     m = probe.measured
     lo, hi = RATE_RANGE_BPS
-    if probe.rate_bps is None:
-        probe.verdicts["goodput"] = "n/a (unshaped)"
-    elif probe.loss > 0:
-        probe.verdicts["goodput"] = "n/a (lossy path)"
-    elif not lo <= probe.rate_bps <= hi:
-        probe.verdicts["goodput"] = "n/a (rate outside 10 Mbit/s..1 Gbit/s)"
-    elif "goodput_bps" not in m:
-        probe.verdicts["goodput"] = "n/a (not measured)"
-    elif m["goodput_bps"] is None:
-        probe.verdicts["goodput"] = "FAIL"
-    else:
-        probe.verdicts["goodput"] = "PASS" if m["goodput_bps"] >= GOODPUT_MIN_RATIO * probe.rate_bps else "FAIL"
+    outside = ("unshaped" if probe.rate_bps is None else "lossy path" if probe.loss > 0
+               else None if lo <= probe.rate_bps <= hi else "rate outside 10 Mbit/s..1 Gbit/s")
+    probe.verdicts["goodput"] = _verdict(m, "goodput_bps", outside,
+                                         lambda v: v >= GOODPUT_MIN_RATIO * probe.rate_bps)
     lo, hi = RTT_RANGE_S
-    if not lo <= probe.rtt_s <= hi:
-        probe.verdicts["rtt"] = "n/a (RTT outside 1..50 ms)"
-    elif "rtt_s" not in m:
-        probe.verdicts["rtt"] = "n/a (not measured)"
-    elif m["rtt_s"] is None:
-        probe.verdicts["rtt"] = "FAIL"
-    else:
-        tol = RTT_REL_TOL * probe.rtt_s + RTT_ABS_TOL_S
-        probe.verdicts["rtt"] = "PASS" if abs(m["rtt_s"] - probe.rtt_s) <= tol else "FAIL"
+    probe.verdicts["rtt"] = _verdict(m, "rtt_s", None if lo <= probe.rtt_s <= hi else "RTT outside 1..50 ms",
+                                     lambda v: abs(v - probe.rtt_s) <= RTT_REL_TOL * probe.rtt_s + RTT_ABS_TOL_S)
     lo, hi = LOSS_RANGE
-    if not lo <= probe.loss <= hi:
-        probe.verdicts["loss"] = "n/a (loss outside 0.5..5 %)"
-    elif "loss" not in m:
-        probe.verdicts["loss"] = "n/a (not measured)"
-    elif m["loss"] is None:
-        probe.verdicts["loss"] = "FAIL"
-    else:
-        probe.verdicts["loss"] = "PASS" if abs(m["loss"] - probe.loss) <= LOSS_REL_TOL * probe.loss else "FAIL"
+    probe.verdicts["loss"] = _verdict(m, "loss", None if lo <= probe.loss <= hi else "loss outside 0.5..5 %",
+                                      lambda v: abs(v - probe.loss) <= LOSS_REL_TOL * probe.loss)
 
 
 def measure_probe(net: Any, probe: Probe, duration_s: float = 3.0) -> None:
