@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from mininet.net import Mininet
 from mininet.node import Host, Node
@@ -34,6 +35,21 @@ RTO_MIN_RTT_FACTOR = 3.0
 """Default rto_min = this x the largest dilated EFA round trip (with jitter), at least the floor."""
 QUEUE_BY_NETWORK = {"frontend": 1, "efa": 2, "mgmt": 3}
 """NFQUEUE numbers of the fallback delayer, per network (queues are per namespace)."""
+
+
+def root_addresses_in(networks: Iterable[IPv4Network]) -> list[str]:
+    """``"ADDR/LEN on IFACE"`` for each root-namespace IPv4 address inside one of ``networks``."""
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    found = []
+    for line in out.splitlines():
+        fields = line.split()
+        if "inet" not in fields:
+            continue
+        iface, cidr = fields[1], fields[fields.index("inet") + 1]
+        addr = IPv4Interface(cidr).ip
+        if any(addr in net for net in networks):
+            found.append(f"{cidr} on {iface}")
+    return found
 
 
 class FabricError(RuntimeError):
@@ -68,6 +84,13 @@ class FabricNet(Mininet):
                                       root_access=root_access)
         self.topology = topology
         self.plan = self.fabric_topo.plan
+        if root_access:
+            clashes = root_addresses_in(self.plan.nets.values())
+            if clashes:
+                # two runs joining the root namespace to one subnet would split its traffic silently
+                raise FabricError(f"the root namespace already has addresses in this run's subnets ({clashes}): "
+                                  "another run is up, or the host uses these networks; stop it or give this "
+                                  "run other subnets")
         self.dilation = self.fabric_topo.dilation
         self.root_access = root_access
         self._rto_min_s = rto_min_s

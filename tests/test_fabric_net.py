@@ -190,6 +190,10 @@ def test_pair_builds_and_tears_down_without_leftovers() -> None:
         assert ok.returncode == 0
         routes = net.host_node("prefill0").cmd("ip route show", SUBNETS["efa"])
         assert "rto_min" in routes and "quickack 1" in routes
+        # a second net on the same subnets (another prefix) is refused: it would split the root's routes
+        from fabric.net import FabricError, FabricNet
+        with pytest.raises(FabricError, match="already has addresses in this run's subnets"):
+            FabricNet("pair", prefix=PREFIX[0] + "z", subnets=SUBNETS)
         sleeper = net.popen("decode0", ["sleep", "600"])
         assert any(e["pid"] == sleeper.pid for e in net.registry.alive())
         assert not nothing_left()
