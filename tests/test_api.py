@@ -129,3 +129,17 @@ def test_pdtb_up_serves_until_interrupted(tmp_path: Path) -> None:
     router = [json.loads(x) for x in (out / "timeline" / "router.jsonl").read_text().splitlines()]
     assert any(e["event"] == "done" for e in router)
     _no_leftovers(out)
+
+
+def test_example_script_runs_on_the_local_backend(tmp_path: Path) -> None:
+    """The shipped scripting example works as documented (local backend: no link changes)."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(REPO / "scenarios" / "example_script.py"), "--backend", "local",
+                           "--prefix", PREFIX, "--out", str(out)], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "30/30 completed" in proc.stdout, proc.stdout
+    control = [json.loads(x) for x in (out / "timeline" / "decode0.jsonl").read_text().splitlines()
+               if '"control"' in x]
+    assert [(e["cmd"], e["factor"]) for e in control] == [("slowdown", 2.0)]
+    _no_leftovers(out)
