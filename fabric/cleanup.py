@@ -79,6 +79,17 @@ class PidRegistry:
         """Recorded processes that still run (same PID and same start time)."""
         return [e for e in self.entries() if proc_start_ticks(e["pid"]) == e["start"]]
 
+    def forget_ended(self) -> None:
+        """Drop the entries of processes that have ended (the whole file when none is left), so
+        the registry of a prefix used run after run does not grow without bound."""
+        alive = self.alive()
+        if not alive:
+            self.clear()
+            return
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in alive))
+        tmp.replace(self.path)
+
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
         try:

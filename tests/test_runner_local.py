@@ -198,6 +198,8 @@ def test_local_run_completes_every_request(tmp_path: Path) -> None:
     addrs = {n["addresses"]["frontend"].split(":")[0] for n in run["nodes"].values() if "frontend" in n["addresses"]}
     assert len(addrs) == 3 and all(a.startswith("127.0.0.") for a in addrs), "a loopback address per node"
     assert run["finished_wall"] >= run["started_wall"] and run["crashes"] == []
+    # after a clean stop the `pdtb clean` registry keeps nothing of this run
+    assert not Path(f"/run/pdtb/{PREFIX}/pids.jsonl").exists() or os.geteuid() != 0
     assert "requests=6" not in (out / "scenario.yaml").read_text() and "requests: 6" in (out / "scenario.yaml").read_text()
     for node in ("router", "p1", "d1", "client"):
         assert (out / "logs" / f"{node}.log").exists() and (out / "timeline" / f"{node}.jsonl").exists()

@@ -594,6 +594,10 @@ class Orchestrator:
                 except Exception as exc:  # keep tearing down the rest; report at the end
                     errors.append(f"{what}: {type(exc).__name__}: {exc}")
             self.registry.prune()
+            if os.geteuid() == 0:  # what `pdtb clean` would still have to look at: only what survived
+                from fabric.cleanup import PidRegistry as CleanRegistry
+
+                CleanRegistry(self.prefix).forget_ended()
             if errors:
                 self._say("warning: teardown problems (run `pdtb clean --prefix "
                           f"{self.prefix}` if anything is left): " + "; ".join(errors))
