@@ -243,7 +243,9 @@ def measure_udp_loss(net: Any, src: str, dst: str, cls: str, rate_bps: float | N
 
 
 def measure_rtt(net: Any, src: str, dst: str, cls: str, count: int = 20, interval_s: float = 0.05) -> float:
-    """Mean round-trip time (s) by ping, without the first echo (it waits for ARP).
+    """Median round-trip time (s) by ping, without the first echo (it waits for ARP). The median:
+    a time slice lost to other load on a 2-core host delays a few echoes by milliseconds, which
+    would move a mean but says nothing about the configured delay.
     ``-U``: user-to-user time, because ping's default kernel receive timestamp is taken before
     the receiving host's ingress delay (the fallback's NFQUEUE delayer). ping runs at a low
     real-time priority, like the delayer, so that other load on the host does not add its time
@@ -256,7 +258,7 @@ def measure_rtt(net: Any, src: str, dst: str, cls: str, count: int = 20, interva
     rtts.pop(1, None)
     if not rtts:
         raise MeasureError(f"ping {src}->{dst}: no round trip measured ({out.strip()[-200:]})")
-    return statistics.fmean(rtts.values())
+    return statistics.median(rtts.values())
 
 
 # -- judging ------------------------------------------------------------------------------------
