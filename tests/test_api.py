@@ -1,7 +1,6 @@
 """The scripting API (``from testbed import Testbed``) and ``pdtb up`` on the local backend."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 import subprocess
@@ -11,15 +10,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from run_helpers import PREFIX, REPO, no_leftovers, processes_of, write_scenario
 
 from testbed.config.base import ConfigError
 
-# the loopback scenario and leftover checks are shared with test_runner_local.py
-_spec = importlib.util.spec_from_file_location("_runner_local", Path(__file__).with_name("test_runner_local.py"))
-_local = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_local)
-REPO, PREFIX = _local.REPO, _local.PREFIX
-_no_leftovers, _processes_of, write_scenario = _local._no_leftovers, _local._processes_of, _local.write_scenario
 pytestmark = pytest.mark.slow
 
 
@@ -70,7 +64,7 @@ def test_testbed_lifecycle_commands_and_results(tmp_path: Path) -> None:
     assert controls[:2] == [("slowdown", 2.0), ("resume", None)], controls
     run = json.loads((tb.run_dir / "run.json").read_text())
     assert run["finished_wall"] and (tb.run_dir / "summary.json").exists() and (tb.run_dir / "report.html").exists()
-    _no_leftovers(tb.run_dir)
+    no_leftovers(tb.run_dir)
 
 
 def test_exception_inside_the_with_block_tears_down(tmp_path: Path) -> None:
@@ -79,9 +73,9 @@ def test_exception_inside_the_with_block_tears_down(tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path)
     with pytest.raises(ZeroDivisionError):
         with Testbed(scenario, backend="local", out=tmp_path / "run", prefix=PREFIX) as tb:
-            assert _processes_of(tb.run_dir)
+            assert processes_of(tb.run_dir)
             1 / 0
-    _no_leftovers(tb.run_dir)
+    no_leftovers(tb.run_dir)
 
 
 def test_sweep_scenario_is_refused_by_testbed(tmp_path: Path) -> None:
@@ -128,7 +122,7 @@ def test_pdtb_up_serves_until_interrupted(tmp_path: Path) -> None:
     assert not (out / "workload.jsonl").exists(), "up replays no workload: requests come from the user"
     router = [json.loads(x) for x in (out / "timeline" / "router.jsonl").read_text().splitlines()]
     assert any(e["event"] == "done" for e in router)
-    _no_leftovers(out)
+    no_leftovers(out)
 
 
 def test_example_script_runs_on_the_local_backend(tmp_path: Path) -> None:
@@ -142,4 +136,4 @@ def test_example_script_runs_on_the_local_backend(tmp_path: Path) -> None:
     control = [json.loads(x) for x in (out / "timeline" / "decode0.jsonl").read_text().splitlines()
                if '"control"' in x]
     assert [(e["cmd"], e["factor"]) for e in control] == [("slowdown", 2.0)]
-    _no_leftovers(out)
+    no_leftovers(out)

@@ -1,7 +1,6 @@
 """Faults on a model-time schedule change what is measured after their time, and not before."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,13 +8,9 @@ from pathlib import Path
 from statistics import median
 
 import pytest
+from run_helpers import PREFIX, REPO, no_leftovers, write_scenario
 
 from nodes.timeline import read_run_timeline
-
-_spec = importlib.util.spec_from_file_location("_runner_local", Path(__file__).with_name("test_runner_local.py"))
-_local = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_local)
-REPO = _local.REPO
 
 
 def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -36,12 +31,12 @@ def test_slowdown_fault_changes_decode_after_its_time_only(tmp_path: Path) -> No
     """Local backend: a decode slowdown x10 at model time 2 s. Requests finished before 2 s decode at
     the predicted pace; requests that start decoding after it are about ten times slower."""
     fault_at = 2.0
-    scenario = _local.write_scenario(tmp_path, requests=16, rate=4.0, output=24, extra=f"""
+    scenario = write_scenario(tmp_path, requests=16, rate=4.0, output=24, extra=f"""
 faults:
   - {{at: {fault_at}s, action: slowdown, target: d1, factor: 10}}
 """)
     out = tmp_path / "run"
-    res = _run([str(scenario), "--backend", "local", "--out", str(out), "--prefix", _local.PREFIX,
+    res = _run([str(scenario), "--backend", "local", "--out", str(out), "--prefix", PREFIX,
                 "--set", "emulation.tdf=4"], timeout=100)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout)["counts"]["completed"] == 16
@@ -115,12 +110,12 @@ def test_crash_fault_fails_requests_after_its_time_only(tmp_path: Path) -> None:
     """Local backend: the only prefill node crashes (a fault, not an unexpected crash) at 1.5 s.
     Requests finished before complete; requests sent after it fail; the run still ends normally."""
     fault_at = 1.5
-    scenario = _local.write_scenario(tmp_path, requests=12, rate=4.0, output=8, extra=f"""
+    scenario = write_scenario(tmp_path, requests=12, rate=4.0, output=8, extra=f"""
 faults:
   - {{at: {fault_at}s, action: crash, target: p1}}
 """)
     out = tmp_path / "run"
-    res = _run([str(scenario), "--backend", "local", "--out", str(out), "--prefix", _local.PREFIX], timeout=100)
+    res = _run([str(scenario), "--backend", "local", "--out", str(out), "--prefix", PREFIX], timeout=100)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout)["counts"]["total"] == 12
     run = json.loads((out / "run.json").read_text())
@@ -142,11 +137,11 @@ faults:
     assert done_before >= 3 and failed_after >= 3
     p1 = [json.loads(x) for x in (out / "timeline" / "p1.jsonl").read_text().splitlines()]
     assert [e["cmd"] for e in p1 if e["event"] == "control"] == ["crash"]
-    _local._no_leftovers(out)
+    no_leftovers(out)
 
 
 def test_faults_the_backend_cannot_apply_are_refused_before_anything_starts(tmp_path: Path) -> None:
-    scenario = _local.write_scenario(tmp_path, extra="""
+    scenario = write_scenario(tmp_path, extra="""
 faults:
   - {at: 1s, action: link_down, target: efa}
   - {at: 2s, action: drain, target: client}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from run_helpers import DECODE_HW, PREFIX, REPO, alive, no_leftovers, wait_for, write_scenario
 from testbed.runner.process import PidRegistry, Supervisor, kill_recorded, read_registry, same_process
 from testbed.runner.rundir import RunDir, make_run_id
 
@@ -18,24 +19,6 @@ SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 # ignores SIGTERM: must be SIGKILLed after the grace period
 STUBBORN = [sys.executable, "-c",
             "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rfind(")") + 2] not in "ZX"
-
-
-def _wait_for(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_supervisor_own_group_registry_and_stop(tmp_path: Path) -> None:
@@ -49,11 +32,11 @@ def test_supervisor_own_group_registry_and_stop(tmp_path: Path) -> None:
     recorded = {e["name"]: e for e in read_registry(tmp_path / "pids.json")}
     assert recorded["a"]["pid"] == a.pid and recorded["b"]["start_ticks"] is not None
     assert recorded_for_clean == [(a.pid, "a"), (b.pid, "b")], "pdtb clean's registry learns every PID"
-    assert _wait_for(lambda: "ready" in (tmp_path / "logs" / "b.log").read_text())
+    assert wait_for(lambda: "ready" in (tmp_path / "logs" / "b.log").read_text())
     t = time.monotonic()
     sup.stop_all(grace_s=0.5)
     assert time.monotonic() - t < 5
-    assert not _alive(a.pid) and not _alive(b.pid)
+    assert not alive(a.pid) and not alive(b.pid)
     assert read_registry(tmp_path / "pids.json") == [], "no process is still listed as running"
     history = json.loads((tmp_path / "pids.json").read_text())["processes"]
     assert {e["name"]: e["running"] for e in history} == {"a": False, "b": False}
@@ -64,7 +47,7 @@ def test_unexpected_exit_is_reported_once(tmp_path: Path) -> None:
     sup = Supervisor(PidRegistry([tmp_path / "pids.json"]))
     sup.spawn("quick", [sys.executable, "-c", "raise SystemExit(3)"])
     sup.spawn("slow", SLEEPER)
-    assert _wait_for(lambda: sup.get("quick").poll() is not None)
+    assert wait_for(lambda: sup.get("quick").poll() is not None)
     crashed = sup.unexpected_exits()
     assert [m.name for m in crashed] == ["quick"] and crashed[0].poll() == 3
     assert sup.unexpected_exits() == []
@@ -109,72 +92,6 @@ def test_run_dir_layout_and_run_id(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- whole runs on loopback
-REPO = Path(__file__).resolve().parent.parent
-PREFIX = "x7"  # local runs record their PIDs for `pdtb clean` under this prefix (as root); not a Mininet one
-PREFILL_HW, DECODE_HW, MODEL = "trn2", "cs3", "llama-3.1-8b"
-
-TOPOLOGY = f"""
-kind: topology
-name: loctest
-hosts:
-  - {{name: router, role: router}}
-  - {{name: p1, role: prefill, hardware: {PREFILL_HW}}}
-  - {{name: d1, role: decode, hardware: {DECODE_HW}}}
-  - {{name: client, role: client}}
-switches:
-  - {{name: sf, network: frontend}}
-  - {{name: se, network: efa}}
-links:
-  - {{name: fr, a: router, b: sf, class: frontend}}
-  - {{name: fp1, a: p1, b: sf, class: frontend}}
-  - {{name: fd1, a: d1, b: sf, class: frontend}}
-  - {{name: fc, a: client, b: sf, class: frontend}}
-  - {{name: ep1, a: p1, b: se, class: efa, params: {{bandwidth: 3.2Tbps, latency: 15us}}}}
-  - {{name: ed1, a: d1, b: se, class: efa, params: {{bandwidth: 3.2Tbps, latency: 15us}}}}
-"""
-
-
-def write_scenario(tmp_path: Path, requests: int = 8, rate: float = 8.0, output: int = 16, extra: str = "") -> Path:
-    (tmp_path / "topo.yaml").write_text(TOPOLOGY)
-    path = tmp_path / "scenario.yaml"
-    path.write_text(f"""
-kind: scenario
-name: loctest
-topology: topo.yaml
-model: {MODEL}
-emulation: {{backend: local}}
-workload:
-  arrival: {{process: fixed, rate: {rate}}}
-  requests: {requests}
-  prompt_tokens: 512
-  output_tokens: {output}
-slo: {{ttft_ms: 2000, tpot_ms: 200}}
-{extra}
-""")
-    return path
-
-
-def _processes_of(run_dir: Path) -> list[int]:
-    """PIDs of live processes whose command line mentions the run directory (daemons, mosquitto)."""
-    needle = str(run_dir).encode()
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if needle in (d / "cmdline").read_bytes() and _alive(int(d.name)):
-                out.append(int(d.name))
-        except OSError:
-            continue
-    return out
-
-
-def _no_leftovers(run_dir: Path) -> None:
-    assert _wait_for(lambda: not _processes_of(run_dir), 10), f"leftover processes: {_processes_of(run_dir)}"
-    for e in json.loads((run_dir / "pids.json").read_text())["processes"]:
-        assert not same_process(e["pid"], e["start_ticks"]), f"{e['name']} (pid {e['pid']}) still runs"
-
-
 def _pdtb(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "testbed.cli", *args, "--prefix", PREFIX], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
@@ -206,7 +123,7 @@ def test_local_run_completes_every_request(tmp_path: Path) -> None:
         assert oct((out / "nodes" / f"{node}.json").stat().st_mode & 0o777) == "0o600"
     assert len((out / "workload.jsonl").read_text().splitlines()) == 6
     assert (out / "summary.json").exists()
-    _no_leftovers(out)
+    no_leftovers(out)
 
 
 @pytest.mark.slow
@@ -218,7 +135,7 @@ def test_daemon_crash_is_recorded_and_every_request_accounted(tmp_path: Path) ->
     with Testbed(scenario, backend="local", out=tmp_path / "run", prefix=PREFIX) as tb:
         tb.run_workload(wait=False)
         client_tl = tb.run_dir / "timeline" / "client.jsonl"
-        assert _wait_for(lambda: client_tl.exists() and b"client_done" in client_tl.read_bytes(), 30)
+        assert wait_for(lambda: client_tl.exists() and b"client_done" in client_tl.read_bytes(), 30)
         os.kill(tb._orch.sup.get("d1").pid, signal.SIGKILL)
         assert tb.wait(60)
     summary = tb.results()
@@ -232,7 +149,7 @@ def test_daemon_crash_is_recorded_and_every_request_accounted(tmp_path: Path) ->
     assert marked, "requests the run could no longer serve are marked with the crashed node"
     run = json.loads((tb.run_dir / "run.json").read_text())
     assert [c["node"] for c in run["crashes"]] == ["d1"] and run["stop_reason"] == "node_crashed:d1"
-    _no_leftovers(tb.run_dir)
+    no_leftovers(tb.run_dir)
 
 
 @pytest.mark.slow
@@ -242,7 +159,7 @@ def test_sigint_to_pdtb_run_cleans_up_and_writes_summary(tmp_path: Path) -> None
     proc = _pdtb("run", str(scenario), "--backend", "local", "--out", str(out), "--no-progress")
     client_tl = out / "timeline" / "client.jsonl"
     try:
-        assert _wait_for(lambda: client_tl.exists() and b"client_done" in client_tl.read_bytes(), 40)
+        assert wait_for(lambda: client_tl.exists() and b"client_done" in client_tl.read_bytes(), 40)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=40)
     finally:
@@ -252,4 +169,4 @@ def test_sigint_to_pdtb_run_cleans_up_and_writes_summary(tmp_path: Path) -> None
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["total"] == 60 and summary["counts"]["completed"] < 60
     assert json.loads((out / "run.json").read_text())["stop_reason"] == "interrupted"
-    _no_leftovers(out)
+    no_leftovers(out)

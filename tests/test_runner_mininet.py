@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from testbed.runner.process import same_process
+from run_helpers import no_leftovers, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -46,27 +45,9 @@ def _ours_left() -> list[str]:
     return [n for n in names + netns if n.startswith(PREFIX)]
 
 
-def _processes_of(run_dir: Path) -> list[int]:
-    needle = str(run_dir).encode()
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if needle in (d / "cmdline").read_bytes():
-                    out.append(int(d.name))
-            except OSError:
-                continue
-    return out
-
-
 def _assert_clean(run_dir: Path) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (_processes_of(run_dir) or _ours_left()):
-        time.sleep(0.1)
-    assert not _processes_of(run_dir), "a daemon or the broker outlived the run"
-    assert not _ours_left(), f"interfaces/namespaces left: {_ours_left()}"
-    for e in json.loads((run_dir / "pids.json").read_text())["processes"]:
-        assert not same_process(e["pid"], e["start_ticks"]), e
+    no_leftovers(run_dir)  # no daemon or broker outlived the run
+    assert wait_for(lambda: not _ours_left(), 10), f"interfaces/namespaces left: {_ours_left()}"
 
 
 @pytest.fixture(autouse=True)
