@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import yaml
 
+from fabric.cleanup import PidRegistry as CleanRegistry
 from nodes.config import (ClientSettings, Endpoint, KvSettings, NodeConfig, PeerInfo, RouterSettings)
 from nodes.timeline import Timeline, read_timeline
 from nodes.clock import ModelClock
@@ -55,7 +56,7 @@ def mininet_available() -> bool:
     if os.geteuid() != 0:
         return False
     try:
-        import mininet.net  # noqa: F401
+        import mininet.net  # noqa: F401  (importable with its dependencies, not just present)
     except ImportError:
         return False
     return True
@@ -84,13 +85,9 @@ def check_prefix(prefix: str) -> str:
         raise ConfigError("prefix", [("", str(exc))]) from None
 
 
-def clean_recorder(prefix: str) -> Callable[[int, str], None] | None:
-    """Records a PID where ``pdtb clean --prefix`` finds it (fabric.cleanup's registry; root only)."""
-    if os.geteuid() != 0:
-        return None
-    from fabric.cleanup import PidRegistry as CleanRegistry
-
-    return CleanRegistry(prefix).record
+def clean_registry(prefix: str) -> CleanRegistry | None:
+    """Where ``pdtb clean --prefix`` finds a run's PIDs (fabric.cleanup's registry; root only)."""
+    return CleanRegistry(prefix) if os.geteuid() == 0 else None
 
 
 # ------------------------------------------------------------------ plan of nodes
@@ -193,7 +190,9 @@ class Orchestrator:
         self.workload_offset_s = 0.0
         self.nodes: dict[str, NodePlan] = {}
         self.configs: dict[str, NodeConfig] = {}
-        self.registry = PidRegistry([run_dir.pids], run_dir=run_dir.root, record=clean_recorder(prefix))
+        self.clean_registry = clean_registry(prefix)
+        self.registry = PidRegistry([run_dir.pids], run_dir=run_dir.root,
+                                    record=self.clean_registry.record if self.clean_registry else None)
         self.sup = Supervisor(self.registry)
         self.crashes: list[dict[str, Any]] = []
         self.faults: list[FaultRecord] = []
@@ -594,10 +593,8 @@ class Orchestrator:
                 except Exception as exc:  # keep tearing down the rest; report at the end
                     errors.append(f"{what}: {type(exc).__name__}: {exc}")
             self.registry.prune()
-            if os.geteuid() == 0:  # what `pdtb clean` would still have to look at: only what survived
-                from fabric.cleanup import PidRegistry as CleanRegistry
-
-                CleanRegistry(self.prefix).forget_ended()
+            if self.clean_registry is not None:  # what `pdtb clean` would still have to look at: what survived
+                self.clean_registry.forget_ended()
             if errors:
                 self._say("warning: teardown problems (run `pdtb clean --prefix "
                           f"{self.prefix}` if anything is left): " + "; ".join(errors))
