@@ -108,7 +108,7 @@ class LoadClient:
             async with asyncio.timeout(self.settings.request_timeout_s * self.config.tdf):
                 async with self.session.post(self.url, json=body, headers={"x-request-id": rid}) as resp:
                     if resp.status != 200:
-                        raise RequestError(f"http_{resp.status}: {_error_message(await resp.text())}")
+                        raise RequestError(_http_reason(resp.status, await resp.text()))
                     if self.settings.stream:
                         token_times, usage = await self._read_stream(rid, resp)
                     else:
@@ -187,6 +187,17 @@ def _error_message(text: str) -> str:
         return str(json.loads(text)["error"]["message"])[:300]
     except (ValueError, KeyError, TypeError):
         return text[:300]
+
+
+def _http_reason(status: int, text: str) -> str:
+    """``http_400 context_length_exceeded: <message>``: status and OpenAI error code lead, so
+    the summary's ``failed_by_reason`` (grouped by what precedes ': ') counts them apart."""
+    try:
+        code = json.loads(text)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        code = None
+    kind = f"http_{status} {code}" if isinstance(code, str) and code else f"http_{status}"
+    return f"{kind}: {_error_message(text)}"
 
 
 async def serve(config: NodeConfig) -> None:

@@ -26,14 +26,14 @@ from aiohttp import web
 
 from nodes.clock import ModelClock
 from nodes.config import NodeConfig, PeerInfo
+from nodes.profiles import ModelProfile, load_model
 from nodes.routing import StatusFn, make_policy, no_status
 from nodes.timeline import Timeline
 from nodes.tokenizer import count_chat_tokens, count_tokens, token_text
 
 log = logging.getLogger(__name__)
 
-MAX_OUTPUT_TOKENS = 131072  # max_tokens bound
-CONTEXT_TOKENS = 131072  # prompt + max_tokens bound (the 128k context of the Llama-3.1 family)
+DEFAULT_CONTEXT_TOKENS = 131072  # prompt + max_tokens bound when the served model has no profile
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions, used for chat too
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a 128k-token prompt is well under this
 MAX_LINE_BYTES = 1024 * 1024  # one NDJSON line from a node
@@ -120,8 +120,9 @@ def _messages_tokens(messages: Any) -> int:
         raise ApiError(400, f"messages: {e}", param="messages", code="invalid_type") from None
 
 
-def parse_request(body: Any, *, chat: bool, model: str) -> Parsed:
-    """Validate a completions or chat body; ApiError says what is wrong."""
+def parse_request(body: Any, *, chat: bool, model: str, context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> Parsed:
+    """Validate a completions or chat body against the served model's context length;
+    ApiError says what is wrong."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     name = body.get("model")
@@ -142,12 +143,12 @@ def parse_request(body: Any, *, chat: bool, model: str) -> Parsed:
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise ApiError(400, "'stream_options' must be an object with a boolean 'include_usage'",
                        param="stream_options", code="invalid_type")
-    max_tokens = _int_field(body, "max_completion_tokens", 1, MAX_OUTPUT_TOKENS) if chat else None
+    max_tokens = _int_field(body, "max_completion_tokens", 1, context_tokens) if chat else None
     if max_tokens is None:
-        max_tokens = _int_field(body, "max_tokens", 1, MAX_OUTPUT_TOKENS)
+        max_tokens = _int_field(body, "max_tokens", 1, context_tokens)
     if max_tokens is None:
         max_tokens = DEFAULT_MAX_TOKENS
-    override = _int_field(body, "pdtb_prompt_tokens", 1, CONTEXT_TOKENS)
+    override = _int_field(body, "pdtb_prompt_tokens", 1, context_tokens)
     key = "messages" if chat else "prompt"
     if key not in body and override is None:
         raise ApiError(400, f"missing required field '{key}'", param=key, code="missing_required_parameter")
@@ -158,8 +159,8 @@ def parse_request(body: Any, *, chat: bool, model: str) -> Parsed:
     assert prompt_tokens is not None
     if prompt_tokens < 1:
         raise ApiError(400, "the prompt must contain at least one token", param=key, code="invalid_value")
-    if prompt_tokens + max_tokens > CONTEXT_TOKENS:
-        raise ApiError(400, f"This model's maximum context length is {CONTEXT_TOKENS} tokens; the request "
+    if prompt_tokens + max_tokens > context_tokens:
+        raise ApiError(400, f"This model's maximum context length is {context_tokens} tokens; the request "
                        f"has {prompt_tokens} prompt tokens and max_tokens {max_tokens}",
                        param=key, code="context_length_exceeded")
     return Parsed(chat=chat, prompt_tokens=prompt_tokens, max_tokens=max_tokens, stream=stream,
@@ -224,8 +225,9 @@ class Router:
     """Per-process router state: peers, policies, the internal HTTP session, in-flight ids."""
 
     def __init__(self, config: NodeConfig, timeline: Timeline, status: StatusFn,
-                 kv_bytes_per_token: int | None):
+                 kv_bytes_per_token: int | None, context_tokens: int):
         self.config = config
+        self.context_tokens = context_tokens
         self.timeline = timeline
         self.status = status
         self.timeout_wall_s = config.router.request_timeout_s * config.tdf
@@ -301,7 +303,7 @@ class Router:
                 raise ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes", code="body_too_large")
             except (ValueError, UnicodeDecodeError) as e:
                 raise ApiError(400, f"could not parse the JSON body: {e}", code="invalid_json") from None
-            req = parse_request(body, chat=chat, model=self.config.model)
+            req = parse_request(body, chat=chat, model=self.config.model, context_tokens=self.context_tokens)
             if rid in self.inflight:  # checked and added with no await in between
                 raise ApiError(409, f"request id {rid!r} is already in flight", code="duplicate_request_id")
         except ApiError as e:
@@ -555,12 +557,13 @@ ROUTER_KEY = web.AppKey("router", Router)
 
 
 def make_app(config: NodeConfig, *, status: StatusFn = no_status, timeline: Timeline | None = None,
-             kv_bytes_per_token: int | None = None) -> web.Application:
+             kv_bytes_per_token: int | None = None,
+             context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> web.Application:
     """The router's aiohttp application (tests run it in-process; ``serve`` runs it for real)."""
     own_timeline = timeline is None
     if timeline is None:
         timeline = Timeline(config.timeline_path, config.name, ModelClock(config.t0_wall, config.tdf))
-    router = Router(config, timeline, status, kv_bytes_per_token)
+    router = Router(config, timeline, status, kv_bytes_per_token, context_tokens)
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
     app[ROUTER_KEY] = router
     app.on_startup.append(router.start)
@@ -577,13 +580,13 @@ def make_app(config: NodeConfig, *, status: StatusFn = no_status, timeline: Time
     return app
 
 
-def _kv_bytes_per_token(model: str) -> int | None:
-    """KV bytes per token of the served model from its profile, for the kv_aware policy."""
+def _served_profile(model: str) -> ModelProfile | None:
+    """The served model's profile: its context length bounds requests, its KV size feeds kv_aware."""
     try:
-        from nodes.profiles import load_model
-        return int(load_model(model).kv_bytes_per_token)
-    except Exception as e:  # the policy still works from reported free bytes alone
-        log.warning("no KV size for model %r (%s); kv_aware uses reported free bytes only", model, e)
+        return load_model(model)
+    except Exception as e:  # still serves: default context bound, kv_aware from reported free bytes
+        log.warning("no profile for model %r (%s): context bound %d tokens, kv_aware uses reported "
+                    "free bytes only", model, e, DEFAULT_CONTEXT_TOKENS)
         return None
 
 
@@ -601,8 +604,11 @@ async def serve(config: NodeConfig) -> None:
                 from nodes.control import StatusWatcher
                 watcher = await stack.enter_async_context(StatusWatcher(config.mqtt))
                 status = watcher.status
-            kv_per_token = _kv_bytes_per_token(config.model) if config.router.decode_policy == "kv_aware" else None
-            app = make_app(config, status=status, timeline=timeline, kv_bytes_per_token=kv_per_token)
+            profile = _served_profile(config.model)
+            kv_per_token = (int(profile.kv_bytes_per_token)
+                            if profile is not None and config.router.decode_policy == "kv_aware" else None)
+            app = make_app(config, status=status, timeline=timeline, kv_bytes_per_token=kv_per_token,
+                           context_tokens=profile.context_length if profile else DEFAULT_CONTEXT_TOKENS)
             runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)

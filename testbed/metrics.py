@@ -8,6 +8,8 @@ pure over lists of event dicts so they can be checked on hand-made timelines.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -34,6 +36,13 @@ def stats(values: Iterable[float], scale: float = 1.0) -> dict[str, float | int 
     p50, p90, p99 = np.percentile(arr, [50, 90, 99])
     return {"count": int(arr.size), "mean": float(arr.mean()), "p50": float(p50), "p90": float(p90),
             "p99": float(p99)}
+
+
+def reason_kind(reason: str) -> str:
+    """What a failure reason counts as: its text before the first ': ' (``http_400
+    context_length_exceeded``, ``timeout``, ``token_count``), so details such as token counts
+    or messages do not split one cause into many buckets. The full reason stays per request."""
+    return reason.split(": ", 1)[0]
 
 
 def _by_request(events: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
@@ -222,7 +231,7 @@ def kv_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "count": len(ok),
         "failed": len(failed),
-        "failed_by_reason": dict(Counter(str(r["kv_reason"] or "unknown") for r in failed)),
+        "failed_by_reason": dict(Counter(reason_kind(str(r["kv_reason"] or "unknown")) for r in failed)),
         "bytes": sum(int(r["kv_bytes"] or 0) for r in ok),
         "model_bytes": model_bytes,
         "time_ms": {k: time_ms[k] for k in ("mean", "p50", "p90", "p99")},
@@ -395,7 +404,7 @@ def summarize(events: list[dict[str, Any]], run: dict[str, Any], fidelity: dict[
         "sweep_point": run.get("sweep_point") or {},
         "duration_s": duration,
         "counts": {"total": len(records), "completed": len(completed), "failed": len(failed),
-                   "failed_by_reason": dict(Counter(r["reason"] for r in failed))},
+                   "failed_by_reason": dict(Counter(reason_kind(r["reason"]) for r in failed))},
         # where each request's times come from: the load generator, or the router (pdtb up)
         "timed_by": {src: sum(1 for r in records if r["source"] == src) for src in ("client", "router")},
         "ttft_ms": stats((r["ttft_s"] for r in completed), 1e3),
@@ -433,13 +442,54 @@ def expected_request_ids(run_dir: Path) -> list[str]:
         return [f"r{json.loads(line)['index']:06d}" for line in f if line.strip()]
 
 
+def _span_ms(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else round((end - start) * 1e3, 3)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 3)
+
+
+REQUEST_COLUMNS: tuple[str, ...] = (
+    "request_id", "source", "completed", "reason", "prompt_tokens", "output_tokens", "sent_s",
+    "ttft_ms", "tpot_ms", "e2e_ms", "prefill_node", "decode_node", "prefill_queue_ms", "prefill_ms",
+    "kv_mode", "kv_bytes", "kv_model_bytes", "kv_ms", "decode_wait_ms")
+"""``requests.csv``'s columns (model time), documented in docs/summary-schema.md."""
+
+
+def request_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per request for ``requests.csv``: what a per-request export of a serving
+    benchmark holds, plus where the request's time went on the server side."""
+    return [{
+        "request_id": r["request_id"], "source": r["source"], "completed": r["completed"], "reason": r["reason"],
+        "prompt_tokens": r["prompt_tokens"], "output_tokens": r.get("output_tokens_received", r["output_tokens"]),
+        "sent_s": r["sent_s"], "ttft_ms": _ms(r["ttft_s"]), "tpot_ms": _ms(r["tpot_s"]), "e2e_ms": _ms(r["e2e_s"]),
+        "prefill_node": r["prefill_node"], "decode_node": r["decode_node"],
+        "prefill_queue_ms": _span_ms(r["prefill_queued_s"], r["prefill_start_s"]),
+        "prefill_ms": _span_ms(r["prefill_start_s"], r["prefill_end_s"]),
+        "kv_mode": r["kv_mode"], "kv_bytes": r["kv_bytes"], "kv_model_bytes": r["kv_model_bytes"],
+        "kv_ms": _span_ms(r["kv_start_s"], r["kv_end_s"]),
+        "decode_wait_ms": _span_ms(r["decode_queued_s"], r["decode_admitted_s"]),
+    } for r in records]
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def compute_summary(run_dir: str | Path) -> dict[str, Any]:
-    """Read a run directory, write ``summary.json`` into it and return the summary."""
+    """Read a run directory, write ``summary.json`` and ``requests.csv`` into it and return the summary."""
     run_dir = Path(run_dir)
     run = _read_json(run_dir / "run.json") or {}
     fidelity = _read_json(run_dir / "fidelity.json")
-    summary = summarize(read_run_timeline(run_dir), run, fidelity, expected_request_ids(run_dir))
-    tmp = run_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
-    tmp.replace(run_dir / "summary.json")
+    events, expected = read_run_timeline(run_dir), expected_request_ids(run_dir)
+    summary = summarize(events, run, fidelity, expected)
+    rows = io.StringIO()
+    writer = csv.DictWriter(rows, fieldnames=REQUEST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(request_rows(request_records(events, expected)))
+    _write_atomically(run_dir / "requests.csv", rows.getvalue())
+    _write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
     return summary

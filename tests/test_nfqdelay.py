@@ -5,6 +5,7 @@ import json
 import os
 import re
 import socket
+import statistics
 import subprocess
 import time
 
@@ -26,6 +27,8 @@ def _rtts(host, dst: str, count: int = 20) -> list[float]:
 
 
 def _within(measured: float, configured: float) -> bool:
+    """The fabric check's RTT tolerance. Callers pass a median: on a loaded 2-core machine a single
+    echo can lose a time slice (a 10 ms outlier), which a mean of ten would carry past 10%."""
     return abs(measured - configured) <= 0.10 * configured + 0.3e-3
 
 
@@ -77,8 +80,8 @@ def test_round_trip_within_tolerance(pair, delayers, rtt_s):
     delayers(rtt_s / 2)          # each host's ingress holds half the round trip
     rtts = _rtts(h1, ADDR["pbt2"])
     assert len(rtts) >= 15
-    mean = sum(rtts) / len(rtts)
-    assert _within(mean, rtt_s), f"mean RTT {mean * 1e3:.3f} ms, configured {rtt_s * 1e3:.1f} ms"
+    median = statistics.median(rtts)
+    assert _within(median, rtt_s), f"median RTT {median * 1e3:.3f} ms, configured {rtt_s * 1e3:.1f} ms"
 
 
 @pytest.mark.root
@@ -101,12 +104,12 @@ def test_tcp_goodput_not_collapsed_at_10ms(pair, delayers):
 def test_update_takes_effect(pair, delayers):
     h1, _ = pair
     d1, d2 = delayers(0.0025)
-    before = _rtts(h1, ADDR["pbt2"], 10)
+    before = _rtts(h1, ADDR["pbt2"], 15)
     d1.update(0.010, 0.0)
     d2.update(0.010, 0.0)
-    after = _rtts(h1, ADDR["pbt2"], 10)
-    assert _within(sum(before) / len(before), 0.005)
-    assert _within(sum(after) / len(after), 0.020)
+    after = _rtts(h1, ADDR["pbt2"], 15)
+    assert _within(statistics.median(before), 0.005), before
+    assert _within(statistics.median(after), 0.020), after
     assert d1.stats()["latency_s"] == pytest.approx(0.010)
     # bad requests are refused and leave the delayer running with its settings
     assert d1._request({"cmd": "set", "latency_s": -1, "jitter_s": 0})["ok"] is False
@@ -126,7 +129,7 @@ def test_jitter_spreads_delay_and_keeps_order(pair, delayers):
     d1, _ = delayers(0.005, 0.002)
     rtts = _rtts(h1, ADDR["pbt2"], 30)
     assert max(rtts) - min(rtts) > 1.5e-3                # uniform +-2 ms on each side
-    assert _within(sum(rtts) / len(rtts), 0.010)
+    assert _within(statistics.median(rtts), 0.010)
     out = h1.cmd(f"ping -U -n -c 40 -i 0.002 -q {ADDR['pbt2']}")   # faster than the jitter: FIFO release
     assert " 0% packet loss" in out
     assert d1.stats()["released"] >= 40

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from nodes.config import Endpoint, NodeConfig, PeerInfo, RouterSettings
-from nodes.router import CONTEXT_TOKENS, MAX_OUTPUT_TOKENS, ROUTER_KEY, make_app
+from nodes.router import DEFAULT_CONTEXT_TOKENS, ROUTER_KEY, ApiError, make_app, parse_request
 from nodes.timeline import read_timeline
 from nodes.tokenizer import count_chat_tokens, count_tokens, synthetic_text, token_text
 
@@ -334,15 +334,31 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "invalid_type"),
     ("/v1/completions", {"model": MODEL, "pdtb_prompt_tokens": 0}, 400, "invalid_value"),
     ("/v1/completions", {"model": MODEL, "pdtb_prompt_tokens": 10**9}, 400, "invalid_value"),
-    ("/v1/completions", {"model": MODEL, "pdtb_prompt_tokens": CONTEXT_TOKENS - 10, "max_tokens": 100},
+    ("/v1/completions", {"model": MODEL, "pdtb_prompt_tokens": DEFAULT_CONTEXT_TOKENS - 10, "max_tokens": 100},
      400, "context_length_exceeded"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "invalid_type"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_value"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 7}]}, 400, "invalid_type"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                              "max_completion_tokens": MAX_OUTPUT_TOKENS + 1}, 400, "invalid_value"),
+                              "max_completion_tokens": DEFAULT_CONTEXT_TOKENS + 1}, 400, "invalid_value"),
 ]
 
+
+def test_context_bound_is_the_served_models_context_length():
+    from nodes.profiles import load_model
+    context = load_model("mixtral-8x7b").context_length
+    assert context == 32768
+    fits = parse_request({"model": "m", "pdtb_prompt_tokens": context - 16, "max_tokens": 16},
+                         chat=False, model="m", context_tokens=context)
+    assert (fits.prompt_tokens, fits.max_tokens) == (context - 16, 16)
+    with pytest.raises(ApiError) as over:
+        parse_request({"model": "m", "pdtb_prompt_tokens": context - 16, "max_tokens": 17},
+                      chat=False, model="m", context_tokens=context)
+    assert over.value.code == "context_length_exceeded" and "32768 tokens" in over.value.message
+    with pytest.raises(ApiError) as too_long:
+        parse_request({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                       "max_completion_tokens": context + 1}, chat=True, model="m", context_tokens=context)
+    assert too_long.value.code == "invalid_value"
 
 async def test_bad_requests_get_openai_errors_and_router_keeps_serving(cluster):
     url = await cluster.start()

@@ -125,6 +125,8 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     assert summary["counts"]["completed"] == summary["counts"]["total"] == 20, summary["counts"]
     assert summary["kv_transfer"]["count"] == 20 and summary["ttft_ms"]["p50"] > 0
     assert (out / "report.html").stat().st_size > 1000
+    rows = (out / "requests.csv").read_text().splitlines()
+    assert len(rows) == 21 and rows[0].startswith("request_id,") and rows[1].startswith("r000000,client,True,")
     _assert_clean(out)
 
 

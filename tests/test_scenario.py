@@ -292,3 +292,15 @@ def test_shipped_scenarios_validate(name: str) -> None:
     points = expand_sweep(sc)
     if name.endswith("-sweep"):
         assert len(points) > 1
+
+
+def test_workload_longer_than_the_models_context_is_refused(tmp_path: Path) -> None:
+    long = with_("model", "mixtral-8x7b", with_("workload.prompt_tokens", {"dist": "uniform", "min": 100, "max": 32000}))
+    with pytest.raises(ConfigError) as err:
+        load_scenario(write(tmp_path, with_("workload.output_tokens", 1000, long)))
+    assert "workload: prompt_tokens + output_tokens reach 33000 tokens" in str(err.value)
+    assert "32768-token context of mixtral-8x7b" in str(err.value)
+    # the same lengths fit Llama-3.1's 128k context; unbounded lognormal draws are left to the router
+    load_scenario(write(tmp_path, with_("workload.output_tokens", 1000, with_("model", "llama-3.1-8b", long))))
+    load_scenario(write(tmp_path, with_("workload.prompt_tokens", {"dist": "lognormal", "mean": 2000, "sigma": 1},
+                                        with_("model", "mixtral-8x7b"))))

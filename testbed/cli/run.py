@@ -148,8 +148,11 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     from testbed.progress import print_summary_table
 
     print_summary_table(summary)
-    report = run_dir / "report.html"
-    print(f"run directory: {run_dir}" + (f"\nreport: {report}" if report.exists() else ""))
+    lines = [f"run directory: {run_dir}"]
+    for label, name in (("report", "report.html"), ("per request", "requests.csv")):
+        if (run_dir / name).exists():
+            lines.append(f"{label}: {run_dir / name}")
+    print("\n".join(lines))
 
 
 def cmd_up(args: argparse.Namespace) -> int:

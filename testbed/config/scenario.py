@@ -152,6 +152,10 @@ class FixedLength(StrictModel):
     dist: Literal["fixed"]
     value: int = Field(ge=1)
 
+    @property
+    def largest(self) -> int:
+        return self.value
+
 
 class UniformLength(StrictModel):
     dist: Literal["uniform"]
@@ -163,6 +167,10 @@ class UniformLength(StrictModel):
         if self.max < self.min:
             raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
         return self
+
+    @property
+    def largest(self) -> int:
+        return self.max
 
 
 class LognormalLength(StrictModel):
@@ -179,6 +187,11 @@ class LognormalLength(StrictModel):
         if self.max is not None and self.max < self.min:
             raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
         return self
+
+    @property
+    def largest(self) -> int | None:
+        """None: unbounded, a rare draw may exceed the context (that request fails with a reason)."""
+        return self.max
 
 
 def _length_shorthand(value: Any) -> Any:
@@ -718,6 +731,13 @@ def check_references(sc: ScenarioConfig) -> Any:
     if problems:
         raise ConfigError(sc.source, list(dict.fromkeys(problems)))
     model = load_model(sc.model)
+    w = sc.workload
+    if w.prompt_tokens is not None and w.output_tokens is not None:
+        prompt, output = w.prompt_tokens.largest, w.output_tokens.largest
+        if prompt is not None and output is not None and prompt + output > model.context_length:
+            problems.append(("workload", f"prompt_tokens + output_tokens reach {prompt + output} tokens, more than "
+                                         f"the {model.context_length}-token context of {sc.model}: the router "
+                                         f"would refuse those requests"))
     for role, hosts in selected_hosts(sc, topo).items():
         for hw in sorted({hw for _, hw in hosts}):
             if not CostModel(load_hardware(hw), model).fits():
