@@ -3,7 +3,8 @@
 An emulated link runs at ``model rate x byte_scale / tdf`` (byte scale on the EFA network only,
 which carries the scaled KV payloads) and its latency is ``model latency x tdf``. This module fills in whichever of the two is ``auto`` so that
 
-1. the fastest emulated link stays within what this host can shape faithfully:
+1. the fastest emulated link (at the most it can carry: :func:`carried_rate_bound_bps`) stays
+   within what this host can shape faithfully:
    ``<= min(1 Gbit/s, 50 % of the measured host capacity)`` (the range `pdtb fabric check`
    verifies, and the userspace delayer's measured ceiling);
 2. the smallest link latency becomes at least ~1 ms of wall time when the wall budget allows
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fabric.topo import SCALED_NETWORKS
-from fabric.topology import TopologyConfig
+from fabric.topology import LinkSpec, TopologyConfig
 
 MAX_EMULATED_RATE_BPS = 1e9
 """Above ~1 Gbit/s the userspace delayer (and HTB on 2 cores) no longer keep up (docs/fidelity.md)."""
@@ -49,13 +50,27 @@ class EmulationChoice:
         return asdict(self)
 
 
+def carried_rate_bound_bps(topology: TopologyConfig, link: LinkSpec) -> float | None:
+    """The most (model) bit/s ``link`` can ever carry: its own rate, and no more than the other
+    links of a switch at either end can bring to it or take from it. In ``pair.yaml`` the 3.2
+    Tbit/s prefill link only ever carries what the 1.2 Tbit/s decode link takes. None: unshaped."""
+    bounds = [link.params.bandwidth_bps] if link.params.bandwidth_bps else []
+    switches = {sw.name for sw in topology.switches}
+    for end in (link.a, link.b):
+        if end in switches:
+            others = [lk.params.bandwidth_bps for lk in topology.links
+                      if lk is not link and lk.cls == link.cls and end in (lk.a, lk.b)]
+            if others and all(others):
+                bounds.append(sum(others))
+    return min(bounds) if bounds else None
+
+
 def _extremes(topology: TopologyConfig) -> tuple[float | None, float | None, float | None]:
-    """(largest model rate on byte-scaled networks, largest on unscaled ones, smallest non-zero
-    model latency) over all links."""
-    scaled = [lk.params.bandwidth_bps for lk in topology.links
-              if lk.params.bandwidth_bps and lk.cls in SCALED_NETWORKS]
-    unscaled = [lk.params.bandwidth_bps for lk in topology.links
-                if lk.params.bandwidth_bps and lk.cls not in SCALED_NETWORKS]
+    """(largest rate a link on a byte-scaled network can carry, the same on unscaled ones,
+    smallest non-zero latency) over all links, in model units."""
+    carried = {lk.name: carried_rate_bound_bps(topology, lk) for lk in topology.links}
+    scaled = [carried[lk.name] for lk in topology.links if carried[lk.name] and lk.cls in SCALED_NETWORKS]
+    unscaled = [carried[lk.name] for lk in topology.links if carried[lk.name] and lk.cls not in SCALED_NETWORKS]
     lats = [lk.params.latency_s for lk in topology.links if lk.params.latency_s > 0]
     return (max(scaled) if scaled else None), (max(unscaled) if unscaled else None), (min(lats) if lats else None)
 
@@ -127,13 +142,14 @@ def choose_emulation(topology: TopologyConfig, tdf: float | Auto, byte_scale: fl
     if byte_scale == "auto":
         chosen_s = min(1.0, cap * chosen_tdf / scaled_max) if scaled_max else 1.0
         notes.append(f"byte scale {chosen_s:.4g}" + (
-            f" puts the fastest EFA link ({_fmt_bps(scaled_max)}) at {_fmt_bps(scaled_max * chosen_s / chosen_tdf)}"
+            f" puts the busiest an EFA link can be ({_fmt_bps(scaled_max)}) at "
+            f"{_fmt_bps(scaled_max * chosen_s / chosen_tdf)}"
             if scaled_max else " (no shaped EFA link)"))
     else:
         chosen_s = float(byte_scale)
         notes.append(f"byte scale {chosen_s:.4g} given")
     if scaled_max and scaled_max * chosen_s / chosen_tdf > cap * 1.0001:
-        notes.append(f"warning: the fastest EFA link runs at {_fmt_bps(scaled_max * chosen_s / chosen_tdf)} "
+        notes.append(f"warning: an EFA link can carry up to {_fmt_bps(scaled_max * chosen_s / chosen_tdf)} "
                      "emulated, above the cap: expect an untrustworthy run")
     if unscaled_max and unscaled_max / chosen_tdf > cap * 1.0001:
         # requests and token streams are light: such a link is a ceiling that is never reached

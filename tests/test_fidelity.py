@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fabric.check import Probe, judge, plan_passes, plan_routes
-from fabric.dilation import choose_emulation, load_host_capacity, rate_cap_bps
+from fabric.dilation import carried_rate_bound_bps, choose_emulation, load_host_capacity, rate_cap_bps
 from fabric.fidelity import FidelityMonitor, evaluate, read_step_errors
 from fabric.topology import load_topology
 
@@ -126,16 +126,17 @@ def test_monitor_takes_the_nets_delayers(tmp_path: Path):
 
 # -- dilation ------------------------------------------------------------------------------------
 
-def test_auto_puts_fastest_links_under_the_cap():
+def test_auto_puts_the_busiest_links_under_the_cap():
     pair = load_topology("pair")
     c = choose_emulation(pair, "auto", "auto", host_capacity=4e9)          # cap: 1 Gbit/s
     assert c.tdf == pytest.approx(1e-3 / 7.5e-6)        # 7.5 us -> 1 ms beats 100 Gbit/s -> 1 Gbit/s
-    assert c.byte_scale == pytest.approx(1e9 * c.tdf / 3.2e12)             # 3.2 Tbit/s EFA
+    # the 3.2 Tbit/s prefill link carries no more than the 1.2 Tbit/s decode link takes
+    assert c.byte_scale == pytest.approx(1e9 * c.tdf / 1.2e12)
     assert "latency floor" in c.reason and c.host_capacity_bps == 4e9
     slow = choose_emulation(pair, "auto", "auto", host_capacity=600e6)     # cap: 300 Mbit/s
     assert slow.tdf == pytest.approx(100e9 / 300e6)                        # frontend is not byte-scaled
     assert "unscaled-network rate floor" in slow.reason
-    assert 3.2e12 * slow.byte_scale / slow.tdf == pytest.approx(300e6)
+    assert 1.2e12 * slow.byte_scale / slow.tdf == pytest.approx(300e6)
 
 
 def test_auto_latency_floor_and_budget():
@@ -151,10 +152,27 @@ def test_auto_latency_floor_and_budget():
     assert roomy.byte_scale == pytest.approx(1.0) and roomy.tdf == pytest.approx(3.2e12 / 1e9)
 
 
+def test_carried_rate_bound_follows_the_switch():
+    pair, pod = load_topology("pair"), load_topology("pod")
+    assert carried_rate_bound_bps(pair, pair.link("prefill0-efa")) == pytest.approx(1.2e12)
+    assert carried_rate_bound_bps(pair, pair.link("decode0-efa")) == pytest.approx(1.2e12)
+    assert carried_rate_bound_bps(pair, pair.link("client0-fe")) == pytest.approx(10e9)
+    # pod: the switch's other links (3 x 3.2 + 2 x 1.2 Tbit/s) could take all of a prefill link
+    assert carried_rate_bound_bps(pod, pod.link("prefill0-efa")) == pytest.approx(3.2e12)
+    assert carried_rate_bound_bps(pod, pod.link("decode0-efa")) == pytest.approx(1.2e12)
+    unshaped = pair.model_copy(update={"links": [lk.model_copy(update={"params": lk.params.model_copy(
+        update={"bandwidth_bps": None})}) if lk.name == "decode0-efa" else lk for lk in pair.links]})
+    assert carried_rate_bound_bps(unshaped, unshaped.link("prefill0-efa")) == pytest.approx(3.2e12)
+    assert carried_rate_bound_bps(unshaped, unshaped.link("decode0-efa")) == pytest.approx(3.2e12)
+    # the quickstart's given dilation no longer warns: its busiest EFA link carries 469 Mbit/s
+    quick = choose_emulation(pair, 10, 1 / 256, host_capacity=4e9)
+    assert "EFA link can carry" not in quick.reason
+
+
 def test_given_values_are_kept_and_warned_about():
     pair = load_topology("pair")
     c = choose_emulation(pair, 50, "auto", host_capacity=4e9)
-    assert c.tdf == 50 and c.byte_scale == pytest.approx(1e9 * 50 / 3.2e12)
+    assert c.tdf == 50 and c.byte_scale == pytest.approx(1e9 * 50 / 1.2e12)
     assert "warning" in c.reason                                           # 100 Gbit/s frontend -> 2 Gbit/s
     both = choose_emulation(pair, 400, 1 / 64, host_capacity=4e9)
     assert (both.tdf, both.byte_scale) == (400, 1 / 64) and "given" in both.reason
