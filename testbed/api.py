@@ -169,6 +169,12 @@ class Testbed:
 
         return compute_summary(orch.rd.root)
 
+    def requests(self) -> list[dict[str, Any]]:
+        """One row per request (``requests.csv``'s columns, model time), so far or final."""
+        from testbed.metrics import run_request_rows
+
+        return run_request_rows(self._running(allow_stopped=True).rd.root)
+
     def _running(self, allow_stopped: bool = False) -> Any:
         if self._orch is None:
             raise RuntimeError("the Testbed is not started: call start() or use it as a context manager")

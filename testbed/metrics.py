@@ -479,6 +479,12 @@ def _write_atomically(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def run_request_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """``requests.csv``'s rows computed from a run directory's timeline (also while it runs)."""
+    run_dir = Path(run_dir)
+    return request_rows(request_records(read_run_timeline(run_dir), expected_request_ids(run_dir)))
+
+
 def compute_summary(run_dir: str | Path) -> dict[str, Any]:
     """Read a run directory, write ``summary.json`` and ``requests.csv`` into it and return the summary."""
     run_dir = Path(run_dir)

@@ -57,6 +57,10 @@ def test_testbed_lifecycle_commands_and_results(tmp_path: Path) -> None:
     summary = tb.results()
     assert summary["counts"] == {"total": 5, "completed": 5, "failed": 0, "failed_by_reason": {}}
     assert tb.stop() == summary, "stop() is idempotent"
+    rows = tb.requests()
+    assert [r["request_id"] for r in rows] == [f"r{i:06d}" for i in range(5)]
+    assert all(r["completed"] and r["output_tokens"] == 8 and 0 < r["ttft_ms"] <= r["e2e_ms"] for r in rows), rows
+    assert all(r["prefill_node"] == "p1" and r["decode_node"] == "d1" and r["kv_bytes"] > 0 for r in rows), rows
     with pytest.raises(RuntimeError, match="stopped"):
         tb.set_link("efa", bandwidth_bps=1e9)
     d1 = [json.loads(line) for line in (tb.run_dir / "timeline" / "d1.jsonl").read_text().splitlines()]
