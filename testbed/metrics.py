@@ -385,9 +385,11 @@ def low_load_check(records: list[dict[str, Any]], prediction: dict[str, Any] | N
 
 
 def summarize(events: list[dict[str, Any]], run: dict[str, Any], fidelity: dict[str, Any] | None = None,
-              expected_ids: Iterable[str] = ()) -> dict[str, Any]:
-    """summary.json's content from a run's events, its run.json and its fidelity.json."""
-    records = request_records(events, expected_ids)
+              expected_ids: Iterable[str] = (), records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """summary.json's content from a run's events, its run.json and its fidelity.json
+    (``records``: the events' request_records when the caller already has them)."""
+    if records is None:
+        records = request_records(events, expected_ids)
     start, end = run_window(records)
     duration = (end - start) if start is not None and end is not None else None
     completed = [r for r in records if r["completed"]]
@@ -490,12 +492,13 @@ def compute_summary(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run = _read_json(run_dir / "run.json") or {}
     fidelity = _read_json(run_dir / "fidelity.json")
-    events, expected = read_run_timeline(run_dir), expected_request_ids(run_dir)
-    summary = summarize(events, run, fidelity, expected)
+    events = read_run_timeline(run_dir)
+    records = request_records(events, expected_request_ids(run_dir))
+    summary = summarize(events, run, fidelity, records=records)
     rows = io.StringIO()
     writer = csv.DictWriter(rows, fieldnames=REQUEST_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(request_rows(request_records(events, expected)))
+    writer.writerows(request_rows(records))
     _write_atomically(run_dir / "requests.csv", rows.getvalue())
     _write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
     return summary
