@@ -11,11 +11,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections import Counter, defaultdict
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
+import yaml
 
 from fabric.fidelity import judge_step_timing
 from nodes.timeline import read_run_timeline
@@ -358,8 +361,25 @@ def fidelity_verdict(fidelity: dict[str, Any] | None, nodes: dict[str, dict[str,
     return {"verdict": "unknown", "source": None, "links": {}, "reasons": reasons, "warnings": warnings}
 
 
-def low_load_check(records: list[dict[str, Any]], prediction: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Measured vs predicted for requests that ran alone (no other request in flight at the client)."""
+SizePredictor = Callable[[int, int], dict[str, Any]]
+"""``(prompt_tokens, output_tokens) -> Prediction.to_dict()``: the analytic request at that size."""
+
+PREDICTED_SAMPLE = 200
+"""At most this many lone requests get their own prediction (spread evenly by send time)."""
+
+
+def _median_ms(values: list[float]) -> float | None:
+    return float(np.median(values)) * 1e3 if values else None
+
+
+def low_load_check(records: list[dict[str, Any]], prediction: dict[str, Any] | None,
+                   predictor: SizePredictor | None = None) -> dict[str, Any] | None:
+    """Measured vs predicted for requests that ran alone (no other request in flight at the client).
+
+    With ``predictor`` each lone request is compared with the prediction at its own size (a
+    short lone prompt is not held against the typical one) and ``ratio`` is the median of the
+    per-request ratios; without it, the medians are compared with the run's typical prediction.
+    """
     if not prediction:
         return None
     done = [r for r in records if r["completed"] and r["sent_s"] is not None and r["done_s"] is not None]
@@ -368,26 +388,68 @@ def low_load_check(records: list[dict[str, Any]], prediction: dict[str, Any] | N
              for r in records if r["sent_s"] is not None]
     alone = [r for r in done
              if sum(1 for s, e in spans if s < r["done_s"] and (e is None or e > r["sent_s"])) == 1]
-    out: dict[str, Any] = {"requests": len(alone), "measured": {}, "predicted": {}, "ratio": {}}
+    sized = [r for r in alone if r["prompt_tokens"] and r.get("output_tokens_received")]
+    per_request = predictor is not None and bool(sized)
+    if per_request:
+        sized = sized[::max(1, math.ceil(len(sized) / PREDICTED_SAMPLE))]
+        own = [predictor(int(r["prompt_tokens"]), int(r["output_tokens_received"])) for r in sized]
+    out: dict[str, Any] = {"requests": len(alone), "per_request": per_request, "measured": {}, "predicted": {},
+                           "ratio": {}}
     for key in ("ttft", "tpot", "e2e"):
-        measured = [r[f"{key}_s"] for r in alone if r[f"{key}_s"] is not None]
-        pred = prediction.get(f"{key}_s")
-        m = float(np.median(measured)) * 1e3 if measured else None
-        p = pred * 1e3 if pred is not None else None
+        if per_request:
+            pairs = [(r[f"{key}_s"], p.get(f"{key}_s")) for r, p in zip(sized, own)]
+            pairs = [(m, p) for m, p in pairs if m is not None and p]
+            m, p = _median_ms([m for m, _ in pairs]), _median_ms([p for _, p in pairs])
+            ratio = float(np.median([m / p for m, p in pairs])) if pairs else None
+        else:
+            m = _median_ms([r[f"{key}_s"] for r in alone if r[f"{key}_s"] is not None])
+            pred = prediction.get(f"{key}_s")
+            p = pred * 1e3 if pred is not None else None
+            ratio = m / p if m is not None and p else None
         out["measured"][f"{key}_ms_p50"] = m
         out["predicted"][f"{key}_ms"] = p
-        out["ratio"][key] = m / p if m is not None and p else None
-    out["predicted"]["prompt_tokens"] = prediction.get("prompt_tokens")
-    out["predicted"]["output_tokens"] = prediction.get("output_tokens")
+        out["ratio"][key] = ratio
     sizes = [r["prompt_tokens"] for r in alone if r["prompt_tokens"] is not None]
     out["measured"]["prompt_tokens_p50"] = float(np.median(sizes)) if sizes else None
+    if per_request:
+        out["predicted"]["prompt_tokens"] = float(np.median([p["prompt_tokens"] for p in own]))
+        out["predicted"]["output_tokens"] = float(np.median([p["output_tokens"] for p in own]))
+    else:
+        out["predicted"]["prompt_tokens"] = prediction.get("prompt_tokens")
+        out["predicted"]["output_tokens"] = prediction.get("output_tokens")
     return out
 
 
+def scenario_predictor(run_dir: Path, run: dict[str, Any]) -> SizePredictor | None:
+    """``pdtb predict`` at any request size from the run's ``scenario.yaml`` (None when that
+    cannot be loaded, e.g. a run directory of an older version or without profiles)."""
+    from testbed.config.base import ConfigError
+    from testbed.config.scenario import check_references, scenario_from_data
+    from testbed.predict import predict
+
+    path = run_dir / "scenario.yaml"
+    try:
+        data = yaml.safe_load(path.read_text())
+        data.pop("kind", None)
+        sc = scenario_from_data(data, str(path), run_dir)
+        check_references(sc)  # its topology and profiles load: predict() will not fail on them
+    except (OSError, yaml.YAMLError, AttributeError, ConfigError):
+        return None
+    byte_scale = run.get("byte_scale")
+
+    @lru_cache(maxsize=None)
+    def at(prompt_tokens: int, output_tokens: int) -> dict[str, Any]:
+        return predict(sc, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                       byte_scale=byte_scale).to_dict()
+    return at
+
+
 def summarize(events: list[dict[str, Any]], run: dict[str, Any], fidelity: dict[str, Any] | None = None,
-              expected_ids: Iterable[str] = (), records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+              expected_ids: Iterable[str] = (), records: list[dict[str, Any]] | None = None,
+              predictor: SizePredictor | None = None) -> dict[str, Any]:
     """summary.json's content from a run's events, its run.json and its fidelity.json
-    (``records``: the events' request_records when the caller already has them)."""
+    (``records``: the events' request_records when the caller already has them; ``predictor``:
+    predictions at each lone request's own size, see :func:`low_load_check`)."""
     if records is None:
         records = request_records(events, expected_ids)
     start, end = run_window(records)
@@ -424,7 +486,7 @@ def summarize(events: list[dict[str, Any]], run: dict[str, Any], fidelity: dict[
         "nodes": nodes,
         "emulation": {k: run.get(k) for k in ("backend", "impairment_backend", "tdf", "byte_scale")},
         "fidelity": fidelity_verdict(fidelity, nodes),
-        "prediction_check": low_load_check(records, run.get("prediction")),
+        "prediction_check": low_load_check(records, run.get("prediction"), predictor),
     }
 
 
@@ -494,7 +556,7 @@ def compute_summary(run_dir: str | Path) -> dict[str, Any]:
     fidelity = _read_json(run_dir / "fidelity.json")
     events = read_run_timeline(run_dir)
     records = request_records(events, expected_request_ids(run_dir))
-    summary = summarize(events, run, fidelity, records=records)
+    summary = summarize(events, run, fidelity, records=records, predictor=scenario_predictor(run_dir, run))
     rows = io.StringIO()
     writer = csv.DictWriter(rows, fieldnames=REQUEST_COLUMNS, lineterminator="\n")
     writer.writeheader()

@@ -255,6 +255,28 @@ def test_low_load_prediction_check() -> None:
     assert busy["prediction_check"]["ratio"]["ttft"] is None and busy["prediction_check"]["predicted"]["ttft_ms"] == 50
 
 
+def test_low_load_check_predicts_each_lone_request_at_its_size() -> None:
+    """A short lone prompt is compared with the prediction at its own size, not the typical one."""
+    events = (client_request("r3", 1.0, [1.04, 1.05, 1.07], prompt=120)
+              + client_request("r5", 3.0, [3.06, 3.07, 3.08], prompt=80))
+    run = dict(RUN, prediction={"ttft_s": 0.5, "tpot_s": 0.1, "e2e_s": 0.7, "prompt_tokens": 1000,
+                                "output_tokens": 3})
+    asked: list[tuple[int, int]] = []
+
+    def predictor(prompt: int, output: int) -> dict:
+        asked.append((prompt, output))
+        return {"ttft_s": prompt / 2000, "tpot_s": 0.01, "e2e_s": prompt / 2000 + 0.02,
+                "prompt_tokens": prompt, "output_tokens": output}
+
+    check = summarize(events, run, predictor=predictor)["prediction_check"]
+    assert sorted(asked) == [(80, 3), (120, 3)] and check["per_request"] is True
+    # r3: TTFT 40 ms vs 60 predicted; r5: 60 ms vs 40 -> ratios 2/3 and 3/2
+    assert check["ratio"]["ttft"] == pytest.approx((2 / 3 + 3 / 2) / 2)
+    assert check["predicted"]["ttft_ms"] == pytest.approx(50.0) and check["predicted"]["prompt_tokens"] == 100
+    assert check["ratio"]["tpot"] == pytest.approx((1.5 + 1.0) / 2)
+    assert summarize(events, run)["prediction_check"]["per_request"] is False
+
+
 def test_compute_summary_reads_run_dir(tmp_path: Path) -> None:
     (tmp_path / "timeline").mkdir()
     with open(tmp_path / "timeline" / "client.jsonl", "w") as f:

@@ -144,3 +144,18 @@ def test_low_load_run_matches_prediction(tmp_path: Path) -> None:
     for metric in ("ttft", "tpot"):
         assert 0.9 <= check["ratio"][metric] <= 1.1, (metric, check)
     _assert_clean(out)
+
+
+def test_gpu_baseline_colocated_nodes_without_efa(tmp_path: Path) -> None:
+    """The colocated GPU baseline runs on a topology with no EFA network: no KV endpoint is
+    asked of its nodes, every request completes, and no KV handoff happens."""
+    out = tmp_path / "run"
+    proc = _pdtb("run", str(REPO / "scenarios" / "gpu-baseline.yaml"), "--out", str(out), "--json",
+                 "--set", "workload.requests=6")
+    stdout, stderr = proc.communicate(timeout=110)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout)
+    assert summary["counts"]["completed"] == summary["counts"]["total"] == 6, summary["counts"]
+    assert summary["kv_transfer"]["count"] == 0
+    assert {n["role"] for n in summary["nodes"].values()} == {"colocated"}
+    _assert_clean(out)

@@ -237,6 +237,27 @@ def test_topology_ref_resolves_relative_to_scenario(tmp_path: Path) -> None:
     assert load(tmp_path, BASE).topology_ref() == "pair"
 
 
+def test_resolved_raw_loads_the_same_scenario_from_elsewhere(tmp_path: Path) -> None:
+    """A run's scenario.yaml: file references made absolute, so it loads from the run directory."""
+    from testbed.config.scenario import scenario_from_data
+
+    sub = tmp_path / "scen"
+    sub.mkdir()
+    traced = with_("workload.trace", {"path": "../traces/t.csv", "speedup": 2},
+                   with_("workload.arrival", None, with_("workload.prompt_tokens", None,
+                                                         with_("workload.output_tokens", None))))
+    sc = load_scenario(write(sub, dict(traced, topology="../topo/mine.yaml")), check_refs=False)
+    raw = sc.resolved_raw()
+    assert raw["topology"] == str(tmp_path.resolve() / "topo" / "mine.yaml")
+    assert raw["workload"]["trace"] == {"path": str(tmp_path.resolve() / "traces" / "t.csv"), "speedup": 2}
+    elsewhere = scenario_from_data(raw, "run/scenario.yaml", tmp_path / "run")
+    assert elsewhere.topology_ref() == sc.topology_ref() and elsewhere.trace_path() == sc.trace_path()
+    assert elsewhere.workload.trace.speedup == 2 and elsewhere.workload.requests == sc.workload.requests
+    shorthand = load_scenario(write(sub, dict(traced, workload={"trace": "t.csv", "requests": 3})), check_refs=False)
+    assert shorthand.resolved_raw()["workload"]["trace"] == str(sub.resolve() / "t.csv")
+    assert load(tmp_path, BASE).resolved_raw()["topology"] == "pair"
+
+
 TOPO = {
     "name": "mini",
     "hosts": [{"name": "cl", "role": "client"}, {"name": "rt", "role": "router"},

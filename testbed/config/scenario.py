@@ -370,6 +370,17 @@ class ScenarioConfig(StrictModel):
         """The mapping this config was validated from (after overrides), without ``kind``."""
         return _deepcopy(self._raw)
 
+    def resolved_raw(self) -> dict[str, Any]:
+        """``raw`` with its file references (topology file, trace) made absolute, so a copy of it
+        saved anywhere (a run's ``scenario.yaml``) loads as the same scenario."""
+        data = self.raw
+        data["topology"] = self.topology_ref()
+        trace = data.get("workload", {}).get("trace")
+        if self.workload.trace is not None and trace is not None:
+            path = str(self.trace_path())
+            data["workload"]["trace"] = {**trace, "path": path} if isinstance(trace, dict) else path
+        return data
+
     def resolve_path(self, value: str) -> Path:
         path = Path(value).expanduser()
         return path if path.is_absolute() else (self._base_dir / path).resolve()

@@ -317,7 +317,8 @@ class Orchestrator:
                                          decode_policy=sc.router.decode_policy,
                                          request_timeout_s=float(sc.router.request_timeout))
         http = {p.name: self._http(p) for p in self.nodes.values() if p.role != "client"}
-        kv_ep = {p.name: self._kv(p) for p in self.compute_nodes if p.role in ("decode", "colocated")}
+        # colocated nodes keep their KV cache where it was made: no KV endpoint (and no EFA link)
+        kv_ep = {p.name: self._kv(p) for p in self.compute_nodes if p.role == "decode"}
         peers = [PeerInfo(name=p.name, role=p.role, http=http[p.name], kv=kv_ep.get(p.name), hardware=p.hardware)
                  for p in self.compute_nodes]
         common = dict(run_id=self.rd.run_id, model=sc.model, tdf=self.tdf, byte_scale=self.byte_scale,
@@ -399,7 +400,8 @@ class Orchestrator:
         if with_workload:
             self._write_workload()
         self.choose_emulation()
-        self.rd.scenario_yaml.write_text(yaml.safe_dump({"kind": "scenario", **self.sc.raw}, sort_keys=False))
+        self.rd.scenario_yaml.write_text(yaml.safe_dump({"kind": "scenario", **self.sc.resolved_raw()},
+                                                        sort_keys=False))
         from testbed.predict import predict
 
         prediction = predict(self.sc).to_dict()

@@ -3,7 +3,7 @@
 Layout (``RUN_DIR`` = ``runs/<scenario>-<UTC timestamp>`` unless ``--out`` names one)::
 
     run.json            what ran: ids, backend, emulation (TDF, byte scale), nodes, prediction, crashes
-    scenario.yaml       the resolved scenario (overrides applied)
+    scenario.yaml       the resolved scenario (overrides applied, file references absolute)
     workload.jsonl      the requests the client replays
     nodes/<node>.json   per-node configs (0600: they hold the run's secrets)
     logs/<node>.log     each daemon's stdout and stderr
