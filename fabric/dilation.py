@@ -27,6 +27,9 @@ from typing import Any, Literal
 from fabric.topo import SCALED_NETWORKS
 from fabric.topology import LinkSpec, TopologyConfig
 
+KV_ROLES = ("prefill", "decode")
+"""Hosts at the two ends of a KV handoff, the only traffic of the byte-scaled (EFA) network."""
+
 MAX_EMULATED_RATE_BPS = 1e9
 """Above ~1 Gbit/s the userspace delayer (and HTB on 2 cores) no longer keep up (docs/fidelity.md)."""
 HOST_CAPACITY_SHARE = 0.5
@@ -52,14 +55,21 @@ class EmulationChoice:
 
 def carried_rate_bound_bps(topology: TopologyConfig, link: LinkSpec) -> float | None:
     """The most (model) bit/s ``link`` can ever carry: its own rate, and no more than the other
-    links of a switch at either end can bring to it or take from it. In ``pair.yaml`` the 3.2
-    Tbit/s prefill link only ever carries what the 1.2 Tbit/s decode link takes. None: unshaped."""
+    links of a switch at either end can bring to it or take from it. On the EFA network, which
+    carries KV handoffs from prefill to decode hosts only, a prefill (decode) host's link gets
+    nothing from the switch's links to other prefill (decode) hosts. In ``pair.yaml`` the 3.2
+    Tbit/s prefill link only ever carries what the 1.2 Tbit/s decode link takes; in ``pod.yaml``
+    a prefill link at most what the two decode links take. None: unshaped."""
     bounds = [link.params.bandwidth_bps] if link.params.bandwidth_bps else []
     switches = {sw.name for sw in topology.switches}
+    roles = {h.name: h.role for h in topology.hosts}
+    kv_role = next((roles[e] for e in (link.a, link.b) if roles.get(e) in KV_ROLES), None) \
+        if link.cls in SCALED_NETWORKS else None
     for end in (link.a, link.b):
         if end in switches:
             others = [lk.params.bandwidth_bps for lk in topology.links
-                      if lk is not link and lk.cls == link.cls and end in (lk.a, lk.b)]
+                      if lk is not link and lk.cls == link.cls and end in (lk.a, lk.b)
+                      and (kv_role is None or roles.get(lk.other(end)) != kv_role)]
             if others and all(others):
                 bounds.append(sum(others))
     return min(bounds) if bounds else None

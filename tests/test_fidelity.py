@@ -149,7 +149,7 @@ def test_auto_latency_floor_and_budget():
     assert capped.tdf == pytest.approx(50) and "wall budget" in capped.reason
     # with room in the budget, TDF rises to keep the byte scale at 1
     roomy = choose_emulation(pod, "auto", "auto", wall_budget_s=1e5, workload_model_s=1, host_capacity=4e9)
-    assert roomy.byte_scale == pytest.approx(1.0) and roomy.tdf == pytest.approx(3.2e12 / 1e9)
+    assert roomy.byte_scale == pytest.approx(1.0) and roomy.tdf == pytest.approx(2.4e12 / 1e9)  # prefill -> 2 decode
 
 
 def test_carried_rate_bound_follows_the_switch():
@@ -157,9 +157,12 @@ def test_carried_rate_bound_follows_the_switch():
     assert carried_rate_bound_bps(pair, pair.link("prefill0-efa")) == pytest.approx(1.2e12)
     assert carried_rate_bound_bps(pair, pair.link("decode0-efa")) == pytest.approx(1.2e12)
     assert carried_rate_bound_bps(pair, pair.link("client0-fe")) == pytest.approx(10e9)
-    # pod: the switch's other links (3 x 3.2 + 2 x 1.2 Tbit/s) could take all of a prefill link
-    assert carried_rate_bound_bps(pod, pod.link("prefill0-efa")) == pytest.approx(3.2e12)
+    # pod: KV leaves a prefill node only toward the two 1.2 Tbit/s decode links, never another prefill node
+    assert carried_rate_bound_bps(pod, pod.link("prefill0-efa")) == pytest.approx(2.4e12)
     assert carried_rate_bound_bps(pod, pod.link("decode0-efa")) == pytest.approx(1.2e12)
+    assert carried_rate_bound_bps(pod, pod.link("client0-fe")) == pytest.approx(pod.link("client0-fe").params.bandwidth_bps)
+    # incast's given dilation (pod, 1/512, TDF 5): 2.4 Tbit/s -> 938 Mbit/s, inside the cap
+    assert "EFA link can carry" not in choose_emulation(pod, 5, 1 / 512, host_capacity=4e9).reason
     unshaped = pair.model_copy(update={"links": [lk.model_copy(update={"params": lk.params.model_copy(
         update={"bandwidth_bps": None})}) if lk.name == "decode0-efa" else lk for lk in pair.links]})
     assert carried_rate_bound_bps(unshaped, unshaped.link("prefill0-efa")) == pytest.approx(3.2e12)
