@@ -243,3 +243,24 @@ def test_broken_path_fails_rather_than_errors():
               measured={"rtt_s": None, "goodput_bps": None, "loss": None, "errors": ["ping a->b: no echo"]})
     judge(p)
     assert p.verdicts["rtt"] == "FAIL" and p.verdicts["goodput"] == "FAIL" and not p.ok
+
+
+def test_probe_outside_tolerance_is_measured_once_more(monkeypatch):
+    """A burst of host noise passes on the second measurement; a wrong link fails twice."""
+    import fabric.check as check
+
+    probe = check.Probe(src="a", dst="b", cls="efa", links=["a-efa"], tdf=10, byte_scale=1, rate_bps=100e6,
+                        rtt_s=5e-3, loss=0.0)
+    rtts = iter([7.5e-3, 5.2e-3])                       # noisy once, then within +-10 % + 0.3 ms
+    monkeypatch.setattr(check, "measure_rtt", lambda *a: next(rtts))
+    monkeypatch.setattr(check, "measure_tcp", lambda *a: 97e6)
+    monkeypatch.setattr(check, "measure_udp_loss", lambda *a: (0.0, 1000))
+    check.measure_probe(None, probe, 1.0)
+    assert probe.ok and probe.measured["rtt_s"] == 5.2e-3 and probe.measured["retried"] == ["rtt_s"]
+    slow = check.Probe(**{**probe.__dict__, "measured": {}, "verdicts": {}})
+    calls = []
+    monkeypatch.setattr(check, "measure_tcp", lambda *a: calls.append(a) or 50e6)   # a link at half its rate
+    monkeypatch.setattr(check, "measure_rtt", lambda *a: 5.1e-3)
+    check.measure_probe(None, slow, 1.0)
+    assert not slow.ok and slow.verdicts["goodput"] == "FAIL" and len(calls) == 2
+    assert slow.measured["retried"] == ["goodput_bps"]
