@@ -22,6 +22,7 @@ import yaml
 
 from fabric.fidelity import judge_step_timing
 from nodes.timeline import read_run_timeline
+from testbed.runner.rundir import write_atomically
 
 SCHEMA = "pdtb.summary/1"
 COMPUTE_ROLES = ("prefill", "decode", "colocated")
@@ -506,12 +507,12 @@ def expected_request_ids(run_dir: Path) -> list[str]:
         return [f"r{json.loads(line)['index']:06d}" for line in f if line.strip()]
 
 
-def _span_ms(start: float | None, end: float | None) -> float | None:
-    return None if start is None or end is None else round((end - start) * 1e3, 3)
-
-
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1e3, 3)
+
+
+def _span_ms(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else _ms(end - start)
 
 
 REQUEST_COLUMNS: tuple[str, ...] = (
@@ -537,12 +538,6 @@ def request_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     } for r in records]
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def run_request_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     """``requests.csv``'s rows computed from a run directory's timeline (also while it runs)."""
     run_dir = Path(run_dir)
@@ -561,6 +556,6 @@ def compute_summary(run_dir: str | Path) -> dict[str, Any]:
     writer = csv.DictWriter(rows, fieldnames=REQUEST_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(request_rows(records))
-    _write_atomically(run_dir / "requests.csv", rows.getvalue())
-    _write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    write_atomically(run_dir / "requests.csv", rows.getvalue())
+    write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
     return summary

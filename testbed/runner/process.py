@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from fabric.cleanup import proc_start_ticks
+from testbed.runner.rundir import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,7 @@ class PidRegistry:
                 "processes": list(self._entries.values())}
         for path in self.paths:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1))
-            os.replace(tmp, path)
+            write_atomically(path, json.dumps(data, indent=1))
 
 
 def read_registry(path: Path) -> list[dict[str, Any]]:

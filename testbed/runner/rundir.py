@@ -28,6 +28,14 @@ DEFAULT_BASE = Path("runs")
 _RUN_ID_BAD = re.compile(r"[^a-z0-9-]+")
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so a reader (or a crash) never sees half a file; the
+    temporary name carries the PID because several processes may write the same file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def utc_stamp(t: float | None = None) -> str:
     return datetime.fromtimestamp(time.time() if t is None else t, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
@@ -142,9 +150,7 @@ class RunDir:
         with self._lock:
             data = self.read_run_json()
             data.update(fields)
-            tmp = self.run_json.with_name(".run.json.tmp")
-            tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-            os.replace(tmp, self.run_json)
+            write_atomically(self.run_json, json.dumps(data, indent=2, default=_json_default) + "\n")
             return data
 
 
