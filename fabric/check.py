@@ -374,13 +374,16 @@ def format_table(probes: list[Probe]) -> str:
 
 def check_topology(topology: TopologyConfig, tdf: float | str = "auto", byte_scale: float | str = "auto",
                    prefix: str = "pt", impairment: str = "auto", duration_s: float = 2.0) -> dict[str, Any]:
-    """Build ``topology`` (once per pass), measure every probe, tear down; the report as a dict."""
+    """Build ``topology`` (once per pass), measure every probe, tear down; the report as a dict.
+    With ``auto``, the host capacity is measured afresh (and cached for runs): the check judges
+    rates this host carries now, and past its capacity the delayers drop packets and TCP
+    collapses to a fraction of the rate, which says nothing about the shaping."""
     from fabric.dilation import choose_emulation, measure_host_capacity, rate_cap_bps
     from fabric.net import FabricNet
 
     started = time.monotonic()
     auto = "auto" in (tdf, byte_scale)
-    capacity = measure_host_capacity(prefix, impairment=impairment) if auto else None
+    capacity = measure_host_capacity(prefix, impairment=impairment, use_cache=False) if auto else None
     choice = choose_emulation(topology, tdf, byte_scale, host_capacity=capacity)
     passes = plan_passes(topology, plan_routes(topology), choice.tdf, choice.byte_scale, rate_cap_bps(capacity),
                          extra=auto)
@@ -450,4 +453,8 @@ def run_check(args: argparse.Namespace) -> int:
         failed = [f"{p.src}->{p.dst} {k}" for p in probes for k, v in p.verdicts.items() if v == "FAIL"]
         print(f"{'OK' if report['ok'] else 'FAIL'}: {len(probes)} paths in {report['duration_s']:.0f} s"
               + (f"; outside tolerance: {', '.join(failed)}" if failed else ""))
+        if any(p.verdicts.get("goodput") == "FAIL" for p in probes) and report["host_capacity_bps"]:
+            print(f"  the rates were chosen for a host capacity of {_fmt_rate(report['host_capacity_bps'])}bit/s "
+                  f"measured at the start: a host that got busier since carries less (run the check again "
+                  f"when it is quieter, or pass a larger --tdf)")
     return 0 if report["ok"] else 1

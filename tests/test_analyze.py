@@ -44,7 +44,7 @@ async def _run_transfers(run: Path, snaplen: int) -> int:
                                                           verified=ok))
     await rx.start("127.0.0.1", 0)
     (run / "pcap").mkdir()
-    cap = subprocess.Popen(["tcpdump", "-i", "lo", "-n", "-s", str(snaplen), "-B", "16384", "--immediate-mode", "-U",
+    cap = subprocess.Popen(["tcpdump", "-i", "lo", "-n", "-s", str(snaplen), "-B", "65536", "--immediate-mode", "-U",
                             "-w", str(run / "pcap" / "lo.pcap"), f"tcp port {rx.port}"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -127,7 +127,9 @@ def test_transfers_rebuilt_and_match_tshark(captured_run):
         assert t["tcp_payload_bytes_wire"] == sums[(t["client"], t["server"])]        # exactly
         assert t["tcp_payload_bytes_reverse"] == sums[(t["server"], t["client"])]
         assert t["retransmissions"] == retrans.get(t["client"], 0)
-        assert t["tcp_payload_bytes"] == t["tcp_payload_bytes_wire"] - t["retransmitted_bytes"]
+        # every stream byte was captured once, or more (retransmitted), or not at all (tcpdump dropped it)
+        assert t["tcp_payload_bytes"] == (t["tcp_payload_bytes_wire"] - t["retransmitted_bytes"]
+                                          + t["uncaptured_bytes"])
     for t, size in zip(trs, SIZES):
         assert t["announced_bytes"] == size
         if t["frames_complete"]:
@@ -182,8 +184,9 @@ def test_cli_json_and_table(captured_run, capsys):
     assert "max |diff| vs timeline" in capsys.readouterr().out
 
 
-def _crafted_run(tmp_path: Path, duplicate: bool, link: str = "ip") -> Path:
-    """A KV transfer written by scapy, optionally with one segment sent twice."""
+def _crafted_run(tmp_path: Path, variant: str = "clean", link: str = "ip") -> Path:
+    """A KV transfer written by scapy: ``clean``, or its second data segment ``duplicate`` (sent
+    twice), ``dropped`` (missing from the capture) or ``reordered`` (after the third)."""
     (tmp_path / "pcap").mkdir()
     (tmp_path / "run.json").write_text(json.dumps({"tdf": 1, "byte_scale": 1, "t0_wall": 1_800_000_000}))
     b = KvBegin("r000009", "m", 2, 10, 5000)
@@ -204,9 +207,13 @@ def _crafted_run(tmp_path: Path, duplicate: bool, link: str = "ip") -> Path:
     seg(srv, cli, 945, 177, "PA", s2c[44:88])
     mss = 1400
     body = c2s[76:]
-    for i in range(0, len(body), mss):
-        seg(cli, srv, 177 + i, 989, "PA", body[i:i + mss])
-        if duplicate and i == mss:
+    order = list(range(0, len(body), mss))
+    if variant == "reordered":
+        order[1], order[2] = order[2], order[1]
+    for i in order:
+        if not (variant == "dropped" and i == mss):
+            seg(cli, srv, 177 + i, 989, "PA", body[i:i + mss])
+        if variant == "duplicate" and i == mss:
             seg(cli, srv, 177 + i, 989, "PA", body[i:i + mss])
     seg(srv, cli, 989, 177 + len(body), "PA", s2c[88:])
     seg(cli, srv, 177 + len(body), 989 + len(s2c) - 88, "FA")
@@ -222,16 +229,26 @@ def _crafted_run(tmp_path: Path, duplicate: bool, link: str = "ip") -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("duplicate, link", [(False, "ip"), (True, "ip"), (True, "sll")])
-def test_retransmissions_counted_like_tshark(tmp_path, duplicate, link):
-    run = _crafted_run(tmp_path, duplicate, link)
+@pytest.mark.parametrize("variant, link", [("clean", "ip"), ("duplicate", "ip"), ("duplicate", "sll"),
+                                           ("dropped", "ip"), ("reordered", "ip")])
+def test_retransmissions_counted_like_tshark(tmp_path, variant, link):
+    run = _crafted_run(tmp_path, variant, link)
+    duplicate = variant == "duplicate"
     result = analyze_run(run)
     (t,) = result["transfers"]
     assert t["request_id"] == "r000009" and t["status"] == "verified"
-    assert t["frames_complete"] and t["chunk_payload_bytes"] == 5000 and t["chunks"] == 2
-    assert t["frames_seen"] == {"HELLO": 1, "AUTH": 1, "AUTH_OK": 1, "BEGIN": 1, "CHUNK": 2, "END": 1, "ACK": 1}
+    if variant == "dropped":   # the second chunk's header was in the missing segment: skipped, walk resumed
+        assert not t["frames_complete"] and t["chunk_payload_bytes"] is None and t["chunks"] is None
+    else:
+        assert t["frames_complete"] and t["chunk_payload_bytes"] == 5000 and t["chunks"] == 2
+    assert t["frames_seen"] == {"HELLO": 1, "AUTH": 1, "AUTH_OK": 1, "BEGIN": 1, "CHUNK": 1 if variant == "dropped" else 2,
+                                "END": 1, "ACK": 1}
     assert t["retransmissions"] == (1 if duplicate else 0)
-    assert t["tcp_payload_bytes_wire"] - t["tcp_payload_bytes"] == (1400 if duplicate else 0)
+    assert t["retransmitted_bytes"] == (1400 if duplicate else 0)
+    assert t["uncaptured_bytes"] == (1400 if variant == "dropped" else 0)   # a late segment fills its gap
+    assert t["tcp_payload_bytes"] == t["tcp_payload_bytes_wire"] - t["retransmitted_bytes"] + t["uncaptured_bytes"]
+    assert result["summary"]["uncaptured_bytes"] == t["uncaptured_bytes"]
+    assert ("the captures missed 1400 stream bytes" in format_table(result)) == (variant == "dropped")
     assert t["timeline"] is None   # no timeline in this run
     pcap = run / "pcap" / "crafted.pcap"
     assert sum(_tshark_retrans(pcap).values()) == t["retransmissions"]

@@ -264,3 +264,25 @@ def test_probe_outside_tolerance_is_measured_once_more(monkeypatch):
     check.measure_probe(None, slow, 1.0)
     assert not slow.ok and slow.verdicts["goodput"] == "FAIL" and len(calls) == 2
     assert slow.measured["retried"] == ["goodput_bps"]
+
+
+def test_check_text_names_failures_and_the_capacity_behind_the_rates(monkeypatch, capsys):
+    import argparse
+
+    import fabric.check as check
+
+    slow = check.Probe("prefill0", "decode0", "efa", ["prefill0-efa", "decode0-efa"], 150, 0.083,
+                       rate_bps=667e6, rtt_s=4.5e-3, loss=0.0,
+                       measured={"goodput_bps": 500e6, "rtt_s": 4.6e-3, "loss": 0.0, "udp_packets": 5000})
+    judge(slow)
+    report = {"topology": "pair", "tdf": 150, "byte_scale": 0.083, "reason": "r", "host_capacity_bps": 1.334e9,
+              "impairment_backend": "fallback", "passes": [{"tdf": 150, "byte_scale": 0.083, "probes": 1}],
+              "ok": False, "duration_s": 9.0, "probes": [slow.__dict__ | {"ok": slow.ok}]}
+    monkeypatch.setattr(check, "check_topology", lambda *a: report)
+    monkeypatch.setattr(check.os, "geteuid", lambda: 0)
+    args = argparse.Namespace(topology="pair", json=False, tdf="auto", byte_scale="auto", prefix="pt",
+                              impairment="auto", duration=2.0)
+    assert check.run_check(args) == 1
+    out = capsys.readouterr().out
+    assert "FAIL: 1 paths" in out and "outside tolerance: prefill0->decode0 goodput" in out
+    assert "host capacity of 1334.0Mbit/s" in out and "--tdf" in out
