@@ -8,8 +8,6 @@ pure over lists of event dicts so they can be checked on hand-made timelines.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from collections import Counter, defaultdict
@@ -22,7 +20,7 @@ import yaml
 
 from fabric.fidelity import judge_step_timing
 from nodes.timeline import read_run_timeline
-from testbed.runner.rundir import write_atomically
+from testbed.runner.rundir import write_atomically, write_csv
 
 SCHEMA = "pdtb.summary/1"
 COMPUTE_ROLES = ("prefill", "decode", "colocated")
@@ -552,10 +550,7 @@ def compute_summary(run_dir: str | Path) -> dict[str, Any]:
     events = read_run_timeline(run_dir)
     records = request_records(events, expected_request_ids(run_dir))
     summary = summarize(events, run, fidelity, records=records, predictor=scenario_predictor(run_dir, run))
-    rows = io.StringIO()
-    writer = csv.DictWriter(rows, fieldnames=REQUEST_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(request_rows(records))
-    write_atomically(run_dir / "requests.csv", rows.getvalue())
+    write_csv(run_dir / "requests.csv", REQUEST_COLUMNS,
+              [[row[c] for c in REQUEST_COLUMNS] for row in request_rows(records)])
     write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
     return summary

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 
 from nodes.timeline import read_run_timeline  # noqa: E402
 from testbed.metrics import compute_summary, expected_request_ids, request_records  # noqa: E402
+from testbed.runner.rundir import write_csv  # noqa: E402
 from testbed.units import parse_bandwidth, parse_duration, parse_ratio  # noqa: E402
 
 TIMELINE_SAMPLE = 40  # requests drawn in the per-request timeline
@@ -418,10 +419,7 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
     header = keys + [label for _, label in SWEEP_METRICS] + ["fidelity", "run"]
     rows = [[p.get(k) for k in keys] + [_get(s, m) for m, _ in SWEEP_METRICS] + [s["fidelity"]["verdict"], d.name]
             for p, s, d in points]
-    with open(sweep_dir / "sweep.csv", "w") as f:
-        f.write(",".join(header) + "\n")
-        for row in rows:
-            f.write(",".join("" if v is None else str(v).replace(",", ";") for v in row) + "\n")
+    write_csv(sweep_dir / "sweep.csv", header, rows)
     figures = ""
     for i, key in enumerate(keys):
         png = plot_sweep_key(points, key, sweep_dir / f"sweep_{i}_{''.join(c if c.isalnum() else '_' for c in key)}.png")

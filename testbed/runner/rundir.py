@@ -15,6 +15,8 @@ Layout (``RUN_DIR`` = ``runs/<scenario>-<UTC timestamp>`` unless ``--out`` names
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -22,7 +24,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 DEFAULT_BASE = Path("runs")
 _RUN_ID_BAD = re.compile(r"[^a-z0-9-]+")
@@ -34,6 +36,15 @@ def write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A CSV file (RFC 4180 quoting, empty cells for None), written atomically."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    write_atomically(path, out.getvalue())
 
 
 def utc_stamp(t: float | None = None) -> str:
