@@ -23,3 +23,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture
+def shared_trace() -> Path:
+    """The Azure code trace of ../shared, beside the checkout (as in CI); skipped without it."""
+    path = REPO.parent / "shared" / "traces" / "azure_llm_2023_code.csv"
+    if not path.exists():
+        pytest.skip("shared trace not beside the checkout")
+    return path

@@ -8,8 +8,6 @@ import pytest
 from testbed.config.base import ConfigError
 from testbed.trace import parse_timestamp_ns, read_trace, replay
 
-SHARED_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "azure_llm_2023_code.csv"
-
 SMALL = """TIMESTAMP,ContextTokens,GeneratedTokens
 2023-11-16 18:17:03.9799600,4808,10
 2023-11-16 18:17:04.0319600,3180,8
@@ -96,9 +94,8 @@ def test_sampling_is_seeded_and_near_fraction(tmp_path: Path) -> None:
     assert all(r.output_tokens == 1 + (r.prompt_tokens - 100) % 7 for r in a) and len(kept) == len(a)
 
 
-@pytest.mark.skipif(not SHARED_TRACE.exists(), reason="shared trace not beside the checkout")
-def test_shared_azure_code_trace() -> None:
-    recs = read_trace(SHARED_TRACE)
+def test_shared_azure_code_trace(shared_trace: Path) -> None:
+    recs = read_trace(shared_trace)
     assert len(recs) == 8819
     assert (recs[0].prompt_tokens, recs[0].output_tokens) == (4808, 10)
     assert (recs[-1].prompt_tokens, recs[-1].output_tokens) == (549, 173)
@@ -107,18 +104,17 @@ def test_shared_azure_code_trace() -> None:
     assert all(a.t_ns <= b.t_ns for a, b in zip(recs, recs[1:]))
 
 
-@pytest.mark.skipif(not SHARED_TRACE.exists(), reason="shared trace not beside the checkout")
-def test_shared_trace_replay_reproduces_every_row() -> None:
+def test_shared_trace_replay_reproduces_every_row(shared_trace: Path) -> None:
     """A full replay gives every row's lengths and its time since the first row, to 100 ns."""
     from datetime import datetime
 
-    rows = [line.split(",") for line in SHARED_TRACE.read_text().splitlines()[1:] if line.strip()]
+    rows = [line.split(",") for line in shared_trace.read_text().splitlines()[1:] if line.strip()]
 
     def ns(ts: str) -> int:  # datetime keeps microseconds; the 7th digit is added by hand
         return round(datetime.strptime(ts[:26], "%Y-%m-%d %H:%M:%S.%f").timestamp() * 1e6) * 1000 + int(ts[26]) * 100
 
     t0 = ns(rows[0][0])
-    replayed = replay(read_trace(SHARED_TRACE))
+    replayed = replay(read_trace(shared_trace))
     assert len(replayed) == len(rows)
     for r, row in zip(replayed, rows):
         assert (r.prompt_tokens, r.output_tokens) == (int(row[1]), int(row[2]))

@@ -122,13 +122,9 @@ def test_trace_replay_reproduces_arrivals_and_lengths(tmp_path: Path) -> None:
         generate_workload(sc)
 
 
-SHARED_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "azure_llm_2023_code.csv"
-
-
-@pytest.mark.skipif(not SHARED_TRACE.exists(), reason="shared trace not beside the checkout")
-def test_shipped_trace_replay_scenario() -> None:
+def test_shipped_trace_replay_scenario(shared_trace: Path) -> None:
     sc = load_scenario(Path(__file__).resolve().parents[1] / "scenarios" / "trace-replay.yaml", check_refs=False)
-    assert sc.trace_path() == SHARED_TRACE.resolve()
+    assert sc.trace_path() == shared_trace.resolve()
     items = generate_workload(sc)
     t = sc.workload.trace
     span = items[-1].arrival_s * t.speedup
