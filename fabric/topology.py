@@ -13,8 +13,8 @@ from typing import ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from testbed.config.base import ConfigError, NodeName, SafeName, StrictModel, load_model
-from testbed.units import Bandwidth, Duration, Ratio
+from core.config import ConfigError, NodeName, SafeName, StrictModel, load_model
+from core.units import Bandwidth, Duration, Ratio
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOPOLOGY_DIR = REPO_ROOT / "topologies"

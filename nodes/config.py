@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from nodes.profiles.models import ProfileName
-from testbed.config.base import NodeName, SafeName
+from core.config import NodeName, SafeName
 
 Role = Literal["router", "prefill", "decode", "colocated", "client"]
 COMPUTE_ROLES: tuple[str, ...] = ("prefill", "decode", "colocated")

@@ -207,8 +207,11 @@ class NodeControl(_Subscriber):
         while True:
             self._wake.clear()
             await self._publish_status(client)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.heartbeat_s)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+            # arrives as its timer fires, and the node's shutdown then waits forever
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.heartbeat_s):
+                    await self._wake.wait()
 
     async def _commands(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

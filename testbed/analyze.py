@@ -28,7 +28,7 @@ from scapy.utils import PcapReader, RawPcapReader
 from fabric.kvlayer import MAX_FIELDS_LEN, PDKVAck, PDKVBegin, PDKVChunk, PDKVEnd, parse_frame
 from nodes.kvproto import DEFAULT_KV_PORT, HEADER, HEADER_LEN, MAGIC, MAX_FRAME_BYTES, FrameType
 from nodes.timeline import read_run_timeline
-from testbed.config.base import ConfigError
+from core.config import ConfigError
 
 _SEQ_MOD = 1 << 32
 _SYN, _FIN, _RST, _ACK = 0x02, 0x01, 0x04, 0x10

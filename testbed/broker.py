@@ -20,7 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from testbed.config.base import ConfigError
+from core.config import ConfigError
 from testbed.runner.process import die_with_parent
 
 MOSQUITTO = "/usr/sbin/mosquitto"

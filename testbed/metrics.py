@@ -422,7 +422,7 @@ def low_load_check(records: list[dict[str, Any]], prediction: dict[str, Any] | N
 def scenario_predictor(run_dir: Path, run: dict[str, Any]) -> SizePredictor | None:
     """``pdtb predict`` at any request size from the run's ``scenario.yaml`` (None when that
     cannot be loaded, e.g. a run directory of an older version or without profiles)."""
-    from testbed.config.base import ConfigError
+    from core.config import ConfigError
     from testbed.config.scenario import check_references, scenario_from_data
     from testbed.predict import predict
 

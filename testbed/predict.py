@@ -18,7 +18,7 @@ import numpy as np
 from fabric.topology import LinkParams, TopologyConfig, load_topology
 from nodes.costmodel import CostModel
 from nodes.profiles import load_hardware, load_model
-from testbed.config.base import ConfigError
+from core.config import ConfigError
 from testbed.config.scenario import ScenarioConfig, selected_hosts
 from testbed.workload import generate_workload
 

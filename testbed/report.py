@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from nodes.timeline import read_run_timeline  # noqa: E402
 from testbed.metrics import compute_summary, expected_request_ids, request_records  # noqa: E402
 from testbed.runner.rundir import write_csv  # noqa: E402
-from testbed.units import parse_bandwidth, parse_duration, parse_ratio  # noqa: E402
+from core.units import parse_bandwidth, parse_duration, parse_ratio  # noqa: E402
 
 TIMELINE_SAMPLE = 40  # requests drawn in the per-request timeline
 PHASES = (("queue", "#bbbbbb"), ("prefill", "#1f77b4"), ("kv", "#ff7f0e"), ("decode wait", "#d9d9d9"),

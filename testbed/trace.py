@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from testbed.config.base import ConfigError
+from core.config import ConfigError
 
 COLUMNS: tuple[str, str, str] = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 _TIMESTAMP = re.compile(

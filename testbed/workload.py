@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from testbed.config.base import ConfigError
+from core.config import ConfigError
 from testbed.config.scenario import (ArrivalSpec, FixedLength, LognormalLength, ScenarioConfig, UniformLength,
                                      WorkloadSpec)
 from testbed.trace import read_trace, replay

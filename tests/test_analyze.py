@@ -22,7 +22,7 @@ from nodes.kvproto import KvBegin, KvReceiver, KvTransferError, send_kv
 from nodes.timeline import Timeline
 from testbed.analyze import analyze_run, format_table, read_connections
 from testbed.cli import analyze as cli_analyze
-from testbed.config.base import ConfigError
+from core.config import ConfigError
 
 from pcap_helpers import Segments
 

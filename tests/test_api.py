@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from run_helpers import PREFIX, REPO, no_leftovers, processes_of, write_scenario
 
-from testbed.config.base import ConfigError
+from core.config import ConfigError
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed.config.base import ConfigError, load_any
+from testbed.config.kinds import load_any
+from core.config import ConfigError
 from nodes.profiles import HARDWARE_DIR, MODEL_DIR, load_hardware, load_model
 
 REPO = Path(__file__).resolve().parent.parent

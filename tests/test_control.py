@@ -53,7 +53,7 @@ def test_generated_files(broker):
 
 
 def test_broker_rejects_hostile_names(tmp_path):
-    from testbed.config.base import ConfigError
+    from core.config import ConfigError
     with pytest.raises(ConfigError, match="user name"):
         Broker(tmp_path, "t1", "127.0.0.1", ["ok", "bad/#"])
     with pytest.raises(ConfigError, match="run_id"):

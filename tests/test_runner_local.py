@@ -85,7 +85,7 @@ def test_run_dir_layout_and_run_id(tmp_path: Path) -> None:
     rd.update_run_json(backend="local", tdf=2.0)
     rd.update_run_json(finished_wall=1.0)
     assert json.loads(rd.run_json.read_text()) == {"backend": "local", "tdf": 2.0, "finished_wall": 1.0}
-    from testbed.config.base import _check_name
+    from core.config import _check_name
 
     for name in ("pair", "a-very-long-scenario-name-indeed-yes", "x", "9lives"):
         _check_name(make_run_id(name, "20261126T203000Z"))

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed.config.base import ConfigError, load_any
+from testbed.config.kinds import load_any
+from core.config import ConfigError
 from testbed.config.scenario import (ScenarioConfig, expand_sweep, load_scenario, parse_override, point_label,
                                      selected_hosts, set_key_path, topology_problems)
 

@@ -9,7 +9,8 @@ import yaml
 
 from fabric.topo import Dilation, Plan
 from fabric.topology import LinkParams, load_topology, topology_names
-from testbed.config.base import ConfigError, load_any
+from testbed.config.kinds import load_any
+from core.config import ConfigError
 
 BASE = {
     "kind": "topology",

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.config.base import ConfigError
+from core.config import ConfigError
 from testbed.trace import parse_timestamp_ns, read_trace, replay
 
 SMALL = """TIMESTAMP,ContextTokens,GeneratedTokens

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from testbed.units import (UnitError, parse_bandwidth, parse_byte_rate, parse_bytes, parse_duration, parse_flops,
+from core.units import (UnitError, parse_bandwidth, parse_byte_rate, parse_bytes, parse_duration, parse_flops,
                            parse_ratio)
 from nodes.profiles.models import parse_count
 

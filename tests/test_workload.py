@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from testbed.config.base import ConfigError
+from core.config import ConfigError
 from testbed.config.scenario import ArrivalSpec, LognormalLength, UniformLength, load_scenario
 from testbed.workload import (arrival_times, generate_workload, read_workload, request_id, sample_lengths,
                               write_workload)

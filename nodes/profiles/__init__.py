@@ -4,7 +4,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from testbed.config.base import ConfigError, load_model as _load_config
+from core.config import ConfigError, load_model as _load_config
 
 from nodes.profiles.hardware import HardwareProfile
 from nodes.profiles.models import ModelProfile

@@ -11,8 +11,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from testbed.config.base import StrictModel
-from testbed.units import Bandwidth, ByteRate, ByteSize, Duration, FlopRate, Ratio
+from core.config import StrictModel
+from core.units import Bandwidth, ByteRate, ByteSize, Duration, FlopRate, Ratio
 
 from nodes.profiles.models import ProfileName
 

@@ -8,7 +8,7 @@ import sys
 from typing import Sequence
 
 from testbed import __version__
-from testbed.config.base import ConfigError
+from core.config import ConfigError
 
 
 def command_modules() -> list[str]:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from testbed.config.base import ConfigError
+from core.config import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:

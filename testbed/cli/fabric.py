@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from testbed.units import format_bandwidth, format_duration
+from core.units import format_bandwidth, format_duration
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from testbed.config.scenario import expand_sweep, load_scenario
 from testbed.predict import Prediction, predict
-from testbed.units import format_bandwidth, format_bytes
+from core.units import format_bandwidth, format_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from testbed.config.base import ConfigError, read_yaml
-from testbed.units import format_byte_rate, format_bytes, format_flops
+from core.config import ConfigError, read_yaml
+from core.units import format_byte_rate, format_bytes, format_flops
 
 from nodes.calibration import calibration_csv, check
 from nodes.costmodel import CostModel

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed.config.base import ConfigError
+from core.config import ConfigError
 
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from testbed.config.base import ConfigError, load_any
+from testbed.config.kinds import load_any
+from core.config import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:

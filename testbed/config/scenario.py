@@ -20,8 +20,8 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from nodes.profiles.models import ProfileName
-from testbed.config.base import ConfigError, SafeName, StrictModel, problems_from_validation, read_yaml
-from testbed.units import Bandwidth, ByteSize, Duration, Ratio
+from core.config import ConfigError, SafeName, StrictModel, problems_from_validation, read_yaml
+from core.units import Bandwidth, ByteSize, Duration, Ratio
 
 LINK_CLASSES: tuple[str, ...] = ("efa", "frontend", "mgmt")
 POOL_ROLES: tuple[str, ...] = ("prefill", "decode", "colocated")

@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from testbed.config.base import ConfigError
+from core.config import ConfigError
 from testbed.runner.process import Spawner
 
 FIRST_HOST_OCTET = 10

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from testbed.config.base import ConfigError
+from core.config import ConfigError
 from testbed.runner.process import Spawner
 
 LINK_CLASSES = ("efa", "frontend", "mgmt")

@@ -35,7 +35,7 @@ from fabric.cleanup import PidRegistry as CleanRegistry
 from nodes.config import (ClientSettings, Endpoint, KvSettings, NodeConfig, PeerInfo, RouterSettings)
 from nodes.timeline import Timeline, read_timeline
 from nodes.clock import ModelClock
-from testbed.config.base import ConfigError
+from core.config import ConfigError
 from testbed.runner.process import Managed, PidRegistry, Supervisor
 from testbed.runner.rundir import RunDir, utc_stamp
 

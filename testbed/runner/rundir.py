@@ -80,7 +80,7 @@ class RunDir:
         if out is not None:
             root = Path(out)
             if root.exists() and (not root.is_dir() or any(root.iterdir())):
-                from testbed.config.base import ConfigError
+                from core.config import ConfigError
 
                 raise ConfigError(str(root), [("", "output directory exists and is not empty: choose another --out")])
         else:

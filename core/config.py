@@ -7,7 +7,6 @@ reading a traceback.
 """
 from __future__ import annotations
 
-import importlib
 import re
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -132,33 +131,3 @@ def load_model(model: type[M], path: str | Path) -> M:
             raise ConfigError(str(path), [("kind", f"expected {expected!r} here, got {data['kind']!r}")])
         data = {k: v for k, v in data.items() if k != "kind"}
     return validate_data(model, data, str(path))
-
-
-# kind -> "module:Class" or "module:loader"; they live with their owners (nodes/, fabric/, testbed/).
-# A loader (path -> object) adds checks a schema alone cannot make: a scenario's references to
-# its topology, profiles and trace resolve relative to the scenario file.
-CONFIG_KINDS: dict[str, str] = {
-    "hardware": "nodes.profiles.hardware:HardwareProfile",
-    "model": "nodes.profiles.models:ModelProfile",
-    "topology": "fabric.topology:TopologyConfig",
-    "scenario": "testbed.config.scenario:load_scenario",
-}
-
-
-def _kind_target(kind: str) -> Any:
-    module, _, attr = CONFIG_KINDS[kind].partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-def load_any(path: str | Path) -> tuple[str, BaseModel]:
-    """Validate a config file of any kind, named by its top-level ``kind`` key."""
-    data = read_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError(str(path), [("", f"expected a mapping with a 'kind' key, got {type(data).__name__}")])
-    kind = data.get("kind")
-    if kind not in CONFIG_KINDS:
-        raise ConfigError(str(path), [("kind", f"expected one of {', '.join(CONFIG_KINDS)}, got {kind!r}")])
-    target = _kind_target(kind)
-    if isinstance(target, type) and issubclass(target, BaseModel):
-        return kind, load_model(target, path)
-    return kind, target(path)
