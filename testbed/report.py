@@ -431,3 +431,114 @@ def write_sweep_report(sweep_dir: str | Path) -> Path:
     out = sweep_dir / "report.html"
     out.write_text(_page(f"pdtb sweep report: {sweep_dir.name}", body))
     return out
+
+
+# ---------------------------------------------------------------- comparison report
+COMPARE_METRICS = (("ttft_ms", "TTFT ms"), ("tpot_ms", "TPOT ms"), ("e2e_ms", "E2E ms"),
+                   ("tokens_per_s_per_user", "output tok/s per user"))
+ATTRIBUTION = (("queue", "#bbbbbb"), ("prefill", "#1f77b4"), ("handoff_and_first_token", "#ff7f0e"),
+               ("decode", "#2ca02c"))
+
+
+def _cell_groups(cells: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    """Cells by (model, workload, sweep point): one figure each."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for c in cells:
+        point = ", ".join(f"{k}={v}" for k, v in c["point"].items())
+        groups.setdefault((c["model"], c["workload"], point), []).append(c)
+    return groups
+
+
+def plot_comparison_group(cells: list[dict[str, Any]], title: str, path: Path) -> Path:
+    """p50 (solid) and p90 (dashed) of each headline metric against load, goodput and the
+    speedup over the baseline, one colour per deployment; untrusted cells are drawn hollow."""
+    deployments = list(dict.fromkeys(c["deployment"] for c in cells))
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    for i, dep in enumerate(deployments):
+        colour = f"C{i % 10}"
+        mine = sorted((c for c in cells if c["deployment"] == dep and c["status"] == "ok"), key=lambda c: c["load"])
+        for ax, (metric, label) in zip(axes.flat, COMPARE_METRICS):
+            for pct, style in (("p50", "-"), ("p90", "--")):
+                pts = [(c["load"], c[metric][pct], c["trusted"]) for c in mine if c[metric][pct] is not None]
+                if pts:
+                    ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], style, color=colour,
+                            label=dep if pct == "p50" else None)
+                    ax.scatter([x for x, _, t in pts], [y for _, y, t in pts], color=colour,
+                               facecolors=[colour if t else "none" for _, _, t in pts], zorder=3)
+            ax.set_title(label, fontsize=9)
+        pts = [(c["load"], c["goodput_share"]) for c in mine if c["goodput_share"] is not None]
+        if pts:
+            axes.flat[4].plot([x for x, _ in pts], [y for _, y in pts], "-o", color=colour)
+        pts = [(c["load"], c["speedup"]["e2e_ms"]) for c in mine if c.get("speedup") and c["speedup"]["e2e_ms"]]
+        if pts:
+            axes.flat[5].plot([x for x, _ in pts], [y for _, y in pts], "-o", color=colour)
+    axes.flat[4].set_title("goodput share at the SLO", fontsize=9)
+    axes.flat[5].set_title("E2E p50 speedup over the baseline", fontsize=9)
+    axes.flat[5].axhline(1.0, color="#999", lw=0.8)
+    for ax in axes.flat:
+        ax.set_xlabel("load (requests per model s)", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{title} (model time; hollow markers: fidelity not trustworthy)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_attribution(cells: list[dict[str, Any]], title: str, path: Path) -> Path | None:
+    """Where the mean end-to-end time went, one stacked bar per deployment and load."""
+    done = [c for c in cells if c["status"] == "ok" and c.get("attribution_ms")]
+    if not done:
+        return None
+    done.sort(key=lambda c: (c["deployment"], c["load"]))
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(done) + 2), 3.6))
+    bottom = np.zeros(len(done))
+    for phase, colour in ATTRIBUTION:
+        vals = np.array([c["attribution_ms"][phase] for c in done])
+        ax.bar(range(len(done)), vals, bottom=bottom, color=colour, label=phase.replace("_", " "))
+        bottom += vals
+    ax.set_xticks(range(len(done)), [f"{c['deployment']}\n@{c['load']:g}" for c in done], fontsize=7, rotation=30)
+    ax.set_ylabel("mean model ms per request")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{title}: where end-to-end time went", fontsize=10)
+    return _save(fig, path)
+
+
+def write_comparison_report(doc: dict[str, Any], out: Path) -> Path:
+    """``comparison.html`` and its PNGs: the table of every cell (untrusted and failed cells
+    marked), then per model, workload and sweep point the plots against load."""
+    cells = doc["cells"]
+    header = ["deployment", "model", "workload", "load", "point", "status", "fidelity", "TTFT p50", "TPOT p50",
+              "E2E p50", "tok/s/user p50", "goodput", "speedup E2E", "baseline", "note"]
+    rows = []
+    for c in cells:
+        ok = c["status"] == "ok"
+        rows.append([c["deployment"], c["model"], c["workload"], c["load"],
+                     ", ".join(f"{k}={v}" for k, v in c["point"].items()),
+                     c["status"], c.get("verdict") if ok else None,
+                     *((c[m]["p50"] for m in ("ttft_ms", "tpot_ms", "e2e_ms", "tokens_per_s_per_user")) if ok
+                       else [None] * 4),
+                     c.get("goodput_share"), (c.get("speedup") or {}).get("e2e_ms"), c.get("baseline"),
+                     c["reason"] or ("" if c["trusted"] or not ok else "not trusted: left out of speedups")])
+    untrusted = sum(1 for c in cells if c["status"] == "ok" and not c["trusted"])
+    notes = ""
+    if untrusted:
+        notes += (f"<p class='warn'>{untrusted} cell(s) did not get a trustworthy fidelity verdict: they are "
+                  f"shown, marked, and left out of every speedup.</p>")
+    skipped = sum(1 for c in cells if c["status"] != "ok")
+    if skipped:
+        notes += f"<p class='fail'>{skipped} cell(s) not run or failed: the note column says why.</p>"
+    figures = ""
+    for i, ((model, workload, point), group) in enumerate(_cell_groups(cells).items()):
+        title = f"{model}, {workload}" + (f", {point}" if point else "")
+        figures += f"<h2>{html.escape(title)}</h2>"
+        figures += _img(plot_comparison_group(group, title, out / f"compare_{i}.png"), title)
+        bars = plot_attribution(group, title, out / f"compare_{i}_attribution.png")
+        if bars is not None:
+            figures += _img(bars, f"{title}: attribution")
+    body = (f"<p>{html.escape(doc.get('description') or '')}</p><p>{len(cells)} cells on the "
+            f"<code>{html.escape(doc['backend'])}</code> backend, {doc['requests_per_cell']} requests each"
+            f"{' (--quick subset)' if doc.get('quick') else ''}; baseline: the fastest trusted of "
+            f"{', '.join(html.escape(b) for b in doc['baseline'])} per cell; all times model time.</p>"
+            + notes + _table(header, rows) + figures)
+    path = out / "comparison.html"
+    path.write_text(_page(f"pdtb comparison: {doc['name']}", body))
+    return path
