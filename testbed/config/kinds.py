@@ -15,6 +15,7 @@ from core.config import ConfigError, load_model, read_yaml
 from fabric.topology import TopologyConfig
 from nodes.profiles.hardware import HardwareProfile
 from nodes.profiles.models import ModelProfile
+from testbed.compare import DeploymentSpec, WorkloadProfile, load_comparison
 from testbed.config.scenario import load_scenario
 
 CONFIG_KINDS: dict[str, type[BaseModel] | Callable[[str | Path], BaseModel]] = {
@@ -22,6 +23,9 @@ CONFIG_KINDS: dict[str, type[BaseModel] | Callable[[str | Path], BaseModel]] = {
     "model": ModelProfile,
     "topology": TopologyConfig,
     "scenario": load_scenario,
+    "deployment": DeploymentSpec,
+    "workload": WorkloadProfile,
+    "comparison": lambda path: load_comparison(path).config,
 }
 
 
