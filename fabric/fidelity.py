@@ -22,6 +22,12 @@ reasons, when
 - (fallback backend) a userspace delayer released its packets late on average by more than
   its share of the RTT tolerance: 10 % of its latency + 0.15 ms.
 
+The verdict fails closed: ``trustworthy`` only with measurements behind it. It is
+``unmeasured`` (with the reasons) when fewer than two samples were taken, a shaped port was
+never sampled, a sample failed (a ``tc`` call that errors is a failed sample, not an empty
+one), a delayer could not be read or was never watched (one a fault added after the start is
+watched from the sample that first sees it), or the monitor could not start
+(:func:`unmeasured_verdict`). Problems found in what was measured make it ``untrustworthy``.
 The verdict and a summary of the samples go to ``RUN_DIR/fidelity.json``.
 """
 from __future__ import annotations
@@ -94,7 +100,10 @@ def read_qdiscs(pid: int | None) -> dict[str, dict[str, int]]:
     if pid is not None:
         argv = ["nsenter", "-t", str(pid), "-n", *argv]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=5)
-    if proc.returncode != 0 or not proc.stdout.strip():
+    if proc.returncode != 0:
+        where = "the root namespace" if pid is None else f"the namespace of pid {pid}"
+        raise OSError(f"tc qdisc show in {where} failed (exit {proc.returncode}): {proc.stderr.strip()[:200]}")
+    if not proc.stdout.strip():
         return {}
     stats: dict[str, dict[str, int]] = {}
     children: dict[str, list[int]] = {}
@@ -163,8 +172,20 @@ def judge_step_timing(errors: Iterable[float], threshold: float) -> tuple[dict[s
     return summary, reasons, warnings
 
 
+VERDICTS = ("trustworthy", "untrustworthy", "unmeasured")
+"""What a run's fidelity can be: measured and fine, measured and not, or not (fully) measured."""
+
+
+def unmeasured_verdict(reason: str) -> dict[str, Any]:
+    """fidelity.json for a run whose monitor could not run at all."""
+    return {"verdict": "unmeasured", "trustworthy": False, "reasons": [reason], "unmeasured": [reason],
+            "warnings": [], "samples": 0, "ports": {}, "delayers": {}}
+
+
 def evaluate(samples: list[dict[str, Any]], step_errors: Iterable[float] = (), *,
-             delayers: Iterable[dict[str, Any]] = (), step_error_threshold: float = 0.05,
+             delayers: Iterable[dict[str, Any]] = (), expected_ports: Iterable[str] = (),
+             sampling_errors: Iterable[str] = (), unwatched: Iterable[str] = (),
+             step_error_threshold: float = 0.05,
              rate_shortfall: float = RATE_SHORTFALL,
              min_backlog_packets: int = MIN_BACKLOG_PACKETS,
              min_backlogged_intervals: int = MIN_BACKLOGGED_INTERVALS,
@@ -173,8 +194,17 @@ def evaluate(samples: list[dict[str, Any]], step_errors: Iterable[float] = (), *
     """The verdict from samples ``{"t": s, "cpu": [[busy, total], ...], "ports": {name:
     {"link", "rate_bps", "bytes", "backlog_packets", "backlog_bytes", "drops"}}}``, step timing
     errors, and delayer counters over the run ``{"intf", "latency_s", "released",
-    "late_total_s", "late_max_s"}``."""
+    "late_total_s", "late_max_s"}``. ``expected_ports`` are the shaped ports that had to be
+    sampled, ``sampling_errors`` the samples or counters that failed and ``unwatched`` what
+    should have been watched and was not: each makes an otherwise clean run ``unmeasured``."""
     reasons: list[str] = []
+    unmeasured: list[str] = []
+    if len(samples) < 2:
+        unmeasured.append(f"{len(samples)} fidelity sample(s): fewer than two, so no interval was measured")
+    errors = list(sampling_errors)
+    if errors:
+        unmeasured.append(f"{len(errors)} sample(s) or counter reads failed, first: {errors[0]}")
+    unmeasured += [f"{what}: not watched by the fidelity monitor" for what in unwatched]
     links: dict[str, dict[str, Any]] = {}
     cpu_busy: list[float] = []
     for prev, cur in zip(samples, samples[1:]):
@@ -198,6 +228,9 @@ def evaluate(samples: list[dict[str, Any]], step_errors: Iterable[float] = (), *
             rates = [r for r in (p.get("rate_bps"), c.get("rate_bps")) if r]
             if rates and min(p["backlog_packets"], c["backlog_packets"]) >= min_backlog_packets:
                 entry["ratios"].append(delivered / min(rates))
+    never = sorted(set(expected_ports) - set(links))
+    if never and len(samples) >= 2:
+        unmeasured.append(f"shaped port(s) never sampled: {', '.join(never)}")
     port_summary = {}
     for name, e in sorted(links.items()):
         ratios = e.pop("ratios")
@@ -227,7 +260,9 @@ def evaluate(samples: list[dict[str, Any]], step_errors: Iterable[float] = (), *
                            f"average (tolerance {tol * 1e3:.2f} ms): the host could not keep the delay")
     cpu = {"intervals": len(cpu_busy), "mean_busy": statistics.fmean(cpu_busy) if cpu_busy else None,
            "max_busy": max(cpu_busy) if cpu_busy else None, "saturated_intervals": len(saturated)}
-    return {"trustworthy": not reasons, "reasons": reasons, "warnings": warnings, "samples": len(samples),
+    verdict = "untrustworthy" if reasons else "unmeasured" if unmeasured else "trustworthy"
+    return {"verdict": verdict, "trustworthy": verdict == "trustworthy", "reasons": reasons + unmeasured,
+            "unmeasured": unmeasured, "warnings": warnings, "samples": len(samples),
             "duration_s": samples[-1]["t"] - samples[0]["t"] if len(samples) > 1 else 0.0,
             "cpu": cpu, "ports": port_summary, "step_timing": step, "delayers": delayer_summary}
 
@@ -246,8 +281,9 @@ class FidelityMonitor:
         self.step_error_threshold = step_error_threshold
         self.ports = shaped_ports(net) if ports is None else ports
         # the fallback backend's delayers (none on netem)
-        self.delayers = list(net.delayers().values()) if delayers is None else delayers
-        self._delayer_start: dict[int, dict[str, Any]] = {}
+        self._net_delayers = delayers is None and hasattr(net, "delayers")
+        self.delayers = list(net.delayers().values()) if self._net_delayers else list(delayers or [])
+        self._delayer_start: dict[int, dict[str, Any] | None] = {}
         self.samples: list[dict[str, Any]] = []
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -280,12 +316,22 @@ class FidelityMonitor:
             self.errors.append(f"delayer {getattr(delayer, 'intf_name', '?')}: {exc}")
             return None
 
+    def _watch_new_delayers(self) -> None:
+        """A fault that adds delay or jitter starts a delayer mid-run: watch it from now on."""
+        if not self._net_delayers:
+            return
+        for d in self.net.delayers().values():
+            if id(d) not in self._delayer_start:
+                self.delayers.append(d)
+                self._delayer_start[id(d)] = self._delayer_counters(d)
+
     def _loop(self) -> None:
         next_t = time.monotonic()
         while not self._stop.is_set():
             try:
+                self._watch_new_delayers()
                 self.samples.append(self.sample())
-            except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as exc:
                 self.errors.append(f"{type(exc).__name__}: {exc}")
             next_t += self.interval_s
             self._stop.wait(max(0.0, next_t - time.monotonic()))
@@ -296,7 +342,7 @@ class FidelityMonitor:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        delayers = []
+        delayers, unwatched = [], []
         for d in self.delayers:
             end, begin = self._delayer_counters(d), self._delayer_start.get(id(d))
             if end and begin:
@@ -304,8 +350,14 @@ class FidelityMonitor:
                                  "released": end["released"] - begin["released"],
                                  "late_total_s": end["late_total_s"] - begin["late_total_s"],
                                  "late_max_s": end["late_max_s"]})
+            else:
+                unwatched.append(f"delayer on {getattr(d, 'intf_name', '?')} (its counters could not be read)")
+        if self._net_delayers:
+            unwatched += [f"delayer on {name} (added after the last sample)"
+                          for name, d in self.net.delayers().items() if id(d) not in self._delayer_start]
         verdict = evaluate(self.samples, read_step_errors(self.run_dir), delayers=delayers,
-                           step_error_threshold=self.step_error_threshold)
+                           expected_ports=[p.name for p in self.ports], sampling_errors=self.errors,
+                           unwatched=unwatched, step_error_threshold=self.step_error_threshold)
         verdict["interval_s"] = self.interval_s
         verdict["sampling_errors"] = self.errors[:20]
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -330,18 +330,18 @@ def _step_error(errors: list[float]) -> dict[str, Any]:
 
 
 def fidelity_verdict(fidelity: dict[str, Any] | None, nodes: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Is the run trustworthy? ``trustworthy`` | ``untrustworthy`` | ``unknown``.
+    """Is the run trustworthy? ``trustworthy`` | ``untrustworthy`` | ``unmeasured``.
 
     With the fabric's fidelity monitor (``fidelity.json``: links delivering their rate, CPUs,
     step timing) its verdict stands. Without it (the local backend has no emulated links)
     only compute timing can be judged: late steps make the run untrustworthy, on-time steps
-    leave it unknown.
+    leave it unmeasured. Never trustworthy without measurements.
     """
     if fidelity:
         if "verdict" in fidelity:
             verdict = str(fidelity["verdict"])
         else:
-            verdict = "trustworthy" if fidelity.get("trustworthy") else "untrustworthy"
+            verdict = "trustworthy" if fidelity.get("trustworthy") is True else "untrustworthy"
         links = {name: {k: p.get(k) for k in ("link", "peak_delivered_bps", "median_delivered_ratio",
                                               "max_backlog_packets", "drops")}
                  for name, p in (fidelity.get("ports") or {}).items()}
@@ -357,7 +357,7 @@ def fidelity_verdict(fidelity: dict[str, Any] | None, nodes: dict[str, dict[str,
     reasons = ["no fabric fidelity monitor (fidelity.json): the network was not checked"]
     if timed:
         reasons.append("compute steps ran on time")
-    return {"verdict": "unknown", "source": None, "links": {}, "reasons": reasons, "warnings": warnings}
+    return {"verdict": "unmeasured", "source": None, "links": {}, "reasons": reasons, "warnings": warnings}
 
 
 SizePredictor = Callable[[int, int], dict[str, Any]]

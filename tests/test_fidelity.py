@@ -57,28 +57,111 @@ def test_saturated_cpu_is_flagged():
     assert v["cpu"]["saturated_intervals"] == 7
 
 
+GOOD = _samples(0.97, backlog=40)
+
+
 def test_late_compute_steps_are_flagged():
-    assert not evaluate([], [0.10] * 50, step_error_threshold=0.05)["trustworthy"]
-    tail = evaluate([], [0.0] * 95 + [0.5] * 5, step_error_threshold=0.05)     # median fine, p99 not: a warning
+    late = evaluate(GOOD, [0.10] * 50, step_error_threshold=0.05)
+    assert late["verdict"] == "untrustworthy" and not late["trustworthy"]
+    tail = evaluate(GOOD, [0.0] * 95 + [0.5] * 5, step_error_threshold=0.05)     # median fine, p99 not: a warning
     assert tail["trustworthy"] and "p99" in tail["warnings"][0]
-    many = evaluate([], [0.0] * 85 + [0.06] * 15, step_error_threshold=0.05)   # 15 % of steps late
+    many = evaluate(GOOD, [0.0] * 85 + [0.06] * 15, step_error_threshold=0.05)   # 15 % of steps late
     assert not many["trustworthy"] and "15.0% of the steps" in many["reasons"][0]
-    ok = evaluate([], [0.01] * 100, step_error_threshold=0.05)
-    assert ok["trustworthy"] and ok["step_timing"]["median"] == pytest.approx(0.01)
+    ok = evaluate(GOOD, [0.01] * 100, step_error_threshold=0.05)
+    assert ok["verdict"] == "trustworthy" and ok["step_timing"]["median"] == pytest.approx(0.01)
 
 
 def test_late_delayer_is_flagged():
     on_time = {"intf": "ptd0-e", "latency_s": 0.005, "released": 1000, "late_total_s": 0.05, "late_max_s": 0.002}
-    assert evaluate([], delayers=[on_time])["trustworthy"]                 # 0.05 ms late on average
-    late = on_time | {"late_total_s": 2.0}                                  # 2 ms late on average
-    v = evaluate([], delayers=[on_time, late | {"intf": "ptd1-e"}])
+    assert evaluate(GOOD, delayers=[on_time])["trustworthy"]                 # 0.05 ms late on average
+    late = on_time | {"late_total_s": 2.0}                                    # 2 ms late on average
+    v = evaluate(GOOD, delayers=[on_time, late | {"intf": "ptd1-e"}])
     assert not v["trustworthy"] and "ptd1-e" in v["reasons"][0]
     assert v["delayers"]["ptd1-e"]["late_mean_s"] == pytest.approx(0.002)
 
 
-def test_no_samples_is_trustworthy_and_empty():
-    v = evaluate([])
-    assert v["trustworthy"] and v["samples"] == 0 and v["ports"] == {}
+# -- the verdict fails closed: nothing is trustworthy without measurements behind it ----------------
+def test_no_samples_is_unmeasured_not_trustworthy():
+    for samples in ([], GOOD[:1]):
+        v = evaluate(samples)
+        assert v["verdict"] == "unmeasured" and not v["trustworthy"]
+        assert "fewer than two" in v["unmeasured"][0] and v["reasons"] == v["unmeasured"]
+
+
+def test_a_shaped_port_never_sampled_is_unmeasured():
+    v = evaluate(GOOD, expected_ports=["pts1-1", "pts2-1"])
+    assert v["verdict"] == "unmeasured" and "pts2-1" in v["unmeasured"][0]
+    assert evaluate(GOOD, expected_ports=["pts1-1"])["verdict"] == "trustworthy"
+
+
+def test_failed_samples_make_a_clean_run_unmeasured_and_a_bad_one_stays_untrustworthy():
+    err = ["OSError: tc qdisc show in the namespace of pid 7 failed (exit 1): Cannot find device"]
+    v = evaluate(GOOD, sampling_errors=err)
+    assert v["verdict"] == "unmeasured" and "tc qdisc show" in v["reasons"][0]
+    bad = evaluate(_samples(0.5, backlog=40), sampling_errors=err)
+    assert bad["verdict"] == "untrustworthy" and len(bad["reasons"]) == 2
+
+
+def test_an_unwatched_delayer_is_unmeasured():
+    v = evaluate(GOOD, unwatched=["delayer on ptd0-e (added after the last sample)"])
+    assert v["verdict"] == "unmeasured" and "ptd0-e" in v["reasons"][0]
+
+
+def test_failing_tc_is_an_error_not_an_empty_sample(monkeypatch):
+    import subprocess
+
+    from fabric import fidelity
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "Cannot open netns"))
+    with pytest.raises(OSError, match="Cannot open netns"):
+        fidelity.read_qdiscs(12345)
+
+
+def test_monitor_whose_sampler_fails_writes_unmeasured(tmp_path: Path, monkeypatch):
+    from fabric import fidelity
+
+    def broken(pid):
+        raise OSError("tc qdisc show failed (exit 2)")
+
+    monkeypatch.setattr(fidelity, "read_qdiscs", broken)
+    port = fidelity.ShapedPort(link="d0-efa", name="ptd0-e", pid=None, intf=object())
+    mon = FidelityMonitor(object(), tmp_path, interval_s=0.02, ports=[port], delayers=[]).start()
+    time.sleep(0.15)
+    verdict = mon.stop()
+    written = json.loads((tmp_path / "fidelity.json").read_text())
+    assert verdict["verdict"] == written["verdict"] == "unmeasured"
+    assert written["sampling_errors"] and "tc qdisc show failed" in written["sampling_errors"][0]
+
+
+def test_monitor_watches_a_delayer_a_fault_adds_mid_run(tmp_path: Path):
+    class _Net:
+        def __init__(self) -> None:
+            self.d: dict = {}
+
+        def delayers(self) -> dict:
+            return self.d
+
+    net = _Net()
+    mon = FidelityMonitor(net, tmp_path, interval_s=0.02, ports=[]).start()
+    time.sleep(0.06)
+    net.d["ptd0-e"] = _FakeDelayer()   # a fault starts a delayer
+    time.sleep(0.1)
+    verdict = mon.stop()
+    assert "ptd0-e" in verdict["delayers"] and verdict["verdict"] == "trustworthy", verdict["reasons"]
+    mon2 = FidelityMonitor(net, tmp_path, interval_s=10.0, ports=[]).start()   # samples once, then waits
+    time.sleep(0.05)
+    net.d["ptd1-e"] = _FakeDelayer()   # appears after the last sample: never watched
+    late = mon2.stop()
+    assert late["verdict"] == "unmeasured" and any("ptd1-e" in r for r in late["unmeasured"])
+
+
+def test_unmeasured_verdict_reaches_the_summary():
+    from fabric.fidelity import unmeasured_verdict
+    from testbed.metrics import fidelity_verdict
+
+    f = fidelity_verdict(unmeasured_verdict("the fidelity monitor could not start: OSError: no tc"), {})
+    assert f["verdict"] == "unmeasured" and "could not start" in f["reasons"][0]
+    assert fidelity_verdict({"ports": {}}, {})["verdict"] == "untrustworthy"   # no verdict, no trust
 
 
 def test_step_errors_read_from_timeline(tmp_path: Path):

@@ -205,14 +205,14 @@ def test_fidelity_verdict() -> None:
                 batch_size=1) for i in range(100)]
     s = summarize(events + steps, RUN)
     assert s["nodes"]["d1"]["step_error"]["median"] == 0.0
-    assert s["fidelity"]["verdict"] == "unknown" and "d1: " in s["fidelity"]["warnings"][0]
+    assert s["fidelity"]["verdict"] == "unmeasured" and "d1: " in s["fidelity"]["warnings"][0]
     # 20 of 100 late by 5 ms -> 20 % of the steps late: untrustworthy
     late = [dict(e, late_s=0.005 if i % 5 == 0 else 0.0) for i, e in enumerate(steps)]
     s = summarize(events + late, RUN)
     assert s["fidelity"]["verdict"] == "untrustworthy" and "d1" in s["fidelity"]["reasons"][0]
     ontime = [dict(e, late_s=0.0001) for e in steps]
     f = summarize(events + ontime, RUN)["fidelity"]
-    assert f["verdict"] == "unknown" and "compute steps ran on time" in f["reasons"]
+    assert f["verdict"] == "unmeasured" and "compute steps ran on time" in f["reasons"]
     assert summarize(events, RUN)["fidelity"]["reasons"] == [
         "no fabric fidelity monitor (fidelity.json): the network was not checked"]
     # the fabric monitor's verdict stands, whatever the steps say

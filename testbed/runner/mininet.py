@@ -8,6 +8,7 @@ testbed. ``close()`` stops the net, which removes only what it created (our pref
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +86,16 @@ class MininetBackend:
         return list(self.net.start_capture(targets, out_dir))
 
     def start_monitor(self, run_dir: Path) -> None:
+        """Start the fidelity monitor; if it cannot start, say so in fidelity.json (the run is
+        then ``unmeasured``, never silently taken as trustworthy)."""
+        from fabric.fidelity import FidelityMonitor, unmeasured_verdict
+
         try:
-            from fabric.fidelity import FidelityMonitor
-        except ImportError:
-            return
-        self.monitor = FidelityMonitor(self.net, run_dir, FIDELITY_INTERVAL_S)
-        self.monitor.start()
+            self.monitor = FidelityMonitor(self.net, run_dir, FIDELITY_INTERVAL_S).start()
+        except (OSError, RuntimeError, ValueError) as exc:
+            self.monitor = None
+            reason = f"the fidelity monitor could not start: {type(exc).__name__}: {exc}"
+            (Path(run_dir) / "fidelity.json").write_text(json.dumps(unmeasured_verdict(reason), indent=2) + "\n")
 
     def stop_monitor(self) -> dict[str, Any] | None:
         monitor, self.monitor = self.monitor, None
