@@ -170,3 +170,27 @@ def test_sigint_to_pdtb_run_cleans_up_and_writes_summary(tmp_path: Path) -> None
     assert summary["counts"]["total"] == 60 and summary["counts"]["completed"] < 60
     assert json.loads((out / "run.json").read_text())["stop_reason"] == "interrupted"
     no_leftovers(out)
+
+
+def test_pool_batching_keys_and_client_stream_reach_the_daemons(tmp_path: Path) -> None:
+    extra = "pools:\n  prefill: {token_budget: 1024, chunk_tokens: 256}\n  decode: {max_batch: 2}\n"
+    scenario = write_scenario(tmp_path, requests=4, rate=50.0, extra=extra)
+    out = tmp_path / "run"
+    proc = _pdtb("run", str(scenario), "--backend", "local", "--out", str(out), "--json",
+                 "--set", "workload.stream=false")
+    stdout, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 0, stderr
+    assert json.loads(stdout)["counts"]["completed"] == 4, stderr
+    p1 = json.loads((out / "nodes" / "p1.json").read_text())
+    d1 = json.loads((out / "nodes" / "d1.json").read_text())
+    client = json.loads((out / "nodes" / "client.json").read_text())
+    assert p1["prefill"] == {"token_budget": 1024, "chunk_tokens": 256} and d1["decode"] == {"max_batch": 2}
+    assert client["client"]["stream"] is False
+    steps = [json.loads(line) for line in (out / "timeline" / "p1.jsonl").read_text().splitlines()]
+    # 512-token prompts in 256-token chunks: every prefill step takes at most 1024 tokens
+    starts = [e for e in steps if e["event"] == "prefill_start"]
+    assert starts and all(e["batch_tokens"] <= 1024 for e in starts)
+    decode_steps = [e for e in (json.loads(line) for line in (out / "timeline" / "d1.jsonl").read_text().splitlines())
+                    if e["event"] == "step_timing"]
+    assert decode_steps and max(e["batch_size"] for e in decode_steps) <= 2
+    no_leftovers(out)

@@ -326,3 +326,17 @@ def test_workload_longer_than_the_models_context_is_refused(tmp_path: Path) -> N
     load_scenario(write(tmp_path, with_("workload.output_tokens", 1000, with_("model", "llama-3.1-8b", long))))
     load_scenario(write(tmp_path, with_("workload.prompt_tokens", {"dist": "lognormal", "mean": 2000, "sigma": 1},
                                         with_("model", "mixtral-8x7b"))))
+
+
+def test_pool_batching_keys_are_checked_against_the_role(tmp_path):
+    base = (SCENARIOS / "quickstart.yaml").read_text()
+    path = tmp_path / "s.yaml"
+    path.write_text(base.replace("prefill: {count: 1}", "prefill: {count: 1, max_batch: 4}")
+                    .replace("decode: {count: 1}", "decode: {count: 1, chunk_tokens: 512}"))
+    with pytest.raises(ConfigError) as exc:
+        load_scenario(path, check_refs=False)
+    msg = str(exc.value)
+    assert "pools.prefill.max_batch: unknown key" in msg and "pools.decode.chunk_tokens: unknown key" in msg
+    ok = load_scenario(SCENARIOS / "quickstart.yaml",
+                       ["pools.prefill.token_budget=4096", "pools.decode.max_batch=8", "workload.stream=false"])
+    assert ok.pools.prefill.token_budget == 4096 and ok.pools.decode.max_batch == 8 and ok.workload.stream is False

@@ -39,10 +39,27 @@ class PoolSpec(StrictModel):
     count: int | None = Field(default=None, ge=1)  # first `count` hosts of the role; None = all
 
 
+class PrefillPoolSpec(PoolSpec):
+    """A prefill pool, and how its nodes batch prompts."""
+
+    token_budget: int | None = Field(default=None, gt=0)  # prompt tokens per prefill step
+    chunk_tokens: int | None = Field(default=None, ge=0)  # chunked prefill; 0 = whole prompts
+
+
+class DecodePoolSpec(PoolSpec):
+    """A decode pool, and how many sequences its nodes decode at once."""
+
+    max_batch: int | None = Field(default=None, gt=0)
+
+
+class ColocatedPoolSpec(PrefillPoolSpec, DecodePoolSpec):
+    """A colocated pool: both phases' batching keys."""
+
+
 class Pools(StrictModel):
-    prefill: PoolSpec | None = None
-    decode: PoolSpec | None = None
-    colocated: PoolSpec | None = None
+    prefill: PrefillPoolSpec | None = None
+    decode: DecodePoolSpec | None = None
+    colocated: ColocatedPoolSpec | None = None
 
 
 class RouterSpec(StrictModel):
@@ -237,6 +254,7 @@ class WorkloadSpec(StrictModel):
     output_tokens: Length | None = None
     trace: TraceSpec | None = None
     seed: int = 0
+    stream: bool = True  # the client asks for a token stream (SSE); False: one JSON answer at the end
 
     @field_validator("duration")
     @classmethod

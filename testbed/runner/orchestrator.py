@@ -32,7 +32,8 @@ from typing import Any, Callable
 import yaml
 
 from fabric.cleanup import PidRegistry as CleanRegistry
-from nodes.config import (ClientSettings, Endpoint, KvSettings, NodeConfig, PeerInfo, RouterSettings)
+from nodes.config import (ClientSettings, DecodeSettings, Endpoint, KvSettings, NodeConfig, PeerInfo,
+                          PrefillSettings, RouterSettings)
 from nodes.timeline import Timeline, read_timeline
 from nodes.clock import ModelClock
 from core.config import ConfigError
@@ -327,12 +328,25 @@ class Orchestrator:
             if p.role == "client":
                 continue
             cfg = NodeConfig(name=p.name, role=p.role, hardware=p.hardware, http=http[p.name],
-                             kv=kv_ep.get(p.name),
+                             kv=kv_ep.get(p.name), **self._batching(p.role),
                              kv_bind=self._addr(p, "efa") if p.role == "prefill" else None,
                              peers=peers if p.role == "router" else [],
                              mqtt=self.broker.mqtt_settings(p.name), **common)
             cfg.save(self.rd.node_config(p.name))
             self.configs[p.name] = cfg
+
+    def _batching(self, role: str) -> dict[str, Any]:
+        """The pool's batching keys (pools.<role>.token_budget, chunk_tokens, max_batch) where set."""
+        spec = getattr(self.sc.pools, role, None) if role in ("prefill", "decode", "colocated") else None
+        if spec is None:
+            return {}
+        out: dict[str, Any] = {}
+        prefill = {k: getattr(spec, k, None) for k in ("token_budget", "chunk_tokens")}
+        if any(v is not None for v in prefill.values()):
+            out["prefill"] = PrefillSettings(**{k: v for k, v in prefill.items() if v is not None})
+        if getattr(spec, "max_batch", None) is not None:
+            out["decode"] = DecodeSettings(max_batch=spec.max_batch)
+        return out
 
     def _client_config(self) -> NodeConfig:
         p = self.nodes[self.client_name]
@@ -341,7 +355,7 @@ class Orchestrator:
                          byte_scale=self.byte_scale, t0_wall=self.t0_wall, run_dir=str(self.rd.root),
                          client=ClientSettings(workload_file=str(self.rd.workload),
                                                router=self.configs[self.router_name].http,
-                                               request_timeout_s=timeout))
+                                               stream=self.sc.workload.stream, request_timeout_s=timeout))
         cfg.save(self.rd.node_config(p.name))
         self.configs[p.name] = cfg
         return cfg
