@@ -1,4 +1,4 @@
-"""``pdtb analyze --pcap``: real loopback captures of KV transfers, cross-checked with tshark and
+"""``pdtb analyze``: real loopback captures of KV transfers, cross-checked with tshark and
 the daemons' timeline; a crafted capture for retransmissions."""
 from __future__ import annotations
 
@@ -175,11 +175,11 @@ def test_cli_json_and_table(captured_run, capsys):
     run, _, _ = captured_run
     parser = argparse.ArgumentParser()
     cli_analyze.register(parser.add_subparsers())
-    args = parser.parse_args(["analyze", str(run), "--pcap", "--json", "--bin-ms", "20"])
+    args = parser.parse_args(["analyze", str(run), "--json", "--bin-ms", "20"])
     assert args.func(args) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["bin_s"] == 0.02 and data["summary"]["verified"] == 2
-    args = parser.parse_args(["analyze", str(run), "--pcap"])
+    args = parser.parse_args(["analyze", str(run)])
     assert args.func(args) == 0
     assert "max |diff| vs timeline" in capsys.readouterr().out
 

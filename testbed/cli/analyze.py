@@ -1,4 +1,4 @@
-"""``pdtb analyze RUN_DIR --pcap [--json]``: rebuild each KV transfer from the run's captures
+"""``pdtb analyze RUN_DIR [--json]``: rebuild each KV transfer from the run's packet captures
 and compare it with the daemons' timeline."""
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from core.config import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="analyse a run directory (--pcap: KV transfers from the packet captures)")
+    p = sub.add_parser("analyze", help="rebuild each KV transfer of a run from its packet captures "
+                                       "(RUN_DIR/pcap/*.pcap, made with pdtb run --pcap efa)")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--pcap", action="store_true", required=True,
-                   help="rebuild each request's KV transfer from RUN_DIR/pcap/*.pcap")
     p.add_argument("--json", action="store_true", help="print the analysis as JSON instead of a table")
     p.add_argument("--bin-ms", type=float, default=10.0, metavar="MS",
                    help="throughput series bin, wall milliseconds (default 10)")
