@@ -264,3 +264,24 @@ def test_errors_name_the_file(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"tdf": 1, "byte_scale": 1, "t0_wall": 1}))
     with pytest.raises(ConfigError, match="no .pcap files"):
         analyze_run(tmp_path)
+
+
+def test_wireshark_dissector_decodes_every_frame(tmp_path):
+    """tools/pdtb-kv.lua in tshark: the crafted transfer's frames, in order, with their fields."""
+    run = _crafted_run(tmp_path, "clean", "ip")
+    lua = Path(__file__).resolve().parents[1] / "tools" / "pdtb-kv.lua"
+    proc = subprocess.run(["tshark", "-n", "-X", f"lua_script:{lua}", "-d", "tcp.port==9999,pdkv",
+                           "-r", str(run / "pcap" / "crafted.pcap"), "-Y", "pdkv", "-T", "fields",
+                           "-E", "occurrence=a", "-E", "aggregator=,", "-e", "pdkv.type", "-e", "pdkv.request_id",
+                           "-e", "pdkv.layer", "-e", "pdkv.offset", "-e", "pdkv.verified", "-e", "pdkv.reason"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    types = [int(t) for line in proc.stdout.splitlines() for t in line.split("\t")[0].split(",") if t]
+    assert types == [kp.FrameType.HELLO, kp.FrameType.AUTH, kp.FrameType.AUTH_OK, kp.FrameType.BEGIN,
+                     kp.FrameType.CHUNK, kp.FrameType.CHUNK, kp.FrameType.END, kp.FrameType.ACK], proc.stdout
+    text = proc.stdout
+    assert "r000009" in text and "verified" in text
+    # the two chunks: layer 0 at offset 0 and layer 1 at offset 2500 (layer_span of 5000 bytes, 2 layers)
+    layers = ",".join(line.split("\t")[2] for line in text.splitlines() if line.split("\t")[2])
+    offsets = ",".join(line.split("\t")[3] for line in text.splitlines() if line.split("\t")[3])
+    assert layers.split(",") == ["0", "1"] and offsets.split(",") == ["0", "2500"], text
