@@ -12,8 +12,9 @@ roofline per class, as operator-level simulators such as Vidur and LLMCompass do
 
 Their sum is the device time. Tensor-parallel nodes split it over their chips and add two
 all-reduces per layer; a multi-system pipeline (CS-3) runs its systems one after another and
-adds a hop per system boundary. Fixed costs complete it: per step, per layer, and host launch
-work that overlaps the device (blended by a p-norm). The efficiencies and overheads come
+adds a hop per system boundary. Fixed costs complete it: per step, per layer, per request (once,
+in the prefill step where a prompt starts), and host launch work that overlaps the device
+(blended by a p-norm). The efficiencies and overheads come
 from the hardware profile, fitted to the reference points of :mod:`nodes.calibration`.
 All values are SI: seconds, bytes, FLOP/s.
 """
@@ -111,7 +112,8 @@ class CostModel:
         if any(n < 0 for n in new) or any(c < 0 for c in cached):
             raise ValueError("token counts must be >= 0")
         pairs = [(n, c) for n, c in zip(new, cached) if n > 0]
-        return self._step(pairs, self.hw.prefill)
+        starting = sum(1 for n, c in pairs if c == 0)  # each pays the per-request cost once
+        return self._step(pairs, self.hw.prefill, starting=starting)
 
     def decode_step(self, context_lens: Sequence[int]) -> StepCost:
         """One decode step: each sequence emits one token attending over its context."""
@@ -120,7 +122,7 @@ class CostModel:
             raise ValueError("context lengths must be >= 0")
         return self._step([(1, c) for c in contexts], self.hw.decode)
 
-    def _step(self, seqs: list[tuple[int, int]], over: Overheads) -> StepCost:
+    def _step(self, seqs: list[tuple[int, int]], over: Overheads, starting: int = 0) -> StepCost:
         if not seqs:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, "overhead")
         m, hw = self.model, self.hw
@@ -156,7 +158,7 @@ class CostModel:
         if host > 0:
             p = over.host_overlap
             device = device * (1.0 + (host / device) ** p) ** (1.0 / p) if device > 0 else host
-        time = device + over.step
+        time = device + over.step + starting * over.request
         overhead = time - roofline - comm
         terms = {"compute": compute_bound, "memory": memory_bound, "overhead": overhead, "comm": comm}
         bound: Bound = max(terms, key=terms.__getitem__)  # type: ignore[assignment]

@@ -171,3 +171,19 @@ def test_blocks_only_leaves_out_the_lm_head() -> None:
     hw, m = load_hardware("h200"), load_model("llama-3.1-8b")
     full, blocks = CostModel(hw, m).decode_step([1024]), CostModel(hw, m, include_head=False).decode_step([1024])
     assert full.bytes - blocks.bytes == pytest.approx(m.head_params * 2)
+
+
+@pytest.mark.parametrize("hw, model", [("trn2", "llama-3.3-70b"), ("trn2", "llama-3.1-8b"), ("h200", "llama-3.1-8b")])
+def test_chunked_prefill_costs_the_prompt_plus_chunking_overheads(hw, model):
+    """A per-request fixed cost is paid once (in the first chunk), not per step: a 10k prompt in
+    four chunks costs what it costs whole plus the extra steps' per-step and per-layer costs."""
+    cm = CostModel(load_hardware(hw), load_model(model))
+    whole = cm.prefill([10_000]).time_s
+    chunks = [cm.prefill([2500], [2500 * i]) for i in range(4)]
+    chunked = sum(c.time_s for c in chunks)
+    assert whole <= chunked <= 1.10 * whole
+    request = load_hardware(hw).prefill.request
+    assert chunks[0].time_s - cm.prefill([2500], [1]).time_s == pytest.approx(request, abs=1e-4)
+    # two prompts starting in one batch each pay it
+    two = cm.prefill([1000, 1000]).time_s - cm.prefill([1000, 1000], [1, 1]).time_s
+    assert two == pytest.approx(2 * request, abs=2e-4)

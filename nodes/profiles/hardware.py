@@ -50,11 +50,14 @@ class Overheads(StrictModel):
     """Fixed costs of one step, beside the roofline terms.
 
     ``step`` and ``layer`` add to the device time (scheduler, sampling, kernel latencies);
+    ``request`` is paid once per request, in the prefill step where its prompt starts (no
+    cached tokens yet): runtime setup of a sequence, so a chunked prompt pays it once, not per chunk;
     ``host_layer`` is host launch work per layer that runs concurrently with the device
     (eager frameworks), blended with the device time by ``host_overlap``: the p of a p-norm,
     1 = no overlap (they add), large = full overlap (the larger wins)."""
 
     step: Duration = 0.0
+    request: Duration = 0.0
     layer: Duration = 0.0
     host_layer: Duration = 0.0
     host_overlap: float = Field(default=3.0, ge=1.0)
