@@ -35,6 +35,7 @@ from nodes.engine import kv_wire_bytes  # noqa: E402
 from nodes.kvproto import KvBegin, send_kv  # noqa: E402
 from nodes.profiles import load_hardware, load_model  # noqa: E402
 from nodes.timeline import read_timeline  # noqa: E402
+from nodes.auth import internal_headers  # noqa: E402
 from tests.daemon_helpers import free_port  # noqa: E402
 
 SECRET = os.urandom(32).hex()
@@ -51,7 +52,7 @@ def percentile(values: list[float], q: float) -> float:
 async def _request(session: aiohttp.ClientSession, cfg: NodeConfig, model, rid: str, prompt: int,
                    steps: int) -> int:
     body = {"request_id": rid, "model": cfg.model, "prompt_tokens": prompt, "max_tokens": steps}
-    async with session.post(f"{cfg.http.url}/internal/generate", json=body) as r:
+    async with session.post(f"{cfg.http.url}/internal/generate", json=body, headers=internal_headers(SECRET)) as r:
         r.raise_for_status()
         begin = KvBegin(request_id=rid, model=cfg.model, layers=model.layers, tokens=prompt,
                         total_bytes=kv_wire_bytes(model.kv_bytes_per_token, prompt, cfg.byte_scale))
@@ -107,7 +108,8 @@ def measure(hardware: str, model_name: str, step_ms: float, steps: int, batch: i
                          tdf=tdf, byte_scale=1e-3, t0_wall=time.time(), run_dir=tmp,
                          http=Endpoint(host="127.0.0.1", port=free_port()),
                          kv=Endpoint(host="127.0.0.1", port=free_port()),
-                         kv_transfer=KvSettings(secret_hex=SECRET), decode=DecodeSettings(max_batch=batch))
+                         kv_transfer=KvSettings(secret_hex=SECRET), decode=DecodeSettings(max_batch=batch),
+                         internal_secret_hex=SECRET)
         cfg_path = Path(tmp) / "d1.json"
         cfg.save(cfg_path)
         cpu_share = asyncio.run(_run(cfg, cfg_path, model, batch, prompt, steps, nice))

@@ -192,7 +192,8 @@ async def measure(token_rate: float, args: argparse.Namespace, work: Path, direc
         procs.append(fake)
         await wait_healthy(f"http://127.0.0.1:{fake_port}", fake)
         t0 = time.time() + 1.0
-        common = dict(run_id="bench", model=MODEL, tdf=1.0, byte_scale=1.0, t0_wall=t0, run_dir=str(work))
+        common = dict(run_id="bench", model=MODEL, tdf=1.0, byte_scale=1.0, t0_wall=t0, run_dir=str(work),
+                      internal_secret_hex=os.urandom(32).hex())
         http = Endpoint(host="127.0.0.1", port=fake_port)
         router = NodeConfig(name="router", role="router", http=Endpoint(host="127.0.0.1", port=router_port),
                             peers=[PeerInfo(name="p0", role="prefill", http=http),

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nodes.profiles.models import ProfileName
 from core.config import NodeName, SafeName
@@ -62,6 +62,7 @@ class RouterSettings(_Strict):
     prefill_policy: Literal["round_robin", "least_loaded"] = "round_robin"
     decode_policy: Literal["round_robin", "least_loaded", "kv_aware"] = "kv_aware"
     request_timeout_s: float = Field(default=600.0, gt=0)  # model seconds before a request fails
+    max_inflight: int = Field(default=512, gt=0)  # requests the router holds at once; more get 429
 
 
 class PrefillSettings(_Strict):
@@ -100,6 +101,15 @@ class NodeConfig(_Strict):
     prefill: PrefillSettings = PrefillSettings()
     decode: DecodeSettings = DecodeSettings()
     client: ClientSettings | None = None
+    # per-run secret authenticating the internal HTTP API (nodes.auth); the router and the
+    # compute nodes must have it, so a node's /internal/* is never open
+    internal_secret_hex: str | None = Field(default=None, min_length=32, pattern=r"^[0-9a-fA-F]+$")
+
+    @model_validator(mode="after")
+    def _internal_secret_where_needed(self) -> "NodeConfig":
+        if self.internal_secret_hex is None and self.role in ("router", *COMPUTE_ROLES):
+            raise ValueError(f"a {self.role} node needs internal_secret_hex (the run's internal API secret)")
+        return self
 
     @property
     def timeline_path(self) -> Path:

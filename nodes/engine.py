@@ -25,11 +25,13 @@ from typing import Any, Protocol, Sequence, TypeVar
 
 from aiohttp import web
 
+from nodes.auth import require_internal_auth
 from nodes.clock import ModelClock
 from nodes.config import NodeConfig
 from nodes.control import NodeControl
 from nodes.costmodel import CostModel
 from nodes.profiles import load_hardware, load_model
+from nodes.prometheus import ServingMetrics
 from nodes.timeline import Timeline
 from nodes.tokenizer import token_text
 
@@ -218,8 +220,13 @@ class ComputeNode:
         self.slowdown = 1.0
         self.wake = asyncio.Event()  # set whenever a scheduler may have new work
         self.control: NodeControl | None = None
-        self.app = web.Application()
+        assert config.internal_secret_hex is not None  # NodeConfig requires it of compute roles
+        self.app = web.Application(middlewares=[require_internal_auth(config.internal_secret_hex,
+                                                                      self._auth_rejected)])
+        self.metrics = ServingMetrics(self.status)
+        self.timeline.observers.append(self.metrics.observe)
         self.app.router.add_get("/health", self._health)
+        self.app.router.add_get("/metrics", self.metrics.handler)
         self.app.router.add_get("/internal/status", self._status_handler)
 
     # --- to be provided by each role
@@ -246,6 +253,11 @@ class ComputeNode:
         self.wake.set()
         if self.control:
             self.control.publish_now()
+
+    def _auth_rejected(self, request: web.Request) -> None:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.timeline.event("auth_rejected", method=request.method, path=request.path[:200],
+                            peer=str(peer[0]) if peer else None)
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "role": self.role, "name": self.config.name})

@@ -24,9 +24,11 @@ from typing import Any, AsyncIterator, Callable, Mapping
 import aiohttp
 from aiohttp import web
 
+from nodes.auth import internal_headers
 from nodes.clock import ModelClock
 from nodes.config import NodeConfig, PeerInfo
 from nodes.profiles import ModelProfile, load_model
+from nodes.prometheus import ServingMetrics
 from nodes.routing import StatusFn, make_policy, no_status
 from nodes.timeline import Timeline
 from nodes.tokenizer import count_chat_tokens, count_tokens, token_text
@@ -37,6 +39,7 @@ DEFAULT_CONTEXT_TOKENS = 131072  # prompt + max_tokens bound when the served mod
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions, used for chat too
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a 128k-token prompt is well under this
 MAX_LINE_BYTES = 1024 * 1024  # one NDJSON line from a node
+OVERLOAD_RETRY_AFTER_S = 1  # Retry-After (wall seconds) of a 429 when max_inflight requests are in flight
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -98,7 +101,8 @@ def _prompt_tokens(prompt: Any) -> int:
     if isinstance(prompt, list):
         if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return len(prompt)  # token ids
-        if len(prompt) == 1:
+        if len(prompt) == 1 and (isinstance(prompt[0], str) or (
+                isinstance(prompt[0], list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt[0]))):
             return _prompt_tokens(prompt[0])
         if len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
             raise ApiError(400, "only one prompt per request is supported", param="prompt",
@@ -120,6 +124,51 @@ def _messages_tokens(messages: Any) -> int:
         raise ApiError(400, f"messages: {e}", param="messages", code="invalid_type") from None
 
 
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    # parameter -> "this value asks for something the testbed does not do"
+    "logprobs": lambda v: v not in (None, False, 0),
+    "top_logprobs": lambda v: v not in (None, 0),
+    "best_of": lambda v: v not in (None, 1),
+    "echo": lambda v: v not in (None, False),
+    "suffix": lambda v: v is not None,
+    "tools": lambda v: v not in (None, []),
+    "tool_choice": lambda v: v not in (None, "none"),
+    "functions": lambda v: v not in (None, []),
+    "function_call": lambda v: v not in (None, "none"),
+    "logit_bias": lambda v: v not in (None, {}),
+    "response_format": lambda v: v is not None and v != {"type": "text"},
+}
+"""Parameters that would change what is generated in ways the testbed does not model: refused,
+not silently ignored."""
+
+SAMPLING_RANGES = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "presence_penalty": (-2.0, 2.0),
+                   "frequency_penalty": (-2.0, 2.0)}
+"""Accepted (the token stream's timing does not depend on them) but checked as OpenAI does."""
+
+
+def _check_options(body: Mapping[str, Any]) -> None:
+    for key, asks in UNSUPPORTED.items():
+        if key in body and asks(body[key]):
+            raise ApiError(400, f"'{key}' is not supported by this endpoint", param=key, code="unsupported_parameter")
+    for key, (lo, hi) in SAMPLING_RANGES.items():
+        value = body.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ApiError(400, f"'{key}' must be a number", param=key, code="invalid_type")
+        if not lo <= value <= hi:  # NaN fails both comparisons
+            raise ApiError(400, f"'{key}' must be between {lo:g} and {hi:g}, got {value}", param=key,
+                           code="invalid_value")
+    _int_field(body, "seed", -(2**63), 2**63 - 1)
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):
+        raise ApiError(400, "'stop' must be a string or a list of at most 4 strings", param="stop",
+                       code="invalid_type")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise ApiError(400, "'user' must be a string", param="user", code="invalid_type")
+
+
 def parse_request(body: Any, *, chat: bool, model: str, context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> Parsed:
     """Validate a completions or chat body against the served model's context length;
     ApiError says what is wrong."""
@@ -133,7 +182,12 @@ def parse_request(body: Any, *, chat: bool, model: str, context_tokens: int = DE
     if name != model:
         raise ApiError(404, f"The model '{name}' does not exist; this endpoint serves '{model}'",
                        param="model", code="model_not_found")
-    _int_field(body, "n", 1, 1)  # only n=1: one sequence per request
+    if body.get("n") not in (None, 1):
+        if isinstance(body["n"], int) and not isinstance(body["n"], bool) and body["n"] > 1:
+            raise ApiError(400, "'n' > 1 is not supported: one sequence per request", param="n",
+                           code="unsupported_parameter")
+        _int_field(body, "n", 1, 1)
+    _check_options(body)
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -221,6 +275,21 @@ def _error_event(err: ApiError) -> bytes:
     return ("data: " + json.dumps(err.body()) + "\n\ndata: [DONE]\n\n").encode()
 
 
+class _TokenTiming:
+    """When one request's tokens pass the router, for the TTFT and inter-token histograms."""
+
+    def __init__(self, metrics: ServingMetrics, clock: ModelClock):
+        self.metrics, self.clock = metrics, clock
+        self.arrival = clock.now()
+        self.previous: float | None = None
+
+    def relayed(self, count: int) -> None:
+        if count:
+            now = self.clock.now()
+            self.metrics.observe_tokens(self.arrival, self.previous, now, count)
+            self.previous = now
+
+
 class Router:
     """Per-process router state: peers, policies, the internal HTTP session, in-flight ids."""
 
@@ -252,11 +321,15 @@ class Router:
                                          kv_bytes_per_token=kv_bytes_per_token)
         self.inflight: set[str] = set()
         self.session: aiohttp.ClientSession | None = None
+        self.metrics = ServingMetrics(lambda: {"batch_size": len(self.inflight)})
+        timeline.observers.append(self.metrics.observe)
+        assert config.internal_secret_hex is not None  # NodeConfig requires it of the router
+        self.internal_headers = internal_headers(config.internal_secret_hex)
 
     async def start(self, _app: web.Application) -> None:
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
-            timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False)
+            timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False, headers=self.internal_headers)
 
     async def stop(self, _app: web.Application) -> None:
         if self.session is not None:
@@ -303,9 +376,15 @@ class Router:
                 raise ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes", code="body_too_large")
             except (ValueError, UnicodeDecodeError) as e:
                 raise ApiError(400, f"could not parse the JSON body: {e}", code="invalid_json") from None
+            except RecursionError:  # json's decoder recurses per nesting level
+                raise ApiError(400, "could not parse the JSON body: nested too deeply", code="invalid_json") from None
             req = parse_request(body, chat=chat, model=self.config.model, context_tokens=self.context_tokens)
             if rid in self.inflight:  # checked and added with no await in between
                 raise ApiError(409, f"request id {rid!r} is already in flight", code="duplicate_request_id")
+            if len(self.inflight) >= self.config.router.max_inflight:  # bounded: refuse, never queue without end
+                headers["Retry-After"] = str(OVERLOAD_RETRY_AFTER_S)
+                raise ApiError(429, f"the router holds {len(self.inflight)} requests, its limit "
+                               f"(router.max_inflight); retry later", code="overloaded", type="rate_limit_error")
         except ApiError as e:
             self.timeline.event("failed", rid, reason=f"rejected: {e.message}", status=e.status)
             return e.response(headers)
@@ -324,9 +403,11 @@ class Router:
                             headers: dict[str, str]) -> web.Response:
         texts: list[str] = []
         tokens = self._tokens(rid, req)
+        timing = _TokenTiming(self.metrics, self.timeline.clock)
         try:
             async with asyncio.timeout(self.timeout_wall_s):
                 async for batch in tokens:
+                    timing.relayed(len(batch))
                     texts.extend(batch)
         except RequestFailed as e:
             return self._fail(rid, e).response(headers)
@@ -345,10 +426,12 @@ class Router:
         resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
         tokens = self._tokens(rid, req)
+        timing = _TokenTiming(self.metrics, self.timeline.clock)
         sent = 0
         try:
             async with asyncio.timeout(self.timeout_wall_s):
                 async for batch in tokens:
+                    timing.relayed(len(batch))
                     if not resp.prepared:  # the decode node took the request: start the SSE stream
                         await resp.prepare(request)
                     if batch:
@@ -573,6 +656,7 @@ def make_app(config: NodeConfig, *, status: StatusFn = no_status, timeline: Time
             timeline.close()
         app.on_cleanup.append(close_timeline)
     app.router.add_get("/health", router.health)
+    app.router.add_get("/metrics", router.metrics.handler)
     app.router.add_get("/v1/models", router.models)
     app.router.add_get("/v1/models/{model}", router.model)
     app.router.add_post("/v1/completions", router.completions)

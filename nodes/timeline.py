@@ -10,7 +10,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from nodes.clock import ModelClock
 
@@ -24,7 +24,7 @@ EVENTS = frozenset({
     # client (load generator)
     "client_sent", "client_first_token", "client_done", "client_failed",
     # node-level, request_id null
-    "node_start", "node_stop", "control", "step_timing",
+    "node_start", "node_stop", "control", "step_timing", "auth_rejected",
 })
 
 
@@ -35,6 +35,7 @@ class Timeline:
         self.node = node
         self.clock = clock
         self._file = open(self.path, "a", buffering=1)  # line-buffered: each event reaches the OS at once
+        self.observers: list[Callable[[dict[str, Any]], None]] = []  # e.g. the Prometheus metrics
 
     def event(self, event: str, request_id: str | None = None, **fields: Any) -> dict[str, Any]:
         if event not in EVENTS:
@@ -43,6 +44,8 @@ class Timeline:
         record = {"t_wall": wall, "t_model": self.clock.to_model(wall), "node": self.node,
                   "event": event, "request_id": request_id, **fields}
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        for observe in self.observers:
+            observe(record)
         return record
 
     def sync(self) -> None:

@@ -10,10 +10,14 @@ from typing import AsyncIterator
 
 import aiohttp
 
+from nodes.auth import internal_headers
 from nodes.config import NodeConfig
 from nodes.engine import ComputeNode
 from nodes.profiles import load_model
 from nodes.timeline import read_timeline
+
+
+INTERNAL_SECRET = "cd" * 32  # the internal API secret of in-process test nodes
 
 
 def free_port() -> int:
@@ -34,7 +38,8 @@ async def running(node_cls: type[ComputeNode], cfg: NodeConfig
     """``node_cls(cfg)`` serving until the block ends, once its ``/health`` answers."""
     node = node_cls(cfg)
     task = asyncio.create_task(node.serve())
-    async with aiohttp.ClientSession() as session:
+    headers = internal_headers(cfg.internal_secret_hex) if cfg.internal_secret_hex else None
+    async with aiohttp.ClientSession(headers=headers) as session:
         for _ in range(200):
             with contextlib.suppress(aiohttp.ClientError):
                 async with session.get(f"{cfg.http.url}/health") as r:

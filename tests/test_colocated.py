@@ -16,7 +16,7 @@ from nodes.costmodel import CostModel
 from nodes.profiles import load_hardware, load_model
 from nodes.tokenizer import token_text
 
-from daemon_helpers import events, free_port, running
+from daemon_helpers import events, free_port, running, INTERNAL_SECRET
 
 MODEL = "qwen3-32b"
 HW = "h100"
@@ -26,7 +26,8 @@ def config(tmp_path: Path, *, tdf: float = 1.0, budget: int = 16384, chunk: int 
     return NodeConfig(run_id="t1", name="g1", role="colocated", model=MODEL, hardware=HW, tdf=tdf,
                       byte_scale=1.0, t0_wall=time.time(), run_dir=str(tmp_path),
                       http=Endpoint(host="127.0.0.1", port=free_port()),
-                      prefill=PrefillSettings(token_budget=budget, chunk_tokens=chunk))
+                      prefill=PrefillSettings(token_budget=budget, chunk_tokens=chunk),
+                      internal_secret_hex=INTERNAL_SECRET)
 
 
 async def generate(session, cfg, rid, prompt, max_tokens) -> list[tuple[float, dict]]:

@@ -35,7 +35,7 @@ def config(tmp_path: Path, *, tdf: float = 1.0, byte_scale: float = 1e-3, timeou
                       byte_scale=byte_scale, t0_wall=time.time(), run_dir=str(tmp_path),
                       http=Endpoint(host="127.0.0.1", port=free_port()),
                       kv=Endpoint(host="127.0.0.1", port=free_port()),
-                      kv_transfer=KvSettings(secret_hex=SECRET, timeout_s=timeout_s), **kw)
+                      kv_transfer=KvSettings(secret_hex=SECRET, timeout_s=timeout_s), internal_secret_hex=SECRET, **kw)
 
 
 async def push_kv(cfg: NodeConfig, rid: str, tokens: int, *, secret: str = SECRET, total: int | None = None):

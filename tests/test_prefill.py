@@ -29,7 +29,7 @@ def config(tmp_path: Path, *, tdf: float = 1.0, mode: str = "whole", budget: int
                       byte_scale=byte_scale, t0_wall=time.time(), run_dir=str(tmp_path),
                       http=Endpoint(host="127.0.0.1", port=free_port()), kv_bind="127.0.0.1",
                       kv_transfer=KvSettings(mode=mode, secret_hex=SECRET, timeout_s=10.0),
-                      prefill=PrefillSettings(token_budget=budget, chunk_tokens=chunk))
+                      prefill=PrefillSettings(token_budget=budget, chunk_tokens=chunk), internal_secret_hex=SECRET)
 
 
 class Sink:
@@ -161,7 +161,7 @@ async def test_prefill_to_decode_node(tmp_path, mode):
                       byte_scale=pcfg.byte_scale, t0_wall=pcfg.t0_wall, run_dir=str(tmp_path),
                       http=Endpoint(host="127.0.0.1", port=free_port()),
                       kv=Endpoint(host="127.0.0.1", port=free_port()),
-                      kv_transfer=KvSettings(mode=mode, secret_hex=SECRET, timeout_s=10.0))
+                      kv_transfer=KvSettings(mode=mode, secret_hex=SECRET, timeout_s=10.0), internal_secret_hex=SECRET)
     decode = DecodeNode(dcfg)
     dtask = asyncio.create_task(decode.serve())
     try:

@@ -17,6 +17,7 @@ import openai
 import pytest
 from aiohttp import web
 
+from daemon_helpers import INTERNAL_SECRET
 from nodes.config import Endpoint, NodeConfig, PeerInfo, RouterSettings
 from nodes.router import DEFAULT_CONTEXT_TOKENS, ROUTER_KEY, ApiError, make_app, parse_request
 from nodes.timeline import read_timeline
@@ -158,7 +159,7 @@ class Cluster:
             self.peers.append(PeerInfo(name=node.name, role="prefill", http=Endpoint(host="127.0.0.1", port=port)))
         self.config = NodeConfig(run_id="t", name="router", role="router", model=MODEL, tdf=tdf, byte_scale=1.0,
                                  t0_wall=time.time(), run_dir=str(self.run_dir), peers=self.peers,
-                                 router=RouterSettings(**router))
+                                 router=RouterSettings(**router), internal_secret_hex=INTERNAL_SECRET)
         kwargs = {"status": status} if status else {}
         self.app = make_app(self.config, **kwargs)
         port = await self._serve(self.app)
@@ -330,7 +331,16 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "5"}, 400, "invalid_type"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": True}, 400, "invalid_type"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2.5}, 400, "invalid_type"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 3}, 400, "invalid_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 3}, 400, "unsupported_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, 400, "invalid_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 2}, 400, "unsupported_parameter"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "unsupported_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "unsupported_parameter"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": 3}, 400, "invalid_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": "high"}, 400, "invalid_type"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_type"),
+    ("/v1/completions", {"model": MODEL, "prompt": [[["deep"]]]}, 400, "invalid_type"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "invalid_type"),
     ("/v1/completions", {"model": MODEL, "pdtb_prompt_tokens": 0}, 400, "invalid_value"),
     ("/v1/completions", {"model": MODEL, "pdtb_prompt_tokens": 10**9}, 400, "invalid_value"),
@@ -523,7 +533,7 @@ async def test_timeline_events(cluster):
 
 def test_config_errors(tmp_path):
     base = dict(run_id="t", name="router", role="router", model=MODEL, tdf=1.0, byte_scale=1.0,
-                t0_wall=time.time(), run_dir=str(tmp_path))
+                t0_wall=time.time(), run_dir=str(tmp_path), internal_secret_hex=INTERNAL_SECRET)
     http = Endpoint(host="127.0.0.1", port=1)
     with pytest.raises(ValueError, match="at least one prefill and one decode"):
         make_app(NodeConfig(**base, peers=[PeerInfo(name="p0", role="prefill", http=http)]))
@@ -596,3 +606,25 @@ async def test_streaming_failures_before_the_node_accepts_are_http_errors(cluste
         await client.completions.create(model=MODEL, prompt="x", max_tokens=2, stream=True)
     assert info.value.status_code == 503
     await client.close()
+
+
+async def test_deeply_nested_json_is_a_400_not_a_500(cluster):
+    url = await cluster.start()
+    for raw in (b"[" * 10_000, b'{"a":' * 10_000, b"\xff\xfe not utf-8"):
+        status, answer, _ = await post(url, "/v1/completions", raw)
+        assert status == 400 and answer["error"]["code"] == "invalid_json", answer
+    status, answer, _ = await post(url, "/v1/completions", {"model": MODEL, "prompt": "fine", "max_tokens": 2})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 2
+
+
+async def test_beyond_max_inflight_the_router_answers_429_with_retry_after(cluster):
+    url = await cluster.start(max_inflight=2, itl_s=0.2)  # slow streams keep two in flight
+    slow = [asyncio.create_task(post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 5}))
+            for _ in range(2)]
+    await asyncio.sleep(0.3)
+    status, answer, headers = await post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1})
+    assert status == 429 and answer["error"]["code"] == "overloaded" and headers["Retry-After"] == "1"
+    assert all(s == 200 for s, _, _ in await asyncio.gather(*slow))
+    status, _, _ = await post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1})
+    assert status == 200  # served again once the others finished
+    assert any("router.max_inflight" in e["reason"] for e in cluster.events("failed"))

@@ -177,6 +177,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         print(f"router: {orch.router_url}", flush=True)
+        scrape = [f"{cfg.http.url}/metrics" for name, cfg in orch.configs.items() if cfg.http is not None]
+        print(f"metrics (Prometheus): {' '.join(scrape)}", flush=True)
         print(f"  try: curl -s {orch.router_url}/v1/completions -H 'content-type: application/json' "
               f"-d '{{\"model\": \"{sc.model}\", \"prompt\": \"hello\", \"max_tokens\": 16}}'", file=sys.stderr)
         print(f"  run directory: {rd.root}; Ctrl-C to stop", file=sys.stderr, flush=True)

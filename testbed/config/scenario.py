@@ -66,6 +66,7 @@ class RouterSpec(StrictModel):
     prefill_policy: Literal["round_robin", "least_loaded"] = "round_robin"
     decode_policy: Literal["round_robin", "least_loaded", "kv_aware"] = "kv_aware"
     request_timeout: Duration = "600s"  # model time before the router fails a request
+    max_inflight: int = Field(default=512, gt=0)  # requests in flight at once; beyond, 429 + Retry-After
 
 
 class KvTransferSpec(StrictModel):

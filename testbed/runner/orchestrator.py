@@ -316,14 +316,16 @@ class Orchestrator:
                         timeout_s=float(sc.kv_transfer.timeout))
         router_settings = RouterSettings(prefill_policy=sc.router.prefill_policy,
                                          decode_policy=sc.router.decode_policy,
-                                         request_timeout_s=float(sc.router.request_timeout))
+                                         request_timeout_s=float(sc.router.request_timeout),
+                                         max_inflight=sc.router.max_inflight)
         http = {p.name: self._http(p) for p in self.nodes.values() if p.role != "client"}
         # colocated nodes keep their KV cache where it was made: no KV endpoint (and no EFA link)
         kv_ep = {p.name: self._kv(p) for p in self.compute_nodes if p.role == "decode"}
         peers = [PeerInfo(name=p.name, role=p.role, http=http[p.name], kv=kv_ep.get(p.name), hardware=p.hardware)
                  for p in self.compute_nodes]
         common = dict(run_id=self.rd.run_id, model=sc.model, tdf=self.tdf, byte_scale=self.byte_scale,
-                      t0_wall=self.t0_wall, run_dir=str(self.rd.root), kv_transfer=kv, router=router_settings)
+                      t0_wall=self.t0_wall, run_dir=str(self.rd.root), kv_transfer=kv, router=router_settings,
+                      internal_secret_hex=self._secret)
         for p in self.nodes.values():
             if p.role == "client":
                 continue

@@ -1,0 +1,100 @@
+"""Hostile input, property-based: whatever a client sends, the router answers with a clear
+OpenAI-style error (never a 5xx), and a compute node's internal API refuses callers without the
+run's token; both keep serving normal requests afterwards. A bounded fuzz budget runs here;
+benchmarks/fuzz_router.py runs a longer one."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import aiohttp
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from nodes.auth import INTERNAL_AUTH_HEADER
+from nodes.decode import DecodeNode
+
+from daemon_helpers import events, running
+from test_decode import config as decode_config, generate, push_kv
+from test_router import MODEL, cluster, post  # noqa: F401  (cluster is a fixture)
+
+FUZZ_EXAMPLES = int(os.environ.get("PDTB_FUZZ_EXAMPLES", "120"))  # per property; benchmarks/fuzz_router.py: more
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    max_leaves=25)
+FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "stream", "stream_options", "n",
+          "pdtb_prompt_tokens", "temperature", "top_p", "stop", "seed", "logprobs", "tools", "user", "echo"]
+VALID = {"model": MODEL, "prompt": "x", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _check_answer(status: int, raw: bytes, what: Any) -> None:
+    assert status < 500, (what, raw[:300])
+    if status != 200:
+        err = json.loads(raw)["error"]
+        assert isinstance(err["message"], str) and err["message"] and err["type"], (what, err)
+
+
+@FUZZ
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=json_values)
+async def test_any_json_body_gets_a_clear_answer(cluster, path, body):
+    url = cluster.url if cluster.url else await cluster.start()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url + path, data=json.dumps(body, allow_nan=True),
+                          headers={"Content-Type": "application/json"}) as r:
+            _check_answer(r.status, await r.read(), body)
+
+
+@FUZZ
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), field=st.sampled_from(FIELDS),
+       value=json_values)
+async def test_any_value_of_any_field_gets_a_clear_answer(cluster, path, field, value):
+    url = cluster.url if cluster.url else await cluster.start()
+    body = {**VALID, field: value}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url + path, data=json.dumps(body, allow_nan=True),
+                          headers={"Content-Type": "application/json"}) as r:
+            _check_answer(r.status, await r.read(), body)
+
+
+@FUZZ
+@given(raw=st.binary(max_size=300))
+async def test_any_bytes_get_a_clear_answer(cluster, raw):
+    url = cluster.url if cluster.url else await cluster.start()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url + "/v1/completions", data=raw, headers={"Content-Type": "application/json"}) as r:
+            _check_answer(r.status, await r.read(), raw)
+
+
+async def test_router_serves_normally_after_the_fuzz(cluster):
+    url = await cluster.start()
+    async with aiohttp.ClientSession() as s:
+        for raw in (b"[" * 10_000, b"\x00" * 1000, json.dumps({"model": MODEL, "prompt": "x", "n": 5}).encode()):
+            async with s.post(url + "/v1/completions", data=raw) as r:
+                _check_answer(r.status, await r.read(), raw)
+                assert r.status == 400
+    status, answer, _ = await post(url, "/v1/completions", {"model": MODEL, "prompt": "ok", "max_tokens": 2})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 2
+
+
+async def test_internal_api_refuses_callers_without_the_run_token(tmp_path):
+    cfg = decode_config(tmp_path)
+    body = {"request_id": "evil1", "model": cfg.model, "prompt_tokens": 100, "max_tokens": 2}
+    async with running(DecodeNode, cfg) as (node, session):
+        async with aiohttp.ClientSession() as outsider:
+            for headers in ({}, {INTERNAL_AUTH_HEADER: "0" * 64}, {INTERNAL_AUTH_HEADER: ""}):
+                for method, path in (("POST", "/internal/generate"), ("GET", "/internal/status")):
+                    async with outsider.request(method, cfg.http.url + path, json=body, headers=headers) as r:
+                        assert r.status == 401, (path, headers)
+            async with outsider.get(cfg.http.url + "/health") as r:
+                assert r.status == 200  # health stays open for the orchestrator's readiness probe
+        assert "evil1" not in node.requests
+        # the authenticated caller (the router's token) is served as before
+        await push_kv(cfg, "r1", 100)
+        lines = await generate(session, cfg, "r1", 100, 2)
+        assert lines[-1]["type"] == "done"
+    rejected = events(cfg, "auth_rejected")
+    assert len(rejected) == 6 and {e["path"] for e in rejected} == {"/internal/generate", "/internal/status"}
