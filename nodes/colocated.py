@@ -20,7 +20,7 @@ import logging
 from typing import Any
 
 from nodes.config import NodeConfig
-from nodes.engine import GenRequest, StreamingNode, admit_fifo, plan_prefill
+from nodes.engine import GenRequest, StreamingNode, admit_fifo, plan_colocated_step
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,7 @@ class ColocatedNode(StreamingNode):
                 self.timer.idle()
                 await self.wake.wait()
                 continue
-            if chunk > 0:
-                decoding = list(self.running)
-                chunks = plan_prefill(self.prefilling, max(0, budget - len(decoding)), chunk)
-            elif self.prefilling:
-                decoding, chunks = [], plan_prefill(self.prefilling, budget, chunk)
-            else:
-                decoding, chunks = list(self.running), []
+            decoding, chunks = plan_colocated_step(self.prefilling, self.running, budget, chunk)
             duration = 0.0
             if decoding:
                 duration += self.cost.decode_step([g.context for g in decoding]).time_s

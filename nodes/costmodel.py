@@ -112,7 +112,7 @@ class CostModel:
         if any(n < 0 for n in new) or any(c < 0 for c in cached):
             raise ValueError("token counts must be >= 0")
         pairs = [(n, c) for n, c in zip(new, cached) if n > 0]
-        starting = sum(1 for n, c in pairs if c == 0)  # each pays the per-request cost once
+        starting = sum(1 for n, c in pairs if c == 0)  # new prompts: the step pays the setup of new sequences
         return self._step(pairs, self.hw.prefill, starting=starting)
 
     def decode_step(self, context_lens: Sequence[int]) -> StepCost:
@@ -158,7 +158,7 @@ class CostModel:
         if host > 0:
             p = over.host_overlap
             device = device * (1.0 + (host / device) ** p) ** (1.0 / p) if device > 0 else host
-        time = device + over.step + starting * over.request
+        time = device + over.step + (over.request if starting else 0.0)
         overhead = time - roofline - comm
         terms = {"compute": compute_bound, "memory": memory_bound, "overhead": overhead, "comm": comm}
         bound: Bound = max(terms, key=terms.__getitem__)  # type: ignore[assignment]

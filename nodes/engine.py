@@ -120,7 +120,8 @@ class GenRequest:
     prompt_tokens: int
     max_tokens: int
     kv_bytes: int  # model bytes reserved at admission: KV of prompt + max_tokens
-    out: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    # the token stream to the router; None where nothing reads it (the simulator)
+    out: asyncio.Queue[dict[str, Any]] | None = field(default_factory=asyncio.Queue)
     reserved: bool = False
     generated: int = 0
     prefilled: int = 0  # prompt tokens already prefilled (colocated, chunked)
@@ -139,18 +140,21 @@ class GenRequest:
         self.token_times.append(t_model)
         if index == 0:
             timeline.event("first_token", self.request_id)
-        self.out.put_nowait({"type": "token", "index": index, "text": token_text(self.request_id, index)})
+        if self.out is not None:
+            self.out.put_nowait({"type": "token", "index": index, "text": token_text(self.request_id, index)})
         if self.generated >= self.max_tokens:
             self.finished = True
             timeline.event("decode_done", self.request_id, output_tokens=self.generated,
                            token_times=self.token_times)
-            self.out.put_nowait({"type": "done", "output_tokens": self.generated})
+            if self.out is not None:
+                self.out.put_nowait({"type": "done", "output_tokens": self.generated})
 
     def fail(self, timeline: Timeline, reason: str) -> None:
         if not self.finished:
             self.finished = True
             timeline.event("failed", self.request_id, reason=reason)
-            self.out.put_nowait({"type": "error", "reason": reason})
+            if self.out is not None:
+                self.out.put_nowait({"type": "error", "reason": reason})
 
 
 SPIN_S = 0.0015  # wall seconds before a deadline where we stop sleeping and only yield
@@ -415,6 +419,20 @@ class Prefillable(Protocol):
 
 
 P = TypeVar("P", bound=Prefillable)
+
+
+def plan_colocated_step(prefilling: Sequence[P], running: Sequence[GenRequest], budget: int, chunk_tokens: int
+                        ) -> tuple[list[GenRequest], list[tuple[P, int]]]:
+    """What one colocated step does: (sequences that decode a token, prompt chunks it prefills).
+
+    With chunked prefill, decodes and chunks share the step's token budget (each decoding
+    sequence takes one token); without, a step prefills whole prompts and decodes nothing (a
+    prefill step stalls the decodes, as engines without chunking do)."""
+    if chunk_tokens > 0:
+        return list(running), plan_prefill(prefilling, max(0, budget - len(running)), chunk_tokens)
+    if prefilling:
+        return [], plan_prefill(prefilling, budget, chunk_tokens)
+    return list(running), []
 
 
 def plan_prefill(queue: Sequence[P], budget: int, chunk_tokens: int) -> list[tuple[P, int]]:

@@ -29,8 +29,11 @@ EVENTS = frozenset({
 
 
 class Timeline:
-    def __init__(self, path: str | Path, node: str, clock: ModelClock):
+    def __init__(self, path: str | Path, node: str, clock: ModelClock,
+                 now_wall: Callable[[], float] = time.time):
+        """``now_wall``: where the wall time of an event comes from (the simulator's virtual clock)."""
         self.path = Path(path)
+        self.now_wall = now_wall
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.node = node
         self.clock = clock
@@ -40,7 +43,7 @@ class Timeline:
     def event(self, event: str, request_id: str | None = None, **fields: Any) -> dict[str, Any]:
         if event not in EVENTS:
             raise ValueError(f"unknown timeline event {event!r}")
-        wall = time.time()
+        wall = self.now_wall()
         record = {"t_wall": wall, "t_model": self.clock.to_model(wall), "node": self.node,
                   "event": event, "request_id": request_id, **fields}
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")

@@ -47,6 +47,9 @@ class Testbed:
                                                                "expand_sweep() yourself, or pass "
                                                                "overrides=['sweep={}', ...]")])
         self.backend = pick_backend(backend, self.scenario.emulation.backend)
+        if self.backend == "sim":
+            raise ConfigError("Testbed", [("backend", "a Testbed drives live daemons (local or mininet); run a "
+                                                      "scenario on the sim backend with pdtb run --backend sim")])
         plan_run(self.scenario, self.backend)
         self._out = out
         self._pcap = pcap

@@ -24,8 +24,10 @@ from core.config import ConfigError, SafeName, StrictModel, load_model, read_yam
 from nodes.profiles.models import ProfileName
 from testbed.config.scenario import SloSpec, scenario_from_data, split_key_path
 
-TRUSTED_VERDICTS = frozenset({"trustworthy"})
-"""Fidelity verdicts a speedup may be computed from; every other verdict marks the cell."""
+TRUSTED_VERDICTS = frozenset({"trustworthy", "simulated"})
+"""Fidelity verdicts a speedup may be computed from: an emulation judged trustworthy, or the
+virtual-time simulation (its agreement with the emulation is measured in docs/simulation.md);
+every other verdict (untrustworthy, unmeasured) marks the cell."""
 
 STATUS_OK, STATUS_NOT_RUN, STATUS_FAILED = "ok", "not_run", "failed"
 
@@ -364,7 +366,12 @@ def _orchestrated_run(sc: Any, run_dir: Path, backend: str) -> tuple[dict[str, A
 
     plan_run(sc, backend)
     rd = RunDir.create(sc.name, run_dir)
-    summary = Orchestrator(sc, rd, backend=backend).run()
+    if backend == "sim":
+        from sim.run import run_sim
+
+        summary = run_sim(sc, rd)
+    else:
+        summary = Orchestrator(sc, rd, backend=backend).run()
     if summary is None:
         raise RuntimeError("the run produced no summary")
     with (rd.root / "requests.csv").open(newline="") as fh:

@@ -50,8 +50,9 @@ class Overheads(StrictModel):
     """Fixed costs of one step, beside the roofline terms.
 
     ``step`` and ``layer`` add to the device time (scheduler, sampling, kernel latencies);
-    ``request`` is paid once per request, in the prefill step where its prompt starts (no
-    cached tokens yet): runtime setup of a sequence, so a chunked prompt pays it once, not per chunk;
+    ``request`` is paid by a prefill step that starts new prompts (no cached tokens yet), once
+    per step however many start: the runtime's setup of new sequences, so a chunked prompt pays
+    it once (in its first chunk), not per chunk;
     ``host_layer`` is host launch work per layer that runs concurrently with the device
     (eager frameworks), blended with the device time by ``host_overlap``: the p of a p-norm,
     1 = no overlap (they add), large = full overlap (the larger wins)."""

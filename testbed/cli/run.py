@@ -32,8 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenario", metavar="SCENARIO", help="scenario YAML file")
-    p.add_argument("--backend", choices=["auto", "local", "mininet"], default=None,
-                   help="where daemons run (default: the scenario's emulation.backend; auto = mininet as root)")
+    p.add_argument("--backend", choices=["auto", "local", "mininet", "sim"], default=None,
+                   help="where daemons run (default: the scenario's emulation.backend; auto = mininet as root; "
+                        "sim = a virtual-time simulation, no daemons)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a scenario setting (repeatable), e.g. --set workload.arrival.rate=4")
     p.add_argument("--prefix", default="pt",
@@ -87,6 +88,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if sweep:
             prd.update_run_json(sweep_point=point)
             print(f"sweep point {point_label(point)} -> {prd.root}", file=sys.stderr)
+        if backend == "sim":
+            from sim.run import run_sim
+
+            results.append((point, run_sim(cfg, prd, scenario_path=str(args.scenario)), prd.root))
+            continue
         orch = Orchestrator(cfg, prd, backend=backend, scenario_path=str(args.scenario), pcap=pcap, prefix=prefix)
         try:
             summary = _run_one(orch, progress)
@@ -166,6 +172,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise ConfigError(sc.source, [("sweep", "pdtb up serves one configuration: drop the sweep with "
                                                 "--set 'sweep={}' and choose its keys' values with --set")])
     backend = pick_backend(args.backend, sc.emulation.backend)
+    if backend == "sim":
+        raise ConfigError("--backend", [("", "pdtb up serves real daemons: use --backend local or mininet "
+                                             "(sim runs a scenario's workload in virtual time: pdtb run)")])
     plan_run(sc, backend)
     _sigterm_as_interrupt()
     rd = RunDir.create(sc.name, args.out)

@@ -131,7 +131,7 @@ class FabricSpec(StrictModel):
 
 # ---------------------------------------------------------------- emulation
 class EmulationSpec(StrictModel):
-    backend: Literal["auto", "local", "mininet"] = "auto"
+    backend: Literal["auto", "local", "mininet", "sim"] = "auto"
     tdf: float | Literal["auto"] = "auto"
     byte_scale: float | Literal["auto"] = "auto"
     impairment: Literal["auto", "netem", "fallback"] = "auto"

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "pt"
 HTTP_PORT = 8000
-BACKENDS = ("auto", "local", "mininet")
+BACKENDS = ("auto", "local", "mininet", "sim")
 ROOT = "root"  # a node that runs in the root namespace (no topology host)
 
 

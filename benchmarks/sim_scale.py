@@ -1,0 +1,86 @@
+"""How fast the sim backend runs: simulated model seconds per wall second and peak memory.
+
+    .venv/bin/python benchmarks/sim_scale.py [--requests 1000 10000] [--nodes 8 64]
+
+For each (requests, nodes): half the nodes trn2 prefill, half CS-3 decode, on one EFA switch;
+Llama-3.1-8B, Poisson arrivals at 4 requests per model second per decode node, 1-2k-token
+prompts, 64-256 output tokens. Prints a table and writes benchmarks/results/sim_scale.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def topology(n: int) -> str:
+    half = max(1, n // 2)
+    hosts = [f"  - {{name: p{i}, role: prefill, hardware: trn2}}" for i in range(half)]
+    hosts += [f"  - {{name: d{i}, role: decode, hardware: cs3}}" for i in range(n - half)]
+    links = [f"  - {{name: p{i}-efa, a: p{i}, b: efa, class: efa, params: {{bandwidth: 3.2Tbps, latency: 7.5us}}}}"
+             for i in range(half)]
+    links += [f"  - {{name: d{i}-efa, a: d{i}, b: efa, class: efa, params: {{bandwidth: 1.2Tbps, latency: 7.5us}}}}"
+              for i in range(n - half)]
+    names = [f"p{i}" for i in range(half)] + [f"d{i}" for i in range(n - half)] + ["router", "client0"]
+    links += [f"  - {{name: {h}-fe, a: {h}, b: fe, class: frontend, params: {{bandwidth: 100Gbps, latency: 25us}}}}"
+              for h in names]
+    return ("kind: topology\nname: scale\nhosts:\n" + "\n".join(hosts) + "\n  - {name: router, role: router}\n"
+            "  - {name: client0, role: client}\nswitches:\n  - {name: efa, network: efa}\n  - {name: fe, network: frontend}\n"
+            "links:\n" + "\n".join(links) + "\n")
+
+
+def scenario(requests: int, n: int) -> str:
+    rate = 4.0 * max(1, n - n // 2)
+    return (f"kind: scenario\nname: scale\ntopology: topo.yaml\nmodel: llama-3.1-8b\nkv_transfer: {{mode: layerwise}}\n"
+            f"workload:\n  arrival: {{process: poisson, rate: {rate}}}\n  requests: {requests}\n"
+            f"  prompt_tokens: {{dist: uniform, min: 1024, max: 2048}}\n"
+            f"  output_tokens: {{dist: uniform, min: 64, max: 256}}\n  seed: 1\n")
+
+
+def one(requests: int, n: int) -> dict:
+    """One run in a child process, so its peak RSS is its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        (d / "topo.yaml").write_text(topology(n))
+        (d / "s.yaml").write_text(scenario(requests, n))
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, "-c", (
+            "import resource, sys; from testbed.cli import main; "
+            f"rc = main(['run', '{d / 's.yaml'}', '--backend', 'sim', '--out', '{d / 'run'}', '--no-progress', "
+            "'--json']); print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")],
+            cwd=REPO, capture_output=True, text=True)
+        wall = time.time() - t0
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr[-2000:])
+        rss_kib = int(proc.stdout.rsplit("MAXRSS", 1)[1].split()[0])
+        summary = json.loads((d / "run" / "summary.json").read_text())
+        return {"requests": requests, "nodes": n, "wall_s": wall, "model_s": summary["duration_s"],
+                "model_s_per_wall_s": summary["duration_s"] / wall, "peak_rss_mib": rss_kib / 1024,
+                "completed": summary["counts"]["completed"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--nodes", type=int, nargs="+", default=[8, 64])
+    args = ap.parse_args()
+    rows = [one(r, n) for r in args.requests for n in args.nodes]
+    print(f"{'requests':>9s} {'nodes':>6s} {'wall s':>8s} {'model s':>8s} {'model s/wall s':>15s} {'peak MiB':>9s}")
+    for r in rows:
+        print(f"{r['requests']:9d} {r['nodes']:6d} {r['wall_s']:8.1f} {r['model_s']:8.1f} "
+              f"{r['model_s_per_wall_s']:15.2f} {r['peak_rss_mib']:9.0f}")
+    out = REPO / "benchmarks" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "sim_scale.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Flow-level network in virtual time: max-min fair sharing of the topology's links.
+
+Each transfer is a flow of bytes over a path of directed link ports (a host's link to its
+switch, in one direction). Whenever a flow starts or ends, the rates of all flows are
+recomputed by progressive filling (every unfrozen flow grows at the same pace until a port it
+crosses is full; those flows freeze; repeat), the max-min fair allocation. A flow is done when
+its bytes are delivered, plus the path's one-way latency. Loss on a port stretches its flows by
+1 / (1 - p): the expected bytes sent per byte delivered by a reliable transport that resends
+each lost packet once per loss (SRD-like, no window collapse); TCP's extra time under loss
+(RTOs, halving) is not modelled and makes emulated TCP transfers slower than this.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import simpy
+
+
+@dataclass(frozen=True)
+class Port:
+    """One direction of one link: ``(link name, "up" | "down")``, with its model rate and loss."""
+
+    name: str
+    rate_bps: float
+    latency_s: float = 0.0
+    loss: float = 0.0
+
+
+@dataclass(eq=False)
+class Flow:
+    ports: tuple[Port, ...]
+    remaining_bits: float
+    done: simpy.Event
+    rate_bps: float = 0.0
+    stretch: float = 1.0  # bits sent per bit delivered (loss)
+    latency_s: float = field(default=0.0)
+
+
+def max_min_rates(flows: Iterable[Flow]) -> None:
+    """Progressive filling: set each flow's ``rate_bps`` to its max-min fair share."""
+    active = [f for f in flows]
+    for f in active:
+        f.rate_bps = 0.0
+    free = {p: p.rate_bps for f in active for p in f.ports}
+    unfrozen = set(active)
+    while unfrozen:
+        users: dict[Port, int] = {}
+        for f in unfrozen:
+            for p in f.ports:
+                users[p] = users.get(p, 0) + 1
+        if not users:  # flows over no shaped port: unlimited
+            for f in unfrozen:
+                f.rate_bps = float("inf")
+            return
+        port, share = min(((p, free[p] / n) for p, n in users.items()), key=lambda x: x[1])
+        for f in unfrozen:
+            f.rate_bps += share
+        for p in users:
+            free[p] -= share * users[p]
+        frozen = {f for f in unfrozen if any(free[p] <= 1e-9 * max(1.0, p.rate_bps) for p in f.ports)}
+        unfrozen -= frozen or {next(iter(unfrozen))}
+
+
+class FlowNetwork:
+    """The flows in progress on one simulated fabric."""
+
+    def __init__(self, env: simpy.Environment):
+        self.env = env
+        self.flows: list[Flow] = []
+        self._last = 0.0
+        self._wake: simpy.Event | None = None
+        env.process(self._run())
+
+    def transfer(self, ports: tuple[Port, ...], nbytes: float) -> simpy.Event:
+        """An event that fires when ``nbytes`` have crossed ``ports`` (plus their latency)."""
+        done = self.env.event()
+        stretch = 1.0
+        for p in ports:
+            stretch /= max(1e-9, 1.0 - p.loss)
+        flow = Flow(ports, nbytes * 8.0 * stretch, done, stretch=stretch,
+                    latency_s=sum(p.latency_s for p in ports))
+        self._advance()
+        if flow.remaining_bits <= 0 or not ports:
+            self.env.process(self._deliver(flow))
+            return done
+        self.flows.append(flow)
+        self._reschedule()
+        return done
+
+    def _advance(self) -> None:
+        """Account the bits sent since the last change at the current rates."""
+        dt = self.env.now - self._last
+        if dt > 0:
+            for f in self.flows:
+                f.remaining_bits -= f.rate_bps * dt
+        self._last = self.env.now
+
+    def _reschedule(self) -> None:
+        max_min_rates(self.flows)
+        if self._wake is not None and not self._wake.triggered:
+            self._wake.succeed()
+
+    def _deliver(self, flow: Flow):
+        yield self.env.timeout(flow.latency_s)
+        flow.done.succeed()
+
+    def _run(self):
+        while True:
+            self._wake = self.env.event()
+            if not self.flows:
+                yield self._wake
+                continue
+            finish = min(f.remaining_bits / f.rate_bps if f.rate_bps > 0 else float("inf") for f in self.flows)
+            timer = self.env.timeout(max(0.0, finish))
+            yield self._wake | timer
+            self._advance()
+            ended = [f for f in self.flows if f.remaining_bits <= 1e-3 + f.rate_bps * 1e-12]
+            if ended:
+                self.flows = [f for f in self.flows if f not in ended]
+                for f in ended:
+                    self.env.process(self._deliver(f))
+                max_min_rates(self.flows)

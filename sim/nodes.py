@@ -1,0 +1,386 @@
+"""The serving system's entities as SimPy processes: client, router, prefill, decode, colocated.
+
+Each makes the decisions the daemons make by calling the same code (``nodes.engine``:
+``plan_prefill``, ``plan_colocated_step``, ``admit_fifo``, ``KvBudget``, ``GenRequest``;
+``nodes.routing`` policies; ``nodes.costmodel``), and writes the same timeline events with the
+same fields, in virtual time. What it leaves out: HTTP and MQTT (routing sees every node's
+status at once, as if heartbeats were instant), and the per-token frontend traffic (a token
+reaches the client one frontend path latency after its step).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import simpy
+
+from nodes.costmodel import CostModel
+from nodes.engine import GenRequest, KvBudget, admit_fifo, kv_wire_bytes, plan_colocated_step, plan_prefill
+from nodes.routing import make_policy
+from nodes.timeline import Timeline
+from sim.network import FlowNetwork, Port
+
+
+@dataclass
+class SimSettings:
+    """What the daemons read from their node config, for the simulated nodes."""
+
+    model: str
+    kv_bytes_per_token: int
+    layers: int
+    byte_scale: float
+    kv_mode: str
+    kv_timeout_s: float
+    token_budget: int
+    chunk_tokens: int
+    max_batch: int
+    prefill_policy: str
+    decode_policy: str
+    request_timeout_s: float
+
+
+class SimNode:
+    """A compute node: its cost model, timeline, wake-up event and status."""
+
+    role = ""
+
+    def __init__(self, env: simpy.Environment, name: str, hardware: str, cost: CostModel, timeline: Timeline,
+                 settings: SimSettings):
+        self.env, self.name, self.hardware, self.cost, self.timeline, self.s = env, name, hardware, cost, timeline, settings
+        self._wake = env.event()
+        timeline.event("node_start", role=self.role, hardware=hardware)
+
+    def notify(self) -> None:
+        if not self._wake.triggered:
+            self._wake.succeed()
+
+    def wait_for_work(self) -> simpy.Event:
+        self._wake = self.env.event()
+        return self._wake
+
+    def step(self, duration_s: float, batch_size: int, kind: str):
+        """One compute step: ``step_timing`` as a daemon logs it (never late in virtual time)."""
+        yield self.env.timeout(duration_s)
+        self.timeline.event("step_timing", kind=kind, planned_s=duration_s, late_s=0.0, batch_size=batch_size)
+
+    def status(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class SimJob:
+    """A prefill node's request (nodes.prefill.PrefillJob's fields the planning reads)."""
+
+    request_id: str
+    prompt_tokens: int
+    decode: "SimDecode"
+    max_tokens: int
+    prefilled: int = 0
+    started: bool = False
+    compute_s: float = 0.0
+
+
+class SimPrefill(SimNode):
+    role = "prefill"
+
+    def __init__(self, *args: Any, kv_ports: Callable[["SimDecode"], tuple[Port, ...]], net: FlowNetwork,
+                 **kw: Any):
+        super().__init__(*args, **kw)
+        self.queue: list[SimJob] = []
+        self.batch_size = 0
+        self.kv_ports, self.net = kv_ports, net
+        self.env.process(self._scheduler())
+
+    def status(self) -> dict[str, Any]:
+        return {"state": "up", "queue_depth": len(self.queue), "batch_size": self.batch_size,
+                "kv_used_bytes": 0, "kv_free_bytes": self.cost.kv_capacity_bytes()}
+
+    def submit(self, job: SimJob) -> None:
+        self.timeline.event("prefill_queued", job.request_id, prompt_tokens=job.prompt_tokens)
+        self.queue.append(job)
+        self.notify()
+
+    def _scheduler(self):
+        layerwise = self.s.kv_mode == "layerwise"
+        while True:
+            if not self.queue:
+                self.batch_size = 0
+                yield self.wait_for_work()
+                continue
+            batch = plan_prefill(self.queue, self.s.token_budget, self.s.chunk_tokens)
+            cost = self.cost.prefill([n for _, n in batch], [j.prefilled for j, _ in batch])
+            start = self.env.now
+            self.batch_size = len(batch)
+            tokens = sum(n for _, n in batch)
+            finishing = [j for j, n in batch if j.prefilled + n >= j.prompt_tokens]
+            for job, _ in batch:
+                if not job.started:
+                    job.started = True
+                    self.timeline.event("prefill_start", job.request_id, batch_size=len(batch), batch_tokens=tokens)
+            if layerwise:
+                for job in finishing:
+                    self.env.process(self._transfer(job, start, cost.time_s))
+            yield from self.step(cost.time_s, len(batch), "prefill")
+            for job, n in batch:
+                job.prefilled += n
+                job.compute_s += cost.time_s
+            for job in finishing:
+                self.queue.remove(job)
+                self.timeline.event("prefill_end", job.request_id, compute_s=job.compute_s)
+                if not layerwise:
+                    self.env.process(self._transfer(job, None, 0.0))
+
+    def _transfer(self, job: SimJob, step_start: float | None, step_s: float):
+        """The KV handoff as a flow: whole after prefill; layer by layer, layer l leaves when its
+        share of the last step is done (all but the last layer as one flow, then the last)."""
+        model_bytes = self.cost.kv_bytes(job.prompt_tokens)
+        wire = kv_wire_bytes(self.s.kv_bytes_per_token, job.prompt_tokens, self.s.byte_scale)
+        self.timeline.event("kv_start", job.request_id, decode=job.decode.name, mode=self.s.kv_mode,
+                            bytes=wire, model_bytes=model_bytes)
+        job.decode.kv_begin(job.request_id, wire)
+        ports = self.kv_ports(job.decode)
+        if step_start is None:
+            yield self.net.transfer(ports, model_bytes)
+        else:
+            layers = max(1, self.s.layers)
+            last = model_bytes / layers
+            yield self.net.transfer(ports, model_bytes - last)
+            last_ready = step_start + step_s  # the last layer's compute ends with the step
+            if self.env.now < last_ready:
+                yield self.env.timeout(last_ready - self.env.now)
+            yield self.net.transfer(ports, last)
+        self.timeline.event("kv_end", job.request_id, bytes=wire, ok=True)
+        job.decode.kv_complete(job.request_id, wire, job.prompt_tokens, job.max_tokens)
+
+
+class _Streaming(SimNode):
+    """Decode and colocated: GenRequests, a KV budget, continuous batching."""
+
+    def __init__(self, *args: Any, on_token: Callable[[str, int, float, bool], None], **kw: Any):
+        super().__init__(*args, **kw)
+        self.kv = KvBudget(self.cost.kv_capacity_bytes())
+        self.waiting: deque[GenRequest] = deque()
+        self.running: list[GenRequest] = []
+        self.on_token = on_token  # (request id, tokens so far, t, done): to the router and client
+
+    def status(self) -> dict[str, Any]:
+        return {"state": "up", "queue_depth": len(self.waiting), "batch_size": len(self.running),
+                "kv_used_bytes": self.kv.used, "kv_free_bytes": self.kv.free}
+
+    def gen(self, rid: str, prompt_tokens: int, max_tokens: int) -> GenRequest:
+        return GenRequest(rid, prompt_tokens, max_tokens, kv_bytes=self.cost.kv_bytes(prompt_tokens + max_tokens),
+                          out=None)
+
+    def emit(self, g: GenRequest) -> None:
+        g.emit_token(self.timeline, self.env.now)
+        self.on_token(g.request_id, g.generated, self.env.now, g.finished)
+
+    def release(self, g: GenRequest) -> None:
+        if g.reserved:
+            self.kv.release(g.kv_bytes)
+            g.reserved = False
+
+
+class SimDecode(_Streaming):
+    role = "decode"
+
+    def __init__(self, *args: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        self.env.process(self._scheduler())
+
+    def kv_begin(self, rid: str, wire: int) -> None:
+        self.timeline.event("kv_recv_start", rid, bytes=wire)
+
+    def kv_complete(self, rid: str, wire: int, prompt_tokens: int, max_tokens: int) -> None:
+        self.timeline.event("kv_recv_end", rid, bytes=wire, verified=True)
+        g = self.gen(rid, prompt_tokens, max_tokens)
+        if g.kv_bytes > self.kv.capacity:
+            g.fail(self.timeline, f"KV of {g.kv_bytes} bytes exceeds node capacity {self.kv.capacity}")
+            self.on_token(rid, 0, self.env.now, True)
+            return
+        self.timeline.event("decode_queued", rid, kv_model_bytes=g.kv_bytes)
+        self.waiting.append(g)
+        self.notify()
+
+    def _scheduler(self):
+        while True:
+            for g in admit_fifo(self.waiting, self.kv, self.s.max_batch - len(self.running)):
+                self.running.append(g)
+                self.timeline.event("decode_admitted", g.request_id, batch_size=len(self.running))
+            if not self.running:
+                yield self.wait_for_work()
+                continue
+            batch = list(self.running)
+            yield from self.step(self.cost.decode_step([g.context for g in batch]).time_s, len(batch), "decode")
+            for g in batch:
+                self.emit(g)
+                if g.finished:
+                    self.running.remove(g)
+                    self.release(g)
+
+
+class SimColocated(_Streaming):
+    role = "colocated"
+
+    def __init__(self, *args: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        self.prefilling: list[GenRequest] = []
+        self.env.process(self._scheduler())
+
+    def status(self) -> dict[str, Any]:
+        return {**super().status(), "queue_depth": len(self.waiting) + len(self.prefilling)}
+
+    def submit(self, rid: str, prompt_tokens: int, max_tokens: int) -> None:
+        g = self.gen(rid, prompt_tokens, max_tokens)
+        self.timeline.event("prefill_queued", rid, prompt_tokens=prompt_tokens)
+        self.waiting.append(g)
+        self.notify()
+
+    def _scheduler(self):
+        while True:
+            room = self.s.max_batch - len(self.running) - len(self.prefilling)
+            self.prefilling.extend(admit_fifo(self.waiting, self.kv, room))
+            if not self.prefilling and not self.running:
+                yield self.wait_for_work()
+                continue
+            decoding, chunks = plan_colocated_step(self.prefilling, self.running, self.s.token_budget,
+                                                   self.s.chunk_tokens)
+            duration = 0.0
+            if decoding:
+                duration += self.cost.decode_step([g.context for g in decoding]).time_s
+            if chunks:
+                duration += self.cost.prefill([n for _, n in chunks], [g.prefilled for g, _ in chunks]).time_s
+            tokens = sum(n for _, n in chunks)
+            for g, _ in chunks:
+                if g.prefilled == 0:
+                    self.timeline.event("prefill_start", g.request_id, batch_size=len(chunks), batch_tokens=tokens)
+            yield from self.step(duration, len(decoding) + len(chunks),
+                                 "prefill" if chunks and not decoding else "decode")
+            for g in decoding:
+                self.emit(g)
+            for g, n in chunks:
+                g.prefilled += n
+                g.compute_s += duration
+                if g.prefilled >= g.prompt_tokens:
+                    self.prefilling.remove(g)
+                    self.timeline.event("prefill_end", g.request_id, compute_s=g.compute_s)
+                    self.timeline.event("decode_queued", g.request_id, kv_model_bytes=g.kv_bytes)
+                    self.running.append(g)
+                    self.timeline.event("decode_admitted", g.request_id, batch_size=len(self.running))
+                    self.emit(g)  # the prefill pass samples the first token
+            for g in [g for g in self.running if g.finished]:
+                self.running.remove(g)
+                self.release(g)
+
+
+@dataclass(eq=False)
+class _InFlight:
+    request_id: str
+    prompt_tokens: int
+    max_tokens: int
+    arrival: float
+    deadline: simpy.Event | None = None
+    ended: bool = False
+    token_times: list[float] = field(default_factory=list)
+
+
+class SimRouter:
+    """Routes with the daemons' policies on every node's current status; logs the router's events."""
+
+    def __init__(self, env: simpy.Environment, timeline: Timeline, settings: SimSettings,
+                 prefills: list[SimPrefill], decodes: list[_Streaming], client: "SimClient",
+                 to_node_s: Callable[[str], float], to_client_s: Callable[[str], float]):
+        self.env, self.timeline, self.s = env, timeline, settings
+        self.prefills, self.decodes, self.client = prefills, decodes, client
+        self.to_node_s, self.to_client_s = to_node_s, to_client_s
+        self.prefill_policy = make_policy("prefill", settings.prefill_policy)
+        self.decode_policy = make_policy("decode", settings.decode_policy, kv_bytes_per_token=settings.kv_bytes_per_token)
+        self.inflight: dict[str, _InFlight] = {}
+        self.colocated = not prefills
+        timeline.event("node_start", role="router", hardware=None)
+
+    def _status(self, name: str) -> dict[str, Any] | None:
+        for n in [*self.prefills, *self.decodes]:
+            if n.name == name:
+                return n.status()
+        return None
+
+    def arrive(self, rid: str, prompt_tokens: int, max_tokens: int) -> None:
+        self.timeline.event("arrival", rid, prompt_tokens=prompt_tokens, max_tokens=max_tokens, stream=True,
+                            endpoint="completions")
+        req = _InFlight(rid, prompt_tokens, max_tokens, self.env.now)
+        self.inflight[rid] = req
+        decode = self.decode_policy.choose(self.decodes, self._status, tokens=prompt_tokens + max_tokens)
+        prefill = None if self.colocated else self.prefill_policy.choose(self.prefills, self._status,
+                                                                         tokens=prompt_tokens)
+        self.timeline.event("routed", rid, prefill=prefill.name if prefill else None, decode=decode.name)
+        self.env.process(self._timeout(req))
+        self.env.process(self._dispatch(req, prefill, decode))
+
+    def _dispatch(self, req: _InFlight, prefill: SimPrefill | None, decode: _Streaming):
+        target = decode if prefill is None else prefill
+        yield self.env.timeout(self.to_node_s(target.name))
+        if prefill is None:
+            decode.submit(req.request_id, req.prompt_tokens, req.max_tokens)  # type: ignore[attr-defined]
+        else:
+            prefill.submit(SimJob(req.request_id, req.prompt_tokens, decode, req.max_tokens))  # type: ignore[arg-type]
+
+    def _timeout(self, req: _InFlight):
+        yield self.env.timeout(self.s.request_timeout_s)
+        if not req.ended:
+            req.ended = True
+            self.timeline.event("failed", req.request_id,
+                                reason=f"timeout: no completion within {self.s.request_timeout_s} model s")
+            self.client.failed(req.request_id, "timeout", self.env.now)
+
+    def token(self, node: str, rid: str, count: int, t: float, done: bool) -> None:
+        """A node emitted a token (``count`` so far) at ``t``: relay it to the client."""
+        req = self.inflight.get(rid)
+        if req is None or req.ended:
+            return
+        self.env.process(self._relay(node, req, count, done))
+
+    def _relay(self, node: str, req: _InFlight, count: int, done: bool):
+        yield self.env.timeout(self.to_client_s(node))
+        if req.ended:
+            return
+        if count == 0 and done:  # the node failed the request
+            req.ended = True
+            self.timeline.event("failed", req.request_id, reason=f"decode node {node} failed the request")
+            self.client.failed(req.request_id, "decode failed", self.env.now)
+            return
+        self.client.token(req.request_id, self.env.now)
+        if done:
+            req.ended = True
+            self.timeline.event("done", req.request_id, prompt_tokens=req.prompt_tokens, output_tokens=count)
+            self.client.done(req.request_id, self.env.now)
+            del self.inflight[req.request_id]
+
+
+class SimClient:
+    """Replays the workload open-loop and times every token, as the load generator does."""
+
+    def __init__(self, env: simpy.Environment, timeline: Timeline):
+        self.env, self.timeline = env, timeline
+        self.tokens: dict[str, list[float]] = {}
+        timeline.event("node_start", role="client", hardware=None)
+
+    def send(self, rid: str, prompt_tokens: int, output_tokens: int, scheduled_s: float) -> None:
+        self.timeline.event("client_sent", rid, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                            scheduled_s=scheduled_s)
+        self.tokens[rid] = []
+
+    def token(self, rid: str, t: float) -> None:
+        times = self.tokens[rid]
+        if not times:
+            self.timeline.event("client_first_token", rid)
+        times.append(t)
+
+    def done(self, rid: str, t: float) -> None:
+        times = self.tokens.pop(rid, [])
+        self.timeline.event("client_done", rid, output_tokens=len(times), token_times=times)
+
+    def failed(self, rid: str, reason: str, t: float) -> None:
+        self.tokens.pop(rid, None)
+        self.timeline.event("client_failed", rid, reason=reason)

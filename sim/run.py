@@ -1,0 +1,179 @@
+"""``pdtb run SCENARIO --backend sim``: the scenario in virtual time, into a normal run directory.
+
+The same files are read (scenario, topology with the scenario's link overrides, hardware and
+model profiles, the workload or trace) and the same run directory is written: run.json,
+workload.jsonl, timeline/*.jsonl with the daemons' event names, then summary.json,
+requests.csv and report.html by the same code as an emulated run. Nothing sleeps on the wall
+clock and nothing needs root. Time dilation and byte scale do not apply (TDF 1, byte scale 1:
+the simulation runs the modelled rates and sizes).
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import simpy
+import yaml
+
+from core.config import ConfigError
+from nodes.clock import ModelClock
+from nodes.costmodel import CostModel
+from nodes.profiles import load_hardware, load_model
+from nodes.timeline import Timeline
+from sim.network import FlowNetwork, Port
+from sim.nodes import SimClient, SimColocated, SimDecode, SimPrefill, SimRouter, SimSettings
+
+FRONTEND, EFA = "frontend", "efa"
+SIMULATED_VERDICT = {"verdict": "simulated", "trustworthy": False, "reasons": [
+    "virtual-time simulation: no emulated network or host timing to judge; docs/simulation.md compares it "
+    "with the emulation"], "warnings": [], "ports": {}}
+
+
+def _port(topo: Any, host: str, cls: str, direction: str) -> Port | None:
+    link = topo.host_link(host, cls)
+    if link is None:
+        return None
+    p = link.params
+    rate = float(p.bandwidth_bps) if p.bandwidth_bps else float("inf")
+    return Port(f"{link.name}:{direction}", rate, float(p.latency_s), float(p.loss))
+
+
+def _latency(topo: Any, *hosts: str) -> float:
+    """One-way frontend latency through the hosts' links to the switch (a root router adds none)."""
+    total = 0.0
+    for h in hosts:
+        link = topo.host_link(h, FRONTEND)
+        total += float(link.params.latency_s) if link is not None else 0.0
+    return total
+
+
+def run_sim(sc: Any, rd: Any, *, scenario_path: str | None = None, log: Any = None) -> dict[str, Any]:
+    """Simulate ``sc`` into the run directory ``rd`` (a RunDir); returns the summary."""
+    from testbed.metrics import compute_summary
+    from testbed.predict import predict
+    from testbed.report import write_report
+    from testbed.runner.orchestrator import plan_run
+    from testbed.runner.rundir import utc_stamp
+    from testbed.workload import generate_workload, write_workload
+
+    if sc.faults:
+        raise ConfigError(sc.source, [("faults", "the sim backend does not simulate faults yet: use the "
+                                                 "mininet or local backend")])
+    topo, plans, client_name = plan_run(sc, "sim")
+    items = generate_workload(sc)
+    write_workload(items, rd.workload)
+    rd.scenario_yaml.write_text(yaml.safe_dump({"kind": "scenario", **sc.resolved_raw()}, sort_keys=False))
+    wall0 = time.time()
+    rd.update_run_json(
+        run_id=rd.run_id, scenario=sc.name, scenario_path=scenario_path, backend="sim", impairment_backend=None,
+        tdf=1.0, byte_scale=1.0, emulation_reason="virtual time: modelled rates and sizes", t0_wall=0.0,
+        workload_offset_s=0.0, slo=sc.slo.model_dump() if sc.slo else None, model=sc.model, topology=topo.name,
+        requests=len(items), prediction=predict(sc).to_dict(), started_wall=wall0, started=utc_stamp(),
+        finished_wall=None, crashes=[], faults=[], stop_reason=None,
+        nodes={p.name: {"role": p.role, "hardware": p.hardware, "host": p.host, "addresses": {}}
+               for p in plans.values()},
+        )
+    # nothing emulated, nothing to judge: the verdict says so (docs/simulation.md has the cross-check)
+    (rd.root / "fidelity.json").write_text(json.dumps(SIMULATED_VERDICT, indent=2) + "\n")
+
+    env = simpy.Environment()
+    clock = ModelClock(0.0, 1.0)
+    timelines: list[Timeline] = []
+
+    def timeline(name: str) -> Timeline:
+        tl = Timeline(rd.timeline(name), name, clock, now_wall=lambda: env.now)
+        timelines.append(tl)
+        return tl
+
+    model = load_model(sc.model)
+    kvt = sc.kv_transfer
+    pools = sc.pools
+    spec = {role: getattr(pools, role) for role in ("prefill", "decode", "colocated")}
+
+    def pool_value(role: str, key: str, default: int) -> int:
+        value = getattr(spec[role], key, None) if spec[role] is not None else None
+        return default if value is None else int(value)
+
+    from nodes.config import DecodeSettings, PrefillSettings
+
+    defaults_p, defaults_d = PrefillSettings(), DecodeSettings()
+
+    def settings(role: str) -> SimSettings:
+        prefill_role = "colocated" if role == "colocated" else "prefill"
+        decode_role = "colocated" if role == "colocated" else "decode"
+        return SimSettings(
+            model=sc.model, kv_bytes_per_token=int(model.kv_bytes_per_token), layers=int(model.layers),
+            byte_scale=1.0, kv_mode=kvt.mode, kv_timeout_s=float(kvt.timeout),
+            token_budget=pool_value(prefill_role, "token_budget", defaults_p.token_budget),
+            chunk_tokens=pool_value(prefill_role, "chunk_tokens", defaults_p.chunk_tokens),
+            max_batch=pool_value(decode_role, "max_batch", defaults_d.max_batch),
+            prefill_policy=sc.router.prefill_policy, decode_policy=sc.router.decode_policy,
+            request_timeout_s=float(sc.router.request_timeout))
+
+    net = FlowNetwork(env)
+    router_plan = next(p for p in plans.values() if p.role == "router")
+    router_host = router_plan.host if router_plan.host != "root" else None
+
+    def kv_ports(decode: SimDecode, src: str) -> tuple[Port, ...]:
+        ports = (_port(topo, src, EFA, "up"), _port(topo, decode.name, EFA, "down"))
+        return tuple(p for p in ports if p is not None)
+
+    client = SimClient(env, timeline(client_name))
+    prefills: list[SimPrefill] = []
+    decodes: list[Any] = []
+    router_ref: list[SimRouter] = []
+
+    def on_token(node: str):
+        return lambda rid, count, t, done: router_ref[0].token(node, rid, count, t, done)
+
+    for plan in plans.values():
+        if plan.role not in ("prefill", "decode", "colocated"):
+            continue
+        cost = CostModel(load_hardware(plan.hardware), model)
+        args = (env, plan.name, plan.hardware, cost, timeline(plan.name), settings(plan.role))
+        if plan.role == "prefill":
+            prefills.append(SimPrefill(*args, kv_ports=lambda d, src=plan.host: kv_ports(d, src), net=net))
+        elif plan.role == "decode":
+            decodes.append(SimDecode(*args, on_token=on_token(plan.name)))
+        else:
+            decodes.append(SimColocated(*args, on_token=on_token(plan.name)))
+    hosts = {p.name: p.host for p in plans.values()}
+    router_hosts = [router_host] if router_host else []
+    to_node = {n: _latency(topo, *router_hosts, hosts[n]) for n in hosts if plans[n].role != "client"}
+    to_client = {n: _latency(topo, hosts[n], *router_hosts, *router_hosts, hosts[client_name]) for n in to_node}
+    from_client = _latency(topo, hosts[client_name], *router_hosts)
+    router = SimRouter(env, timeline(router_plan.name), settings("decode" if prefills else "colocated"),
+                       prefills, decodes, client, to_node.__getitem__, to_client.__getitem__)
+    router_ref.append(router)
+
+    def replay():
+        from testbed.workload import request_id
+
+        for item in items:
+            if item.arrival_s > env.now:
+                yield env.timeout(item.arrival_s - env.now)
+            rid = request_id(item.index)
+            client.send(rid, item.prompt_tokens, item.output_tokens, item.arrival_s)
+            env.process(_arrive(rid, item.prompt_tokens, item.output_tokens))
+
+    def _arrive(rid: str, prompt: int, output: int):
+        yield env.timeout(from_client)
+        if prompt + output > model.context_length:
+            router.timeline.event("failed", rid, reason=f"rejected: context length {model.context_length} exceeded",
+                                  status=400)
+            client.failed(rid, "HTTP 400", env.now)
+            return
+        router.arrive(rid, prompt, output)
+
+    env.process(replay())
+    last_arrival = items[-1].arrival_s if items else 0.0
+    env.run(until=last_arrival + float(sc.router.request_timeout) + 1.0)
+    for tl in timelines:
+        tl.event("node_stop", role=None, hardware=None)
+        tl.close()
+    rd.update_run_json(finished_wall=time.time(), finished=utc_stamp(), stop_reason="completed",
+                       sim_wall_s=time.time() - wall0, sim_model_s=env.now)
+    summary = compute_summary(rd.root)
+    rd.update_run_json(report=str(write_report(rd.root)))
+    return summary

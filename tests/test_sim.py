@@ -1,0 +1,105 @@
+"""The sim backend: max-min fair flows, incast, and whole scenarios in virtual time that write
+the run directory an emulated run writes (fast: no daemons, no sleeping)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import simpy
+
+from core.config import ConfigError
+from nodes.timeline import EVENTS
+from sim.network import FlowNetwork, Flow, Port, max_min_rates
+from testbed.cli import main
+from testbed.config.scenario import load_scenario
+from testbed.predict import predict
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "scenarios" / "quickstart.yaml"
+
+
+def _flow(*ports: Port) -> Flow:
+    return Flow(ports, 1.0, simpy.Environment().event())
+
+
+def test_max_min_fair_rates_by_progressive_filling():
+    a, b = Port("a", 10.0), Port("b", 4.0)
+    f1, f2, f3 = _flow(a), _flow(a, b), _flow(b)
+    max_min_rates([f1, f2, f3])
+    # b is the bottleneck of f2 and f3 (2 each); f1 takes what f2 leaves on a
+    assert (f1.rate_bps, f2.rate_bps, f3.rate_bps) == pytest.approx((8.0, 2.0, 2.0))
+
+
+def test_transfer_time_is_bytes_over_rate_plus_latency_and_incast_shares_the_ingress():
+    env = simpy.Environment()
+    net = FlowNetwork(env)
+    ingress = Port("decode0-efa:down", 8e9, latency_s=10e-6)
+    ends: list[float] = []
+
+    def send(src: Port, nbytes: float):
+        yield net.transfer((src, ingress), nbytes)
+        ends.append(env.now)
+
+    env.process(send(Port("p0:up", 100e9, latency_s=5e-6), 1e9))   # alone: 1 s at 8 Gbit/s
+    env.run()
+    assert ends == [pytest.approx(1.0 + 15e-6)]
+    ends.clear()
+    for i in range(4):   # incast: four senders into one 8 Gbit/s ingress each get 2 Gbit/s
+        env.process(send(Port(f"p{i}:up", 100e9, latency_s=5e-6), 1e9))
+    start = env.now
+    env.run()
+    assert [e - start for e in ends] == pytest.approx([4.0 + 15e-6] * 4)
+
+
+def test_loss_stretches_a_transfer_by_the_resent_bytes():
+    env = simpy.Environment()
+    net = FlowNetwork(env)
+    done = net.transfer((Port("x", 8e9, loss=0.2),), 1e9)
+    env.run(done)
+    assert env.now == pytest.approx(1.0 / 0.8)
+
+
+def test_quickstart_runs_in_virtual_time_into_a_normal_run_directory(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", str(QUICKSTART), "--backend", "sim", "--out", str(out), "--json"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == {"total": 20, "completed": 20, "failed": 0, "failed_by_reason": {}}
+    assert summary["emulation"]["backend"] == "sim" and summary["fidelity"]["verdict"] == "simulated"
+    for name in ("report.html", "requests.csv", "workload.jsonl", "run.json", "scenario.yaml"):
+        assert (out / name).is_file(), name
+    names = {json.loads(line)["event"] for path in (out / "timeline").glob("*.jsonl")
+             for line in path.read_text().splitlines()}
+    assert names <= EVENTS and {"arrival", "routed", "prefill_start", "kv_start", "kv_recv_end", "decode_admitted",
+                                "first_token", "client_done", "step_timing"} <= names
+    # nothing beats an uncontended request; steps alone set TPOT (batching makes them a little longer)
+    pred = predict(load_scenario(QUICKSTART))
+    assert summary["ttft_ms"]["p50"] >= 0.95 * pred.ttft_s * 1e3
+    assert 0.95 * pred.tpot_s * 1e3 <= summary["tpot_ms"]["p50"] <= 1.3 * pred.tpot_s * 1e3
+    # deterministic: the same files and seed give the same numbers
+    again = tmp_path / "again"
+    assert main(["run", str(QUICKSTART), "--backend", "sim", "--out", str(again), "--json"]) == 0
+    assert json.loads((again / "summary.json").read_text())["ttft_ms"] == summary["ttft_ms"]
+
+
+def test_colocated_scenario_and_the_bandwidth_that_makes_the_handoff_slow(tmp_path):
+    assert main(["run", str(REPO / "scenarios" / "gpu-baseline.yaml"), "--backend", "sim", "--out",
+                 str(tmp_path / "gpu"), "--json"]) == 0
+    gpu = json.loads((tmp_path / "gpu" / "summary.json").read_text())
+    assert gpu["counts"]["completed"] == 20 and gpu["kv_transfer"]["count"] == 0
+    fast, slow = tmp_path / "fast", tmp_path / "slow"
+    for out, bw in ((fast, "1.2Tbps"), (slow, "10Gbps")):
+        assert main(["run", str(QUICKSTART), "--backend", "sim", "--out", str(out), "--json",
+                     "--set", "kv_transfer.mode=whole", "--set", f"fabric.efa.bandwidth={bw}"]) == 0
+    kv = [json.loads((d / "summary.json").read_text())["kv_transfer"]["time_ms"]["p50"] for d in (fast, slow)]
+    assert kv[1] > 50 * kv[0]  # a ~180 MB cache: ~1.2 ms at 1.2 Tbit/s, ~150 ms at 10 Gbit/s
+
+
+def test_sim_refuses_what_it_does_not_model(tmp_path):
+    with pytest.raises(ConfigError, match="faults"):
+        from sim.run import run_sim
+        from testbed.runner.rundir import RunDir
+
+        sc = load_scenario(QUICKSTART, ["faults=[{at: 1s, action: slowdown, target: decode0, factor: 2}]"])
+        run_sim(sc, RunDir.create(sc.name, tmp_path / "x"))
+    assert main(["up", str(QUICKSTART), "--backend", "sim"]) == 2
