@@ -25,7 +25,7 @@ def write(tmp_path: Path, text: str, name: str = "cmp.yaml") -> Path:
 TINY = """
 kind: comparison
 name: tiny
-backend: local
+backend: {backend}
 baseline: [gpu]
 deployments:
   - {{name: gpu, scenario: {{topology: colocated, pools: {{colocated: {{hardware: h200x8}}}},
@@ -38,6 +38,14 @@ workloads:
 loads: [{loads}]
 requests: {requests}
 """
+
+
+def test_shipped_breakeven_comparison_is_valid():
+    cmp = load_comparison(REPO / "scenarios" / "compare-breakeven.yaml")
+    todo = cells(cmp)
+    assert len(todo) == 2 * 2 * (2 + 5)  # models x workloads x (two baselines + five seed bandwidths)
+    for c in todo:
+        cell_scenario(cmp, c, 5)
 
 
 def test_shipped_comparison_loads_and_every_cell_is_a_valid_scenario_or_says_why():
@@ -84,7 +92,7 @@ def test_bad_comparison_files_get_one_line_per_problem(tmp_path, text, problems)
 
 
 def test_deployment_may_not_set_the_workload(tmp_path):
-    text = TINY.format(loads=1, requests=2).replace("{name: gpu, scenario: {",
+    text = TINY.format(loads=1, requests=2, backend="local").replace("{name: gpu, scenario: {",
                                                     "{name: gpu, scenario: {model: llama-3.1-8b, ")
     with pytest.raises(ConfigError, match=r"deployments\[0\]: scenario: the comparison sets model, not a deployment$"):
         load_comparison(write(tmp_path, text))
@@ -99,7 +107,7 @@ def result(dep: str, load: float, e2e: float, verdict: str = "trustworthy", poin
 
 
 def test_speedup_is_over_the_fastest_trusted_baseline_and_untrusted_cells_get_none(tmp_path):
-    text = TINY.format(loads=1, requests=2).replace("baseline: [gpu]", "baseline: [gpu, seed]")
+    text = TINY.format(loads=1, requests=2, backend="local").replace("baseline: [gpu]", "baseline: [gpu, seed]")
     cmp = load_comparison(write(tmp_path, text))
     results = [result("gpu", 1, 400.0), result("seed", 1, 100.0),
                result("gpu", 2, 800.0, verdict="untrustworthy"), result("seed", 2, 200.0),
@@ -114,7 +122,7 @@ def test_speedup_is_over_the_fastest_trusted_baseline_and_untrusted_cells_get_no
 
 
 def test_unswept_baseline_stands_for_every_sweep_point(tmp_path):
-    text = TINY.format(loads=1, requests=2) + "sweep: {fabric.efa.loss: [0, 0.01]}\n"
+    text = TINY.format(loads=1, requests=2, backend="local") + "sweep: {fabric.efa.loss: [0, 0.01]}\n"
     cmp = load_comparison(write(tmp_path, text))
     todo = cells(cmp)
     assert [(c.deployment, c.point) for c in todo] == [
@@ -142,8 +150,9 @@ def test_cell_metrics_from_a_summary_and_request_rows():
     assert m["verdict"] == "trustworthy" and m["goodput_share"] == 0.5
 
 
-def test_tiny_comparison_end_to_end_writes_json_csv_and_html(tmp_path):
-    cmp_path = write(tmp_path, TINY.format(loads=2, requests=3))
+@pytest.mark.parametrize("backend", ["sim", "local"])
+def test_tiny_comparison_end_to_end_writes_json_csv_and_html(tmp_path, backend):
+    cmp_path = write(tmp_path, TINY.format(loads=2, requests=3, backend=backend))
     out = tmp_path / "out"
     rc = main(["compare", str(cmp_path), "--out", str(out)])
     assert rc == 0
@@ -157,6 +166,9 @@ def test_tiny_comparison_end_to_end_writes_json_csv_and_html(tmp_path):
     with (out / "comparison.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [r["deployment"] for r in rows] == ["gpu", "seed"]
+    if backend == "sim":  # simulated cells are trusted: the seed's speedup over the GPU baseline is there
+        seed = doc["cells"][1]
+        assert seed["baseline"] == "gpu" and seed["speedup"]["tpot_ms"] > 5
     page = (out / "comparison.html").read_text()
     assert "<table>" in page and "data:image/png;base64" in page
     assert list(out.glob("compare_*.png"))
