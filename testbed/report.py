@@ -502,6 +502,33 @@ def plot_attribution(cells: list[dict[str, Any]], title: str, path: Path) -> Pat
     return _save(fig, path)
 
 
+def plot_breakeven(cells: list[dict[str, Any]], key: str, title: str, path: Path) -> Path | None:
+    """The E2E speedup over the baseline against one swept fabric key (log x for rates), one
+    line per deployment and load: where the line crosses 1 the network took the advantage back."""
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for c in cells:
+        x = _numeric(c["point"].get(key)) if key in c["point"] else None
+        sp = (c.get("speedup") or {}).get("e2e_ms")
+        if x is not None and sp:
+            lines.setdefault(f"{c['deployment']} @{c['load']:g}/s", []).append((x, sp))
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for label, pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "-o", label=label)
+    ax.axhline(1.0, color="#c00", lw=0.8, ls="--")
+    if all(x > 0 for pts in lines.values() for x, _ in pts):
+        ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(key)
+    ax.set_ylabel("E2E p50 speedup over the baseline")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{title}: break-even", fontsize=10)
+    return _save(fig, path)
+
+
 def write_comparison_report(doc: dict[str, Any], out: Path) -> Path:
     """``comparison.html`` and its PNGs: the table of every cell (untrusted and failed cells
     marked), then per model, workload and sweep point the plots against load."""
@@ -527,6 +554,16 @@ def write_comparison_report(doc: dict[str, Any], out: Path) -> Path:
     if skipped:
         notes += f"<p class='fail'>{skipped} cell(s) not run or failed: the note column says why.</p>"
     figures = ""
+    keys = list(dict.fromkeys(k for c in cells for k in c["point"]))
+    by_mw: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for c in cells:
+        by_mw.setdefault((c["model"], c["workload"]), []).append(c)
+    for j, ((model, workload), group) in enumerate(by_mw.items()):
+        for k, key in enumerate(keys):
+            png = plot_breakeven(group, key, f"{model}, {workload}", out / f"breakeven_{j}_{k}.png")
+            if png is not None:
+                figures += f"<h2>{html.escape(model)}, {html.escape(workload)}: speedup vs <code>{html.escape(key)}</code></h2>"
+                figures += _img(png, f"break-even {model} {workload} {key}")
     for i, ((model, workload, point), group) in enumerate(_cell_groups(cells).items()):
         title = f"{model}, {workload}" + (f", {point}" if point else "")
         figures += f"<h2>{html.escape(title)}</h2>"

@@ -300,10 +300,10 @@ SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 
 
 @pytest.mark.parametrize("name", ["quickstart", "kv-loss-sweep", "bandwidth-sweep", "incast", "trace-replay",
-                                  "gpu-baseline"])
+                                  "gpu-baseline", "cluster-trace"])
 def test_shipped_scenarios_validate(name: str) -> None:
     path = SCENARIOS / f"{name}.yaml"
-    if name == "trace-replay":
+    if name in ("trace-replay", "cluster-trace"):
         sc = load_scenario(path, check_refs=False)
         if not sc.trace_path().exists():
             pytest.skip("the shared trace is not beside the checkout")
