@@ -52,9 +52,12 @@ class Overheads(StrictModel):
     ``step`` and ``layer`` add to the device time (scheduler, sampling, kernel latencies);
     ``host_layer`` is host launch work per layer that runs concurrently with the device
     (eager frameworks), blended with the device time by ``host_overlap``: the p of a p-norm,
-    1 = no overlap (they add), large = full overlap (the larger wins)."""
+    1 = no overlap (they add), large = full overlap (the larger wins). ``request`` is paid once
+    by a step that starts a prompt (a sequence with nothing cached: runtime setup of a new
+    prefill, first-token sampling), so the later chunks of a chunked prefill do not repeat it."""
 
     step: Duration = 0.0
+    request: Duration = 0.0
     layer: Duration = 0.0
     host_layer: Duration = 0.0
     host_overlap: float = Field(default=3.0, ge=1.0)
