@@ -158,3 +158,11 @@ def test_cli_predict_speculative_decoding() -> None:
     assert spec["tokens_per_s_per_user"] > plain["tokens_per_s_per_user"]
     out = pdtb(*base, "--draft-model", "llama-3.1-8b", "--acceptance-rate", "1.5")
     assert out.returncode != 0 and "--acceptance-rate" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_validate_says_which_points_were_fitted() -> None:
+    out = pdtb("profiles", "validate", "--json")
+    points = json.loads(out.stdout)["points"]
+    assert {p["role"] for p in points} <= {"fitted", "validation"}
+    assert all(p["role"] == "fitted" and p["speculative"] is False for p in points if p["hardware"] == "trn2")
+    assert " role " in pdtb("profiles", "validate").stdout.splitlines()[0] + " "

@@ -242,11 +242,11 @@ def run_validate(args: argparse.Namespace) -> int:
         if p.source not in sources:
             sources.append(p.source)
         unit = _unit(p.metric)
-        rows.append([p.hardware, p.model, p.metric, p.label, f"{p.value:,.4g} {unit}", f"{r.predicted:,.4g} {unit}",
+        rows.append([p.hardware, p.model, p.role, p.metric, p.label, f"{p.value:,.4g} {unit}", f"{r.predicted:,.4g} {unit}",
                      f"{100 * r.error:+.1f}%", f"±{100 * p.tolerance:.0f}%", "ok" if r.ok else "FAIL", r.bound,
                      f"[{sources.index(p.source) + 1}]"])
-    print(_table(["hardware", "model", "metric", "step", "reference", "predicted", "error", "tol", "", "bound", "src"],
-                 rows, right={4, 5, 6, 7}))
+    print(_table(["hardware", "model", "role", "metric", "step", "reference", "predicted", "error", "tol", "", "bound", "src"],
+                 rows, right={5, 6, 7, 8}))
     print()
     for i, s in enumerate(sources, 1):
         print(f"[{i}] {s}")
