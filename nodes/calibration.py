@@ -30,7 +30,9 @@ class ReferencePoint:
     ``phase`` ``prefill``: one batch of ``batch`` prompts of ``tokens`` tokens;
     ``decode``: one step of ``batch`` sequences over ``context`` tokens each.
     ``timed_layers``/``scale``: the figure was timed on that many layers and multiplied by
-    ``scale``; ``blocks_only``: no embedding or LM head was run."""
+    ``scale``; ``blocks_only``: no embedding or LM head was run. ``role`` says whether the
+    profile's constants were fitted to the point or it was kept out as validation;
+    ``speculative`` whether the figure was measured with speculative decoding."""
 
     hardware: str
     model: str
@@ -45,6 +47,8 @@ class ReferencePoint:
     scale: float = 1.0
     blocks_only: bool = False
     tolerance: float = DEFAULT_TOLERANCE
+    role: Literal["fitted", "validation"] = "fitted"
+    speculative: bool = False
 
     @property
     def label(self) -> str:

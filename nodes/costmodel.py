@@ -12,9 +12,9 @@ roofline per class, as operator-level simulators such as Vidur and LLMCompass do
 
 Their sum is the device time. Tensor-parallel nodes split it over their chips and add two
 all-reduces per layer; a multi-system pipeline (CS-3) runs its systems one after another and
-adds a hop per system boundary. Fixed costs complete it: per step, per layer, per request (once,
-in the prefill step where a prompt starts), and host launch work that overlaps the device
-(blended by a p-norm). The efficiencies and overheads come
+adds a hop per system boundary. Fixed costs complete it: per step, per started prompt (once, not
+per chunk), per layer, and host launch
+work that overlaps the device (blended by a p-norm). The efficiencies and overheads come
 from the hardware profile, fitted to the reference points of :mod:`nodes.calibration`.
 All values are SI: seconds, bytes, FLOP/s.
 """
@@ -52,6 +52,38 @@ class StepCost:
         return {"time_s": self.time_s, "compute_s": self.compute_s, "memory_s": self.memory_s,
                 "overhead_s": self.overhead_s, "comm_s": self.comm_s, "bound": self.bound,
                 "flops": self.flops, "bytes": self.bytes}
+
+
+def expected_tokens_per_step(k: int, acceptance_rate: float) -> float:
+    """Expected tokens a speculative round emits per sequence with ``k`` draft tokens, each accepted
+    independently with probability ``acceptance_rate`` (Leviathan et al. 2023, eq. 1):
+    ``(1 - a^(k+1)) / (1 - a)``; the verification always yields one token of its own."""
+    if k < 0:
+        raise ValueError("tokens_per_step must be >= 0")
+    a = float(acceptance_rate)
+    if not 0.0 <= a <= 1.0:
+        raise ValueError("acceptance_rate must be within [0, 1]")
+    if a == 1.0:
+        return float(k + 1)
+    return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+@dataclass(frozen=True)
+class SpeculativeStep:
+    """One speculative decoding round: the draft's k steps, then one verification step."""
+
+    draft_s: float
+    verify: StepCost
+    tokens_per_step: float  # expected tokens emitted per sequence in the round
+
+    @property
+    def time_s(self) -> float:
+        return self.draft_s + self.verify.time_s
+
+    @property
+    def time_per_token_s(self) -> float:
+        """Expected time per emitted token of one sequence (the inter-token latency)."""
+        return self.time_s / self.tokens_per_step
 
 
 class CostModel:
@@ -112,8 +144,7 @@ class CostModel:
         if any(n < 0 for n in new) or any(c < 0 for c in cached):
             raise ValueError("token counts must be >= 0")
         pairs = [(n, c) for n, c in zip(new, cached) if n > 0]
-        starting = sum(1 for n, c in pairs if c == 0)  # new prompts: the step pays the setup of new sequences
-        return self._step(pairs, self.hw.prefill, starting=starting)
+        return self._step(pairs, self.hw.prefill, starts=any(c == 0 for _, c in pairs))
 
     def decode_step(self, context_lens: Sequence[int]) -> StepCost:
         """One decode step: each sequence emits one token attending over its context."""
@@ -122,7 +153,22 @@ class CostModel:
             raise ValueError("context lengths must be >= 0")
         return self._step([(1, c) for c in contexts], self.hw.decode)
 
-    def _step(self, seqs: list[tuple[int, int]], over: Overheads, starting: int = 0) -> StepCost:
+    def speculative_decode_step(self, context_lens: Sequence[int], draft: "CostModel",
+                                tokens_per_step: int, acceptance_rate: float) -> SpeculativeStep:
+        """One speculative decoding round: ``draft`` proposes ``tokens_per_step`` (k) tokens per
+        sequence one decode step at a time, then this model verifies them in one step over k + 1
+        positions (the last accepted token and the k drafts), as a chunked prefill of k + 1 tokens
+        per sequence against its context. The draft runs on the same node, before the verification."""
+        contexts = [int(c) for c in context_lens]
+        if any(c < 0 for c in contexts):
+            raise ValueError("context lengths must be >= 0")
+        k = int(tokens_per_step)
+        draft_s = sum(draft.decode_step([c + i for c in contexts]).time_s for i in range(k))
+        verify = self._step([(k + 1, c) for c in contexts], self.hw.decode)
+        return SpeculativeStep(draft_s=draft_s, verify=verify,
+                               tokens_per_step=expected_tokens_per_step(k, acceptance_rate))
+
+    def _step(self, seqs: list[tuple[int, int]], over: Overheads, *, starts: bool = False) -> StepCost:
         if not seqs:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0, "overhead")
         m, hw = self.model, self.hw
@@ -158,7 +204,7 @@ class CostModel:
         if host > 0:
             p = over.host_overlap
             device = device * (1.0 + (host / device) ** p) ** (1.0 / p) if device > 0 else host
-        time = device + over.step + (over.request if starting else 0.0)
+        time = device + over.step + (over.request if starts else 0.0)
         overhead = time - roofline - comm
         terms = {"compute": compute_bound, "memory": memory_bound, "overhead": overhead, "comm": comm}
         bound: Bound = max(terms, key=terms.__getitem__)  # type: ignore[assignment]

@@ -144,3 +144,25 @@ def test_cli_errors_are_one_line() -> None:
     assert out.returncode != 0 and "--context" in out.stderr
     out = pdtb("profiles", "predict", "--hardware", "h200", "--model", "llama-3.1-8b", "--prefill-tokens", "-3")
     assert out.returncode != 0 and "Traceback" not in out.stderr
+
+
+def test_cli_predict_speculative_decoding() -> None:
+    base = ["profiles", "predict", "--hardware", "cs3", "--model", "llama-3.1-405b", "--decode-batch", "1",
+            "--context", "1000", "--json"]
+    plain = json.loads(pdtb(*base).stdout)
+    spec = json.loads(pdtb(*base, "--draft-model", "llama-3.1-8b", "--speculative-k", "4",
+                           "--acceptance-rate", "0.8").stdout)
+    assert spec["phase"] == "speculative_decode" and spec["tokens_per_step"] == pytest.approx(3.3616)
+    assert spec["round_ms"] == pytest.approx(spec["draft_ms"] + spec["time_ms"])
+    assert spec["tokens_per_s_per_user"] == pytest.approx(spec["tokens_per_step"] / spec["round_ms"] * 1e3)
+    assert spec["tokens_per_s_per_user"] > plain["tokens_per_s_per_user"]
+    out = pdtb(*base, "--draft-model", "llama-3.1-8b", "--acceptance-rate", "1.5")
+    assert out.returncode != 0 and "--acceptance-rate" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_validate_says_which_points_were_fitted() -> None:
+    out = pdtb("profiles", "validate", "--json")
+    points = json.loads(out.stdout)["points"]
+    assert {p["role"] for p in points} <= {"fitted", "validation"}
+    assert all(p["role"] == "fitted" and p["speculative"] is False for p in points if p["hardware"] == "trn2")
+    assert " role " in pdtb("profiles", "validate").stdout.splitlines()[0] + " "

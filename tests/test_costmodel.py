@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from nodes.costmodel import CostModel, StepCost
+from nodes.costmodel import CostModel, StepCost, expected_tokens_per_step
 from nodes.profiles import hardware_names, load_hardware, load_model, model_names
 
 PAIRS = list(itertools.product(hardware_names(), model_names()))
@@ -187,3 +187,46 @@ def test_chunked_prefill_costs_the_prompt_plus_chunking_overheads(hw, model):
     # a step that starts several prompts pays it once, as a step of one did before chunking
     two = cm.prefill([1000, 1000]).time_s - cm.prefill([1000, 1000], [1, 1]).time_s
     assert two == pytest.approx(request, abs=2e-4)
+
+
+def test_expected_tokens_per_speculative_step() -> None:
+    # Leviathan et al.: (1 - a^(k+1)) / (1 - a); a = 0.8, k = 4: (1 - 0.32768) / 0.2 = 3.3616
+    assert expected_tokens_per_step(4, 0.8) == pytest.approx(3.3616)
+    assert expected_tokens_per_step(4, 0.0) == 1.0  # nothing accepted: the verification's own token
+    assert expected_tokens_per_step(4, 1.0) == 5.0
+    assert expected_tokens_per_step(0, 0.5) == 1.0
+    with pytest.raises(ValueError):
+        expected_tokens_per_step(4, 1.5)
+    with pytest.raises(ValueError):
+        expected_tokens_per_step(-1, 0.5)
+
+
+def test_speculative_round_is_draft_steps_plus_one_verification() -> None:
+    target = CostModel(load_hardware("cs3"), load_model("llama-3.3-70b"))
+    draft = CostModel(load_hardware("cs3"), load_model("llama-3.1-8b"))
+    spec = target.speculative_decode_step([1000, 2000], draft, 3, 0.7)
+    draft_s = sum(draft.decode_step([1000 + i, 2000 + i]).time_s for i in range(3))
+    assert spec.draft_s == pytest.approx(draft_s)
+    assert spec.verify.time_s == pytest.approx(target.prefill([4, 4], [1000, 2000]).time_s)
+    assert spec.time_s == pytest.approx(draft_s + spec.verify.time_s)
+    assert spec.time_per_token_s == pytest.approx(spec.time_s / expected_tokens_per_step(3, 0.7))
+
+
+def test_speculation_with_a_cheap_draft_speeds_up_a_large_model() -> None:
+    # a small draft whose tokens are mostly accepted makes 405B faster per user than plain decode;
+    # a draft that is never accepted only adds its own cost
+    target = CostModel(load_hardware("cs3"), load_model("llama-3.1-405b"))
+    draft = CostModel(load_hardware("cs3"), load_model("llama-3.1-8b"))
+    plain = target.decode_step([1000]).time_s
+    assert target.speculative_decode_step([1000], draft, 4, 0.8).time_per_token_s < plain
+    assert target.speculative_decode_step([1000], draft, 4, 0.0).time_per_token_s > plain
+
+
+def test_chunked_prefill_costs_about_the_unchunked_prompt() -> None:
+    # the per-prompt fixed cost is paid by the first chunk only, so 10k tokens in 2k chunks cost
+    # the unchunked prefill plus the chunks' re-read weights and per-step costs: a few percent
+    model = cm("trn2", "llama-3.1-8b")
+    whole = model.prefill([10240]).time_s
+    chunks = sum(model.prefill([2048], [c]).time_s for c in range(0, 10240, 2048))
+    assert whole <= chunks <= 1.10 * whole
+    assert model.prefill([2048], [0]).time_s > model.prefill([2048], [1]).time_s  # only the first chunk starts the prompt

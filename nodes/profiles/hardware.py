@@ -50,12 +50,12 @@ class Overheads(StrictModel):
     """Fixed costs of one step, beside the roofline terms.
 
     ``step`` and ``layer`` add to the device time (scheduler, sampling, kernel latencies);
-    ``request`` is paid by a prefill step that starts new prompts (no cached tokens yet), once
-    per step however many start: the runtime's setup of new sequences, so a chunked prompt pays
-    it once (in its first chunk), not per chunk;
     ``host_layer`` is host launch work per layer that runs concurrently with the device
     (eager frameworks), blended with the device time by ``host_overlap``: the p of a p-norm,
-    1 = no overlap (they add), large = full overlap (the larger wins)."""
+    1 = no overlap (they add), large = full overlap (the larger wins). ``request`` is paid once
+    by a step that starts a prompt (a sequence with nothing cached: runtime setup of a new
+    prefill, first-token sampling), however many start in it, so the later chunks of a chunked
+    prefill do not repeat it."""
 
     step: Duration = 0.0
     request: Duration = 0.0

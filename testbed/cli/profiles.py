@@ -38,6 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="decode: context tokens per sequence (required); prefill: tokens already cached (chunked prefill)")
     pred.add_argument("--blocks-only", action="store_true",
                       help="transformer blocks alone, no embedding or LM head (as microbenchmarks time them)")
+    pred.add_argument("--draft-model", metavar="MODEL",
+                      help="decode with speculative decoding: this draft model proposes tokens on the same node")
+    pred.add_argument("--speculative-k", type=_positive, default=4, metavar="K", help="draft tokens per verification step (default 4)")
+    pred.add_argument("--acceptance-rate", type=float, default=0.8, metavar="A",
+                      help="probability each draft token is accepted (default 0.8)")
     pred.add_argument("--json", action="store_true")
     pred.set_defaults(func=run_predict, _parser=pred)
 
@@ -170,8 +175,22 @@ def run_predict(args: argparse.Namespace) -> int:
     else:
         if args.context is None:
             args._parser.error("--decode-batch needs --context")
-        cost = cm.decode_step([args.context] * args.decode_batch)
-        step = {"phase": "decode", "batch": args.decode_batch, "context": args.context}
+        if args.draft_model is not None:
+            if not 0.0 <= args.acceptance_rate <= 1.0:
+                args._parser.error("--acceptance-rate must be within [0, 1]")
+            draft = CostModel(hw, load_model(args.draft_model), include_head=not args.blocks_only)
+            spec = cm.speculative_decode_step([args.context] * args.decode_batch, draft,
+                                              args.speculative_k, args.acceptance_rate)
+            cost = spec.verify
+            step = {"phase": "speculative_decode", "batch": args.decode_batch, "context": args.context,
+                    "draft_model": draft.model.name, "speculative_k": args.speculative_k,
+                    "acceptance_rate": args.acceptance_rate, "tokens_per_step": spec.tokens_per_step,
+                    "draft_ms": spec.draft_s * 1e3, "round_ms": spec.time_s * 1e3,
+                    "tokens_per_s_per_user": 1.0 / spec.time_per_token_s}
+        else:
+            cost = cm.decode_step([args.context] * args.decode_batch)
+            step = {"phase": "decode", "batch": args.decode_batch, "context": args.context,
+                    "tokens_per_s_per_user": 1.0 / cost.time_s}
     out = {"hardware": hw.name, "model": m.name, **step, "blocks_only": args.blocks_only,
            "time_ms": cost.time_s * 1e3, "compute_ms": cost.compute_s * 1e3, "memory_ms": cost.memory_s * 1e3,
            "overhead_ms": cost.overhead_s * 1e3, "comm_ms": cost.comm_s * 1e3, "bound": cost.bound,
@@ -185,6 +204,13 @@ def run_predict(args: argparse.Namespace) -> int:
     what = (f"prefill {args.batch} x {args.prefill_tokens} tokens" + (f" after {step['cached_tokens']} cached" if step.get("cached_tokens") else "")
             if step["phase"] == "prefill" else f"decode step, batch {args.decode_batch}, context {args.context}")
     print(f"{m.name} on {hw.name}: {what}")
+    if step["phase"] == "speculative_decode":
+        print(f"  speculative: draft {step['draft_model']} k={args.speculative_k} acceptance {args.acceptance_rate:g}: "
+              f"{step['tokens_per_step']:.2f} tokens per round of {step['round_ms']:.3f} ms "
+              f"(draft {step['draft_ms']:.3f} ms); {step['tokens_per_s_per_user']:,.1f} tokens/s per user; "
+              f"verification step below")
+    elif step["phase"] == "decode":
+        print(f"  speed     {step['tokens_per_s_per_user']:,.1f} tokens/s per user")
     print(f"  time      {out['time_ms']:.3f} ms  (bound: {cost.bound})")
     print(f"  compute   {out['compute_ms']:.3f} ms   ({cost.flops / 1e12:.3f} TFLOP)")
     print(f"  memory    {out['memory_ms']:.3f} ms   ({format_bytes(cost.bytes)} moved)")
@@ -216,11 +242,11 @@ def run_validate(args: argparse.Namespace) -> int:
         if p.source not in sources:
             sources.append(p.source)
         unit = _unit(p.metric)
-        rows.append([p.hardware, p.model, p.metric, p.label, f"{p.value:,.4g} {unit}", f"{r.predicted:,.4g} {unit}",
+        rows.append([p.hardware, p.model, p.role, p.metric, p.label, f"{p.value:,.4g} {unit}", f"{r.predicted:,.4g} {unit}",
                      f"{100 * r.error:+.1f}%", f"±{100 * p.tolerance:.0f}%", "ok" if r.ok else "FAIL", r.bound,
                      f"[{sources.index(p.source) + 1}]"])
-    print(_table(["hardware", "model", "metric", "step", "reference", "predicted", "error", "tol", "", "bound", "src"],
-                 rows, right={4, 5, 6, 7}))
+    print(_table(["hardware", "model", "role", "metric", "step", "reference", "predicted", "error", "tol", "", "bound", "src"],
+                 rows, right={5, 6, 7, 8}))
     print()
     for i, s in enumerate(sources, 1):
         print(f"[{i}] {s}")
