@@ -56,7 +56,7 @@ def test_shipped_comparison_loads_and_every_cell_is_a_valid_scenario_or_says_why
     # only the seed is swept (3 bandwidths x 2 losses); the others run once per model, workload, load
     per_cell = 3 * 4 * 2
     assert len(all_cells) == per_cell * (5 + 6)
-    assert len(cells(cmp, quick=True)) == 6 * 2 * 2 * 1
+    assert len(cells(cmp, quick=True)) == 6 * 3 * 4 * 1  # every deployment, model and workload at one load
     not_fitting = []
     for c in all_cells:
         try:
