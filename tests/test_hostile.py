@@ -4,6 +4,7 @@ run's token; both keep serving normal requests afterwards. A bounded fuzz budget
 benchmarks/fuzz_router.py runs a longer one."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from typing import Any
@@ -98,3 +99,31 @@ async def test_internal_api_refuses_callers_without_the_run_token(tmp_path):
         assert lines[-1]["type"] == "done"
     rejected = events(cfg, "auth_rejected")
     assert len(rejected) == 6 and {e["path"] for e in rejected} == {"/internal/generate", "/internal/status"}
+
+
+async def test_a_burst_beyond_max_inflight_is_refused_at_once_and_every_request_ends(cluster):
+    """40 simultaneous requests against a limit of 4: each ends as 200 or 429 with a reason, none
+    hangs, the refusals are immediate, and /metrics accounts for the same requests. Each admitted
+    request streams 10 tokens 0.2 s apart (>= 2 s) while the 40 loopback requests arrive within
+    milliseconds: seconds of margin on a loaded machine."""
+    burst, limit = 40, 4
+    url = await cluster.start(itl_s=0.2, max_inflight=limit)
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 10}
+
+    async def one(i: int) -> tuple[int, dict, str | None]:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url + "/v1/completions", json=body, headers={"x-request-id": f"b{i}"}) as r:
+                return r.status, json.loads(await r.text()), r.headers.get("Retry-After")
+
+    async with asyncio.timeout(60):
+        results = await asyncio.gather(*(one(i) for i in range(burst)))
+    done = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] == 429]
+    assert len(done) + len(refused) == burst and limit <= len(done) < burst, [r[0] for r in results]
+    assert all(a["error"]["code"] == "overloaded" and ra == "1" for _, a, ra in refused)
+    assert all(a["usage"]["completion_tokens"] == 10 for _, a, _ in done)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url + "/metrics") as r:
+            text = await r.text()
+    assert f'pdtb:requests_total{{outcome="rejected"}} {float(len(refused))}' in text
+    assert f'pdtb:requests_total{{outcome="completed"}} {float(len(done))}' in text
