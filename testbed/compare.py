@@ -163,6 +163,31 @@ def _nested(exc: ConfigError, source: str, key: str) -> list[tuple[str, str]]:
     return [(key, f"{exc.source}: {p or '<top>'}: {m}") for p, m in exc.problems]
 
 
+def _with_trace_beside(w: Any, item: str | dict[str, Any], base_dir: Path) -> Any:
+    """A trace path in a workload file is relative to that file, as in a scenario file."""
+    trace = w.workload.get("trace") if isinstance(w, WorkloadProfile) else None
+    if not (isinstance(item, str) and isinstance(trace, dict) and isinstance(trace.get("path"), str)):
+        return w
+    where = (base_dir / item).resolve().parent
+    return w.model_copy(update={"workload": {**w.workload, "trace": {**trace, "path": str(where / trace["path"])}}})
+
+
+def _load_parts(items: list[str | dict[str, Any]], kind: type[StrictModel], key: str, base_dir: Path, source: str,
+                problems: list[tuple[str, str]]) -> dict[str, Any]:
+    """Deployments or workloads by name; each problem (and a repeated name) goes to ``problems``."""
+    parts: dict[str, Any] = {}
+    for i, item in enumerate(items):
+        try:
+            part = _with_trace_beside(_load_part(item, kind, base_dir, source, f"{key}[{i}]"), item, base_dir)
+        except ConfigError as exc:
+            problems.extend(_nested(exc, source, f"{key}[{i}]"))
+            continue
+        if part.name in parts:
+            problems.append((f"{key}[{i}]", f"a second {kind.KIND} named {part.name!r}"))
+        parts[part.name] = part
+    return parts
+
+
 def load_comparison(path: str | Path) -> Comparison:
     """Read and check a comparison file: every problem on its own line, naming file and key."""
     path = Path(path)
@@ -174,32 +199,8 @@ def load_comparison(path: str | Path) -> Comparison:
     cfg = validate_data(ComparisonConfig, data, str(path))
     base_dir = path.resolve().parent
     problems: list[tuple[str, str]] = []
-    deployments: dict[str, DeploymentSpec] = {}
-    workloads: dict[str, WorkloadProfile] = {}
-    for i, item in enumerate(cfg.deployments):
-        try:
-            d = _load_part(item, DeploymentSpec, base_dir, str(path), f"deployments[{i}]")
-        except ConfigError as exc:
-            problems.extend(_nested(exc, str(path), f"deployments[{i}]"))
-            continue
-        if d.name in deployments:
-            problems.append((f"deployments[{i}]", f"a second deployment named {d.name!r}"))
-        deployments[d.name] = d
-    for i, item in enumerate(cfg.workloads):
-        try:
-            w = _load_part(item, WorkloadProfile, base_dir, str(path), f"workloads[{i}]")
-        except ConfigError as exc:
-            problems.extend(_nested(exc, str(path), f"workloads[{i}]"))
-            continue
-        trace = w.workload.get("trace")
-        if isinstance(item, str) and isinstance(trace, dict) and isinstance(trace.get("path"), str):
-            # a trace path in a workload file is relative to that file, as in a scenario file
-            where = (base_dir / item).resolve().parent
-            w = w.model_copy(update={"workload": {**w.workload,
-                                                  "trace": {**trace, "path": str(where / trace["path"])}}})
-        if w.name in workloads:
-            problems.append((f"workloads[{i}]", f"a second workload named {w.name!r}"))
-        workloads[w.name] = w
+    deployments = _load_parts(cfg.deployments, DeploymentSpec, "deployments", base_dir, str(path), problems)
+    workloads = _load_parts(cfg.workloads, WorkloadProfile, "workloads", base_dir, str(path), problems)
     for key, names in (("baseline", cfg.baseline), ("sweep_deployments", cfg.sweep_deployments or [])):
         for i, name in enumerate(names):
             if len(deployments) == len(cfg.deployments) and name not in deployments:
