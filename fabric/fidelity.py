@@ -342,7 +342,7 @@ class FidelityMonitor:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        delayers, unwatched = [], []
+        delayers = []
         for d in self.delayers:
             end, begin = self._delayer_counters(d), self._delayer_start.get(id(d))
             if end and begin:
@@ -350,11 +350,10 @@ class FidelityMonitor:
                                  "released": end["released"] - begin["released"],
                                  "late_total_s": end["late_total_s"] - begin["late_total_s"],
                                  "late_max_s": end["late_max_s"]})
-            else:
-                unwatched.append(f"delayer on {getattr(d, 'intf_name', '?')} (its counters could not be read)")
-        if self._net_delayers:
-            unwatched += [f"delayer on {name} (added after the last sample)"
-                          for name, d in self.net.delayers().items() if id(d) not in self._delayer_start]
+            # else: the failed read is already one of self.errors, which makes the run unmeasured
+        unwatched = [f"delayer on {name} (added after the last sample)"
+                     for name, d in (self.net.delayers().items() if self._net_delayers else ())
+                     if id(d) not in self._delayer_start]
         verdict = evaluate(self.samples, read_step_errors(self.run_dir), delayers=delayers,
                            expected_ports=[p.name for p in self.ports], sampling_errors=self.errors,
                            unwatched=unwatched, step_error_threshold=self.step_error_threshold)

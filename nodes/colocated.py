@@ -20,7 +20,7 @@ import logging
 from typing import Any
 
 from nodes.config import NodeConfig
-from nodes.engine import GenRequest, StreamingNode, admit_fifo, plan_colocated_step
+from nodes.engine import ColocatedStep, GenRequest, StreamingNode, admit_fifo
 
 log = logging.getLogger(__name__)
 
@@ -60,38 +60,14 @@ class ColocatedNode(StreamingNode):
                 self.timer.idle()
                 await self.wake.wait()
                 continue
-            decoding, chunks = plan_colocated_step(self.prefilling, self.running, budget, chunk)
-            duration = 0.0
-            if decoding:
-                duration += self.cost.decode_step([g.context for g in decoding]).time_s
-            if chunks:
-                duration += self.cost.prefill([n for _, n in chunks], [g.prefilled for g, _ in chunks]).time_s
-            duration = self.compute_s(duration)
+            step = ColocatedStep.plan(self.prefilling, self.running, budget, chunk)
+            duration = self.compute_s(step.duration_s(self.cost))
             self.timer.begin(duration)
-            tokens = sum(n for _, n in chunks)
-            for gen, _ in chunks:
-                if gen.prefilled == 0:
-                    self.timeline.event("prefill_start", gen.request_id, batch_size=len(chunks),
-                                        batch_tokens=tokens)
-            await self.timer.end(len(decoding) + len(chunks), "prefill" if chunks and not decoding else "decode")
+            step.start(self.timeline)
+            await self.timer.end(step.size, step.kind)
             t = self.clock.now()
-            for gen in decoding:
-                if not gen.finished:
-                    gen.emit_token(self.timeline, t)
-            for gen, n in chunks:
-                if gen.finished:
-                    continue
-                gen.prefilled += n
-                gen.compute_s += duration
-                if gen.prefilled >= gen.prompt_tokens:
-                    self.prefilling.remove(gen)
-                    self.timeline.event("prefill_end", gen.request_id, compute_s=gen.compute_s)
-                    self.timeline.event("decode_queued", gen.request_id, kv_model_bytes=gen.kv_bytes)
-                    self.running.append(gen)
-                    self.timeline.event("decode_admitted", gen.request_id, batch_size=len(self.running))
-                    gen.emit_token(self.timeline, t)  # the prefill pass samples the first token
-            for gen in [g for g in self.running if g.finished]:
-                self.running.remove(gen)
+            for gen in step.finish(self.timeline, duration, self.prefilling, self.running,
+                                   lambda g: g.emit_token(self.timeline, t)):
                 self._release(gen)
 
 

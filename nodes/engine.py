@@ -8,7 +8,8 @@
 - ``GenRequest`` and ``KvBudget``: a generation request and the KV memory it reserves.
 - ``StreamingNode``: a ``ComputeNode`` that answers ``/internal/generate`` with a token
   stream (decode, colocated): admission checks, the stream, disconnects and KV release.
-- ``plan_prefill``: which prompt tokens a prefill step takes (prefill, colocated).
+- ``plan_prefill``: which prompt tokens a prefill step takes (prefill, colocated);
+  ``ColocatedStep``: one colocated step, planned, timed, started and finished (daemon and simulator).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 from aiohttp import web
 
@@ -421,18 +422,75 @@ class Prefillable(Protocol):
 P = TypeVar("P", bound=Prefillable)
 
 
-def plan_colocated_step(prefilling: Sequence[P], running: Sequence[GenRequest], budget: int, chunk_tokens: int
-                        ) -> tuple[list[GenRequest], list[tuple[P, int]]]:
-    """What one colocated step does: (sequences that decode a token, prompt chunks it prefills).
+@dataclass
+class ColocatedStep:
+    """One step of a colocated node: the sequences that decode a token and the prompt chunks it
+    prefills. The daemon and the simulator both plan, time, start and finish steps with it."""
 
-    With chunked prefill, decodes and chunks share the step's token budget (each decoding
-    sequence takes one token); without, a step prefills whole prompts and decodes nothing (a
-    prefill step stalls the decodes, as engines without chunking do)."""
-    if chunk_tokens > 0:
-        return list(running), plan_prefill(prefilling, max(0, budget - len(running)), chunk_tokens)
-    if prefilling:
-        return [], plan_prefill(prefilling, budget, chunk_tokens)
-    return list(running), []
+    decoding: list[GenRequest]
+    chunks: list[tuple[GenRequest, int]]
+
+    @classmethod
+    def plan(cls, prefilling: Sequence[GenRequest], running: Sequence[GenRequest], budget: int,
+             chunk_tokens: int) -> "ColocatedStep":
+        """With chunked prefill, decodes and chunks share the step's token budget (each decoding
+        sequence takes one token); without, a step prefills whole prompts and decodes nothing (a
+        prefill step stalls the decodes, as engines without chunking do)."""
+        if chunk_tokens > 0:
+            return cls(list(running), plan_prefill(prefilling, max(0, budget - len(running)), chunk_tokens))
+        if prefilling:
+            return cls([], plan_prefill(prefilling, budget, chunk_tokens))
+        return cls(list(running), [])
+
+    @property
+    def size(self) -> int:
+        return len(self.decoding) + len(self.chunks)
+
+    @property
+    def kind(self) -> str:
+        return "prefill" if self.chunks and not self.decoding else "decode"
+
+    def duration_s(self, cost: CostModel) -> float:
+        """Model seconds of the step: its decode and its prefill work, one after the other."""
+        duration = 0.0
+        if self.decoding:
+            duration += cost.decode_step([g.context for g in self.decoding]).time_s
+        if self.chunks:
+            duration += cost.prefill([n for _, n in self.chunks], [g.prefilled for g, _ in self.chunks]).time_s
+        return duration
+
+    def start(self, timeline: Timeline) -> None:
+        """``prefill_start`` for the prompts whose first chunk this step takes."""
+        tokens = sum(n for _, n in self.chunks)
+        for gen, _ in self.chunks:
+            if gen.prefilled == 0:
+                timeline.event("prefill_start", gen.request_id, batch_size=len(self.chunks), batch_tokens=tokens)
+
+    def finish(self, timeline: Timeline, duration_s: float, prefilling: list[GenRequest],
+               running: list[GenRequest], emit: Callable[[GenRequest], None]) -> list[GenRequest]:
+        """After the step: a token for each decoding sequence, chunk progress, finished prompts
+        move to ``running`` with their first token (the prefill pass samples it). Returns the
+        sequences that finished, for the caller to release (a request dropped during the step is
+        skipped)."""
+        for gen in self.decoding:
+            if not gen.finished:
+                emit(gen)
+        for gen, n in self.chunks:
+            if gen.finished:
+                continue
+            gen.prefilled += n
+            gen.compute_s += duration_s
+            if gen.prefilled >= gen.prompt_tokens:
+                prefilling.remove(gen)
+                timeline.event("prefill_end", gen.request_id, compute_s=gen.compute_s)
+                timeline.event("decode_queued", gen.request_id, kv_model_bytes=gen.kv_bytes)
+                running.append(gen)
+                timeline.event("decode_admitted", gen.request_id, batch_size=len(running))
+                emit(gen)
+        done = [g for g in running if g.finished]
+        for gen in done:
+            running.remove(gen)
+        return done
 
 
 def plan_prefill(queue: Sequence[P], budget: int, chunk_tokens: int) -> list[tuple[P, int]]:

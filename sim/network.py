@@ -11,7 +11,7 @@ each lost packet once per loss (SRD-like, no window collapse); TCP's extra time 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 import simpy
@@ -33,8 +33,7 @@ class Flow:
     remaining_bits: float
     done: simpy.Event
     rate_bps: float = 0.0
-    stretch: float = 1.0  # bits sent per bit delivered (loss)
-    latency_s: float = field(default=0.0)
+    latency_s: float = 0.0
 
 
 def max_min_rates(flows: Iterable[Flow]) -> None:
@@ -78,8 +77,7 @@ class FlowNetwork:
         stretch = 1.0
         for p in ports:
             stretch /= max(1e-9, 1.0 - p.loss)
-        flow = Flow(ports, nbytes * 8.0 * stretch, done, stretch=stretch,
-                    latency_s=sum(p.latency_s for p in ports))
+        flow = Flow(ports, nbytes * 8.0 * stretch, done, latency_s=sum(p.latency_s for p in ports))
         self._advance()
         if flow.remaining_bits <= 0 or not ports:
             self.env.process(self._deliver(flow))

@@ -1,7 +1,7 @@
 """The serving system's entities as SimPy processes: client, router, prefill, decode, colocated.
 
 Each makes the decisions the daemons make by calling the same code (``nodes.engine``:
-``plan_prefill``, ``plan_colocated_step``, ``admit_fifo``, ``KvBudget``, ``GenRequest``;
+``plan_prefill``, ``ColocatedStep``, ``admit_fifo``, ``KvBudget``, ``GenRequest``;
 ``nodes.routing`` policies; ``nodes.costmodel``), and writes the same timeline events with the
 same fields, in virtual time. What it leaves out: HTTP and MQTT (routing sees every node's
 status at once, as if heartbeats were instant), and the per-token frontend traffic (a token
@@ -10,13 +10,13 @@ reaches the client one frontend path latency after its step).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import simpy
 
 from nodes.costmodel import CostModel
-from nodes.engine import GenRequest, KvBudget, admit_fifo, kv_wire_bytes, plan_colocated_step, plan_prefill
+from nodes.engine import ColocatedStep, GenRequest, KvBudget, admit_fifo, plan_prefill
 from nodes.routing import make_policy
 from nodes.timeline import Timeline
 from sim.network import FlowNetwork, Port
@@ -26,12 +26,9 @@ from sim.network import FlowNetwork, Port
 class SimSettings:
     """What the daemons read from their node config, for the simulated nodes."""
 
-    model: str
     kv_bytes_per_token: int
     layers: int
-    byte_scale: float
     kv_mode: str
-    kv_timeout_s: float
     token_budget: int
     chunk_tokens: int
     max_batch: int
@@ -135,7 +132,7 @@ class SimPrefill(SimNode):
         """The KV handoff as a flow: whole after prefill; layer by layer, layer l leaves when its
         share of the last step is done (all but the last layer as one flow, then the last)."""
         model_bytes = self.cost.kv_bytes(job.prompt_tokens)
-        wire = kv_wire_bytes(self.s.kv_bytes_per_token, job.prompt_tokens, self.s.byte_scale)
+        wire = model_bytes  # byte scale 1: the simulated wire carries the modelled bytes
         self.timeline.event("kv_start", job.request_id, decode=job.decode.name, mode=self.s.kv_mode,
                             bytes=wire, model_bytes=model_bytes)
         job.decode.kv_begin(job.request_id, wire)
@@ -244,33 +241,11 @@ class SimColocated(_Streaming):
             if not self.prefilling and not self.running:
                 yield self.wait_for_work()
                 continue
-            decoding, chunks = plan_colocated_step(self.prefilling, self.running, self.s.token_budget,
-                                                   self.s.chunk_tokens)
-            duration = 0.0
-            if decoding:
-                duration += self.cost.decode_step([g.context for g in decoding]).time_s
-            if chunks:
-                duration += self.cost.prefill([n for _, n in chunks], [g.prefilled for g, _ in chunks]).time_s
-            tokens = sum(n for _, n in chunks)
-            for g, _ in chunks:
-                if g.prefilled == 0:
-                    self.timeline.event("prefill_start", g.request_id, batch_size=len(chunks), batch_tokens=tokens)
-            yield from self.step(duration, len(decoding) + len(chunks),
-                                 "prefill" if chunks and not decoding else "decode")
-            for g in decoding:
-                self.emit(g)
-            for g, n in chunks:
-                g.prefilled += n
-                g.compute_s += duration
-                if g.prefilled >= g.prompt_tokens:
-                    self.prefilling.remove(g)
-                    self.timeline.event("prefill_end", g.request_id, compute_s=g.compute_s)
-                    self.timeline.event("decode_queued", g.request_id, kv_model_bytes=g.kv_bytes)
-                    self.running.append(g)
-                    self.timeline.event("decode_admitted", g.request_id, batch_size=len(self.running))
-                    self.emit(g)  # the prefill pass samples the first token
-            for g in [g for g in self.running if g.finished]:
-                self.running.remove(g)
+            step = ColocatedStep.plan(self.prefilling, self.running, self.s.token_budget, self.s.chunk_tokens)
+            duration = step.duration_s(self.cost)
+            step.start(self.timeline)
+            yield from self.step(duration, step.size, step.kind)
+            for g in step.finish(self.timeline, duration, self.prefilling, self.running, self.emit):
                 self.release(g)
 
 
@@ -280,9 +255,7 @@ class _InFlight:
     prompt_tokens: int
     max_tokens: int
     arrival: float
-    deadline: simpy.Event | None = None
     ended: bool = False
-    token_times: list[float] = field(default_factory=list)
 
 
 class SimRouter:
@@ -298,13 +271,12 @@ class SimRouter:
         self.decode_policy = make_policy("decode", settings.decode_policy, kv_bytes_per_token=settings.kv_bytes_per_token)
         self.inflight: dict[str, _InFlight] = {}
         self.colocated = not prefills
+        self._nodes: dict[str, SimNode] = {n.name: n for n in [*prefills, *decodes]}
         timeline.event("node_start", role="router", hardware=None)
 
     def _status(self, name: str) -> dict[str, Any] | None:
-        for n in [*self.prefills, *self.decodes]:
-            if n.name == name:
-                return n.status()
-        return None
+        node = self._nodes.get(name)
+        return node.status() if node is not None else None
 
     def arrive(self, rid: str, prompt_tokens: int, max_tokens: int) -> None:
         self.timeline.event("arrival", rid, prompt_tokens=prompt_tokens, max_tokens=max_tokens, stream=True,
@@ -332,7 +304,7 @@ class SimRouter:
             req.ended = True
             self.timeline.event("failed", req.request_id,
                                 reason=f"timeout: no completion within {self.s.request_timeout_s} model s")
-            self.client.failed(req.request_id, "timeout", self.env.now)
+            self.client.failed(req.request_id, "timeout")
 
     def token(self, node: str, rid: str, count: int, t: float, done: bool) -> None:
         """A node emitted a token (``count`` so far) at ``t``: relay it to the client."""
@@ -348,13 +320,13 @@ class SimRouter:
         if count == 0 and done:  # the node failed the request
             req.ended = True
             self.timeline.event("failed", req.request_id, reason=f"decode node {node} failed the request")
-            self.client.failed(req.request_id, "decode failed", self.env.now)
+            self.client.failed(req.request_id, "decode failed")
             return
         self.client.token(req.request_id, self.env.now)
         if done:
             req.ended = True
             self.timeline.event("done", req.request_id, prompt_tokens=req.prompt_tokens, output_tokens=count)
-            self.client.done(req.request_id, self.env.now)
+            self.client.done(req.request_id)
             del self.inflight[req.request_id]
 
 
@@ -377,10 +349,10 @@ class SimClient:
             self.timeline.event("client_first_token", rid)
         times.append(t)
 
-    def done(self, rid: str, t: float) -> None:
+    def done(self, rid: str) -> None:
         times = self.tokens.pop(rid, [])
         self.timeline.event("client_done", rid, output_tokens=len(times), token_times=times)
 
-    def failed(self, rid: str, reason: str, t: float) -> None:
+    def failed(self, rid: str, reason: str) -> None:
         self.tokens.pop(rid, None)
         self.timeline.event("client_failed", rid, reason=reason)

@@ -53,7 +53,7 @@ def run_sim(sc: Any, rd: Any, *, scenario_path: str | None = None, log: Any = No
     from testbed.metrics import compute_summary
     from testbed.predict import predict
     from testbed.report import write_report
-    from testbed.runner.orchestrator import plan_run
+    from testbed.runner.orchestrator import batching, plan_run
     from testbed.runner.rundir import utc_stamp
     from testbed.workload import generate_workload, write_workload
 
@@ -88,26 +88,12 @@ def run_sim(sc: Any, rd: Any, *, scenario_path: str | None = None, log: Any = No
 
     model = load_model(sc.model)
     kvt = sc.kv_transfer
-    pools = sc.pools
-    spec = {role: getattr(pools, role) for role in ("prefill", "decode", "colocated")}
-
-    def pool_value(role: str, key: str, default: int) -> int:
-        value = getattr(spec[role], key, None) if spec[role] is not None else None
-        return default if value is None else int(value)
-
-    from nodes.config import DecodeSettings, PrefillSettings
-
-    defaults_p, defaults_d = PrefillSettings(), DecodeSettings()
 
     def settings(role: str) -> SimSettings:
-        prefill_role = "colocated" if role == "colocated" else "prefill"
-        decode_role = "colocated" if role == "colocated" else "decode"
+        prefill, decode = batching(sc, role)  # a node reads only its own role's half
         return SimSettings(
-            model=sc.model, kv_bytes_per_token=int(model.kv_bytes_per_token), layers=int(model.layers),
-            byte_scale=1.0, kv_mode=kvt.mode, kv_timeout_s=float(kvt.timeout),
-            token_budget=pool_value(prefill_role, "token_budget", defaults_p.token_budget),
-            chunk_tokens=pool_value(prefill_role, "chunk_tokens", defaults_p.chunk_tokens),
-            max_batch=pool_value(decode_role, "max_batch", defaults_d.max_batch),
+            kv_bytes_per_token=int(model.kv_bytes_per_token), layers=int(model.layers), kv_mode=kvt.mode,
+            token_budget=prefill.token_budget, chunk_tokens=prefill.chunk_tokens, max_batch=decode.max_batch,
             prefill_policy=sc.router.prefill_policy, decode_policy=sc.router.decode_policy,
             request_timeout_s=float(sc.router.request_timeout))
 
@@ -162,7 +148,7 @@ def run_sim(sc: Any, rd: Any, *, scenario_path: str | None = None, log: Any = No
         if prompt + output > model.context_length:
             router.timeline.event("failed", rid, reason=f"rejected: context length {model.context_length} exceeded",
                                   status=400)
-            client.failed(rid, "HTTP 400", env.now)
+            client.failed(rid, "HTTP 400")
             return
         router.arrive(rid, prompt, output)
 

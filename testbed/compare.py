@@ -20,7 +20,7 @@ from typing import Any, Callable, ClassVar
 
 from pydantic import Field, model_validator
 
-from core.config import ConfigError, SafeName, StrictModel, load_model, read_yaml, validate_data
+from core.config import ConfigError, SafeName, StrictModel, load_model, validate_data
 from nodes.profiles.models import ProfileName
 from testbed.config.scenario import SloSpec, scenario_from_data, split_key_path
 
@@ -191,12 +191,7 @@ def _load_parts(items: list[str | dict[str, Any]], kind: type[StrictModel], key:
 def load_comparison(path: str | Path) -> Comparison:
     """Read and check a comparison file: every problem on its own line, naming file and key."""
     path = Path(path)
-    data = read_yaml(path)
-    if isinstance(data, dict) and "kind" in data:
-        if data["kind"] != ComparisonConfig.KIND:
-            raise ConfigError(str(path), [("kind", f"expected 'comparison' here, got {data['kind']!r}")])
-        data = {k: v for k, v in data.items() if k != "kind"}
-    cfg = validate_data(ComparisonConfig, data, str(path))
+    cfg = load_model(ComparisonConfig, path)
     base_dir = path.resolve().parent
     problems: list[tuple[str, str]] = []
     deployments = _load_parts(cfg.deployments, DeploymentSpec, "deployments", base_dir, str(path), problems)

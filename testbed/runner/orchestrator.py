@@ -128,6 +128,16 @@ def effective_topology(topo: Any, overrides: dict[str, dict[str, Any]]) -> Any:
     return topo.model_copy(update={"links": links})
 
 
+def batching(sc: Any, role: str) -> tuple[PrefillSettings, DecodeSettings]:
+    """How a node of ``role`` batches: its pool's ``token_budget``, ``chunk_tokens`` and
+    ``max_batch`` where the scenario sets them, else the daemons' defaults."""
+    spec = getattr(sc.pools, role, None) if role in ("prefill", "decode", "colocated") else None
+    prefill = {k: getattr(spec, k, None) for k in ("token_budget", "chunk_tokens")}
+    max_batch = getattr(spec, "max_batch", None)
+    return (PrefillSettings(**{k: v for k, v in prefill.items() if v is not None}),
+            DecodeSettings(**({} if max_batch is None else {"max_batch": max_batch})))
+
+
 def plan_run(sc: Any, backend: str) -> tuple[Any, dict[str, NodePlan], str]:
     """(topology with overrides, nodes by name, client name) of a scenario on a backend.
 
@@ -329,26 +339,14 @@ class Orchestrator:
         for p in self.nodes.values():
             if p.role == "client":
                 continue
+            prefill, decode = batching(self.sc, p.role)
             cfg = NodeConfig(name=p.name, role=p.role, hardware=p.hardware, http=http[p.name],
-                             kv=kv_ep.get(p.name), **self._batching(p.role),
+                             kv=kv_ep.get(p.name), prefill=prefill, decode=decode,
                              kv_bind=self._addr(p, "efa") if p.role == "prefill" else None,
                              peers=peers if p.role == "router" else [],
                              mqtt=self.broker.mqtt_settings(p.name), **common)
             cfg.save(self.rd.node_config(p.name))
             self.configs[p.name] = cfg
-
-    def _batching(self, role: str) -> dict[str, Any]:
-        """The pool's batching keys (pools.<role>.token_budget, chunk_tokens, max_batch) where set."""
-        spec = getattr(self.sc.pools, role, None) if role in ("prefill", "decode", "colocated") else None
-        if spec is None:
-            return {}
-        out: dict[str, Any] = {}
-        prefill = {k: getattr(spec, k, None) for k in ("token_budget", "chunk_tokens")}
-        if any(v is not None for v in prefill.values()):
-            out["prefill"] = PrefillSettings(**{k: v for k, v in prefill.items() if v is not None})
-        if getattr(spec, "max_batch", None) is not None:
-            out["decode"] = DecodeSettings(max_batch=spec.max_batch)
-        return out
 
     def _client_config(self) -> NodeConfig:
         p = self.nodes[self.client_name]
