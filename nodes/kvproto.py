@@ -71,6 +71,7 @@ class Code(IntEnum):
     BAD_CHECKSUM = 11
     TIMEOUT = 12
     REFUSED = 13
+    KV_FULL = 14  # the receiver has no KV room for this request now: the sender waits and retries
 
 
 # Fixed parts of the bodies (all big-endian); strings are u8-length-prefixed UTF-8.
