@@ -1,10 +1,13 @@
 """Decode daemon: receives KV caches, admits requests by KV capacity, continuous batching.
 
-A request arrives twice: the router's ``POST /internal/generate`` (which stays open as the
-token stream) and the prefill node's KV transfer on the EFA network, in either order. Once
-its KV is verified (byte by byte by ``KvReceiver``, and here: model, layers, tokens and size
-must match the request), it queues for admission; it is admitted, strictly FIFO, when the
-KV of its prompt plus all its output tokens fits the node's KV capacity from the cost model.
+A request arrives twice: first the router's ``POST /internal/generate`` (which stays open as
+the token stream), then the prefill node's KV transfer on the EFA network. The transfer's
+BEGIN is granted only when the KV of the prompt plus all output tokens can be reserved in the
+node's KV capacity (from the cost model); otherwise it is refused with ``KV_FULL`` and the
+prefill node, which keeps holding the KV, asks again (backpressure: the node never receives a
+cache it has no room for). Once the KV is verified (byte by byte by ``KvReceiver``, and here:
+model, layers, tokens and size must match the request), the request queues and is admitted,
+strictly FIFO, when the running batch has room.
 Each decode step runs the whole running batch for the cost model's step time x TDF x
 slowdown, on absolute deadlines, and streams one token per running request.
 """
@@ -17,8 +20,8 @@ from typing import Any
 from aiohttp import web
 
 from nodes.config import NodeConfig
-from nodes.engine import GenRequest, StreamingNode, admit_fifo, error_response, kv_wire_bytes
-from nodes.kvproto import KvBegin, KvReceiver, KvTransferError
+from nodes.engine import GenRequest, KvGate, StreamingNode, admit_fifo, error_response, kv_wire_bytes
+from nodes.kvproto import Code, KvBegin, KvReceiver, KvTransferError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ class DecodeNode(StreamingNode):
         if config.kv is None or config.kv_transfer is None:
             raise ValueError(f"node {config.name}: a decode node needs kv and kv_transfer settings")
         self.kv_waiters: dict[str, asyncio.Future[KvBegin]] = {}
-        self.early_kv: dict[str, KvBegin] = {}  # verified KV that came before its generate call
+        self.gate = KvGate(self.kv)
         self.receiver = KvReceiver(
             bytes.fromhex(config.kv_transfer.secret_hex),
             max_transfer_bytes=kv_wire_bytes(1, max(1, self.kv.capacity), config.byte_scale),
@@ -46,20 +49,31 @@ class DecodeNode(StreamingNode):
 
     # --- KV handoff
     def _kv_begin(self, begin: KvBegin) -> None:
-        """Refuse a transfer that cannot be this node's request's KV (before its bytes flow)."""
+        """Grant a transfer its KV room before its bytes flow, or refuse it: a transfer that
+        cannot be this node's request's KV is refused for good, one that does not fit now is
+        refused with ``KV_FULL`` (the sender waits and asks again)."""
+        rid = begin.request_id
         if begin.model != self.config.model or begin.layers != self.model.layers:
             raise KvTransferError(f"KV for model {begin.model!r} with {begin.layers} layers; this node "
                                   f"serves {self.config.model!r} with {self.model.layers}")
         if begin.total_bytes != self.expected_wire_bytes(begin.tokens):
             raise KvTransferError(f"KV of {begin.tokens} tokens must be {self.expected_wire_bytes(begin.tokens)} "
                                   f"bytes on the wire, announced {begin.total_bytes}")
-        gen = self.requests.get(begin.request_id)
-        if gen is not None and gen.prompt_tokens != begin.tokens:
+        gen = self.requests.get(rid)
+        if gen is None:
+            raise KvTransferError(f"KV for request {rid}, which this node has not registered")
+        if gen.prompt_tokens != begin.tokens:
             raise KvTransferError(f"KV of {begin.tokens} tokens for a request of {gen.prompt_tokens} prompt tokens")
-        waiter = self.kv_waiters.get(begin.request_id)
-        if begin.request_id in self.early_kv or (gen is not None and (waiter is None or waiter.done())):
-            raise KvTransferError(f"KV for request {begin.request_id} already received")
-        self.timeline.event("kv_recv_start", begin.request_id, bytes=begin.total_bytes)
+        waiter = self.kv_waiters.get(rid)
+        if gen.reserved or waiter is None or waiter.done():
+            raise KvTransferError(f"KV for request {rid} already received")
+        if not self.gate.ask(rid, gen.kv_bytes):
+            self.timeline.event("kv_refused", rid, need_bytes=gen.kv_bytes, free_bytes=self.kv.free)
+            raise KvTransferError(f"no KV room: the request needs {gen.kv_bytes} model bytes, "
+                                  f"{self.kv.free} free", Code.KV_FULL)
+        gen.reserved = True
+        self.timeline.event("kv_granted", rid, kv_model_bytes=gen.kv_bytes, free_bytes=self.kv.free)
+        self.timeline.event("kv_recv_start", rid, bytes=begin.total_bytes)
 
     def _kv_complete(self, begin: KvBegin, ok: bool) -> None:
         self.timeline.event("kv_recv_end", begin.request_id, bytes=begin.total_bytes, verified=ok)
@@ -69,29 +83,26 @@ class DecodeNode(StreamingNode):
                 waiter.set_result(begin)
             else:
                 waiter.set_exception(KvTransferError("KV transfer failed verification"))
-        elif ok:
-            self.early_kv[begin.request_id] = begin
-            asyncio.get_running_loop().call_later(self.config.kv_transfer.timeout_s * self.config.tdf,
-                                                  self.early_kv.pop, begin.request_id, None)
 
     # --- the token stream
     def _register(self, gen: GenRequest) -> web.Response | None:
-        """Also await the request's KV, unless it came first (then it must be for this prompt)."""
-        early = self.early_kv.pop(gen.request_id, None)
-        if early is not None and early.tokens != gen.prompt_tokens:
-            return error_response(409, f"KV received for {early.tokens} tokens, request has {gen.prompt_tokens}")
-        waiter = asyncio.get_running_loop().create_future()
-        if early is not None:
-            waiter.set_result(early)
+        """Also await the request's KV (the router registers a request before its prefill)."""
         super()._register(gen)
-        self.kv_waiters[gen.request_id] = waiter
+        self.kv_waiters[gen.request_id] = asyncio.get_running_loop().create_future()
         return None
 
     async def _enqueue(self, gen: GenRequest) -> None:
         """Queue for admission once the KV is verified; fail the stream if it never is."""
         waiter = self.kv_waiters[gen.request_id]
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), self.config.kv_transfer.timeout_s * self.config.tdf)
+            while True:
+                try:
+                    await asyncio.wait_for(asyncio.shield(waiter), self.config.kv_transfer.timeout_s * self.config.tdf)
+                    break
+                except asyncio.TimeoutError:
+                    if gen.request_id not in self.gate.refused:
+                        raise
+                    # its prefill node holds the KV and keeps asking: this node's room is the wait
         except asyncio.TimeoutError:
             gen.fail(self.timeline, f"no KV cache within {self.config.kv_transfer.timeout_s:g} s")
         except KvTransferError as e:
@@ -105,6 +116,7 @@ class DecodeNode(StreamingNode):
         waiter = self.kv_waiters.pop(gen.request_id, None)
         if waiter is not None and not waiter.done():
             waiter.cancel()
+        self.gate.forget(gen.request_id)
         super()._drop(gen)
 
     # --- continuous batching

@@ -5,7 +5,8 @@
 - ``StepTimer``: compute steps slept on absolute model-time deadlines (each step ends at the
   previous step's deadline + its duration, never "now + duration"), so scheduling error never
   accumulates over a long decode; every step is logged as a ``step_timing`` event.
-- ``GenRequest`` and ``KvBudget``: a generation request and the KV memory it reserves.
+- ``GenRequest``, ``KvBudget`` and ``KvGate``: a generation request, the KV memory it reserves,
+  and the decode side's grants of KV transfers (backpressure).
 - ``StreamingNode``: a ``ComputeNode`` that answers ``/internal/generate`` with a token
   stream (decode, colocated): admission checks, the stream, disconnects and KV release.
 - ``plan_prefill``: which prompt tokens a prefill step takes (prefill, colocated);
@@ -111,6 +112,36 @@ class KvBudget:
 
     def release(self, nbytes: int) -> None:
         self.used = max(0, self.used - nbytes)
+
+
+class KvGate:
+    """Decode-side backpressure: a KV transfer is granted only when its request's whole KV
+    (prompt + every output token) can be reserved now, so a node never receives a cache it has
+    no room for. Refused requests are remembered in the order of their first refusal and room
+    is granted in that order (a large request is not starved by smaller ones that keep
+    arriving); the sender waits and asks again."""
+
+    def __init__(self, budget: KvBudget):
+        self.budget = budget
+        self.refused: dict[str, int] = {}  # request id -> KV bytes it needs, oldest refusal first
+
+    def ask(self, request_id: str, nbytes: int) -> bool:
+        """Reserve ``nbytes`` for the request if it fits after the requests refused before it."""
+        ahead = 0
+        for rid, need in self.refused.items():
+            if rid == request_id:
+                break
+            ahead += need
+        if not self.budget.fits(ahead + nbytes):
+            self.refused.setdefault(request_id, nbytes)
+            return False
+        self.refused.pop(request_id, None)
+        self.budget.reserve(nbytes)
+        return True
+
+    def forget(self, request_id: str) -> None:
+        """The request ended without its grant (failed, timed out, abandoned)."""
+        self.refused.pop(request_id, None)
 
 
 @dataclass(eq=False)
@@ -402,12 +433,14 @@ def kv_wire_bytes(kv_bytes_per_token: int, tokens: int, byte_scale: float) -> in
 
 
 def admit_fifo(waiting: deque[GenRequest], budget: KvBudget, room: int) -> list[GenRequest]:
-    """Admit from the head of the queue while KV fits and there is batch room (strict FIFO)."""
+    """Admit from the head of the queue while KV fits and there is batch room (strict FIFO).
+    A request whose KV was reserved before (granted with its transfer) needs only batch room."""
     admitted: list[GenRequest] = []
-    while waiting and room > len(admitted) and budget.fits(waiting[0].kv_bytes):
+    while waiting and room > len(admitted) and (waiting[0].reserved or budget.fits(waiting[0].kv_bytes)):
         gen = waiting.popleft()
-        budget.reserve(gen.kv_bytes)
-        gen.reserved = True
+        if not gen.reserved:
+            budget.reserve(gen.kv_bytes)
+            gen.reserved = True
         admitted.append(gen)
     return admitted
 
@@ -491,6 +524,44 @@ class ColocatedStep:
         for gen in done:
             running.remove(gen)
         return done
+
+
+class HeldPrefill(Prefillable, Protocol):
+    """A prefill node's request: its KV stays on the node from its first chunk to its handoff."""
+
+    started: bool
+    kv_model_bytes: int
+
+
+H = TypeVar("H", bound=HeldPrefill)
+
+
+def runnable_prefill(queue: Sequence[H], held_bytes: int, capacity_bytes: int) -> tuple[list[H], H | None, int]:
+    """The queue's requests a prefill step may take: those already started, then new ones in FIFO
+    order while their KV fits beside the ``held_bytes`` the node holds (requests whose handoff is
+    not done keep their KV here). Returns them, the first request held back (or None) and the KV
+    it waits on: what is held plus what the requests ahead of it will hold."""
+    held = held_bytes
+    runnable: list[H] = []
+    for item in queue:
+        if not item.started:
+            if held + item.kv_model_bytes > capacity_bytes:
+                return runnable, item, held
+            held += item.kv_model_bytes
+        runnable.append(item)
+    return runnable, None, held
+
+
+# Backoff between a decode node's KV_FULL refusals of a transfer, in model seconds: from about
+# one decode step, doubling up to a few steps, so a grant follows within a few steps of the room
+# appearing without flooding the decode node with handshakes.
+KV_RETRY_MIN_S = 1e-3
+KV_RETRY_MAX_S = 16e-3
+
+
+def kv_retry_delay_s(refusals: int) -> float:
+    """Model seconds to wait after the ``refusals``-th refusal before asking again."""
+    return min(KV_RETRY_MAX_S, KV_RETRY_MIN_S * 2 ** (max(1, refusals) - 1))
 
 
 def plan_prefill(queue: Sequence[P], budget: int, chunk_tokens: int) -> list[tuple[P, int]]:

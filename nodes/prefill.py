@@ -9,6 +9,12 @@ chose. ``whole`` mode sends after the request's prefill ends; ``layerwise`` mode
 transfer with the request's last batch and releases layer l as soon as that layer's share
 of the batch's compute (split evenly over layers) is done, so transfer overlaps compute.
 The compute is the one serial resource: transfers run alongside the next batches.
+
+KV memory bounds both sides (backpressure): a request's KV stays on this node until the decode
+node has verified it, so a new prompt starts only when its KV fits beside the KV held here
+(``kv_hold_wait``); a decode node without room refuses the transfer with ``KV_FULL`` and the
+handoff waits and asks again within the transfer timeout (``kv_wait_start``; the decode node logs
+``kv_refused``/``kv_granted``).
 """
 from __future__ import annotations
 
@@ -20,9 +26,9 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from nodes.config import NodeConfig
-from nodes.engine import (BadRequest, ComputeNode, StepTimer, error_response, kv_wire_bytes, plan_prefill,
-                          read_body, read_decode_peer)
-from nodes.kvproto import KvBegin, KvResult, KvTransferError, send_kv
+from nodes.engine import (BadRequest, ComputeNode, StepTimer, error_response, kv_retry_delay_s, kv_wire_bytes,
+                          plan_prefill, read_body, read_decode_peer, runnable_prefill)
+from nodes.kvproto import Code, KvBegin, KvResult, KvTransferError, send_kv
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,7 @@ class PrefillJob:
     prefilled: int = 0  # prompt tokens already prefilled (by earlier chunks)
     compute_s: float = 0.0
     started: bool = False
+    held_back: bool = False  # waited for KV room on this node before its prefill could start
     handed_off: asyncio.Event = field(default_factory=asyncio.Event)
     result: KvResult | None = None
     error: str | None = None
@@ -73,6 +80,8 @@ class PrefillNode(ComputeNode):
             return error_response(503, f"node {self.config.name} is {self.state}")
         job = PrefillJob(body["request_id"], body["prompt_tokens"], peer,
                          kv_model_bytes=self.cost.kv_bytes(body["prompt_tokens"]))
+        if job.kv_model_bytes > self.capacity:
+            return error_response(507, f"KV of {job.kv_model_bytes} bytes exceeds node capacity {self.capacity}")
         self.timeline.event("prefill_queued", job.request_id, prompt_tokens=job.prompt_tokens)
         self.queue.append(job)
         self.notify()
@@ -100,12 +109,13 @@ class PrefillNode(ComputeNode):
         layerwise = self.config.kv_transfer.mode == "layerwise"
         while True:
             self.wake.clear()
-            if not self.queue:
+            runnable = self._runnable()
+            if not runnable:
                 self.batch_size = 0
                 self.timer.idle()
                 await self.wake.wait()
                 continue
-            batch = plan_prefill(self.queue, self.config.prefill.token_budget, self.config.prefill.chunk_tokens)
+            batch = plan_prefill(runnable, self.config.prefill.token_budget, self.config.prefill.chunk_tokens)
             step = self.cost.prefill([n for _, n in batch], [j.prefilled for j, _ in batch])
             duration = self.compute_s(step.time_s)
             start, end = self.timer.begin(duration)
@@ -131,6 +141,17 @@ class PrefillNode(ComputeNode):
                 if not layerwise:
                     self._start_transfer(job, None)
 
+    def _runnable(self) -> list[PrefillJob]:
+        """What the next step may take: a new prompt starts only when its KV fits beside the KV
+        this node still holds for requests whose handoff is not done."""
+        runnable, held_back, held = runnable_prefill(self.queue, sum(j.kv_model_bytes for j in self.holding),
+                                                     self.capacity)
+        if held_back is not None and not held_back.held_back:
+            held_back.held_back = True
+            self.timeline.event("kv_hold_wait", held_back.request_id, need_bytes=held_back.kv_model_bytes,
+                                held_bytes=held)
+        return runnable
+
     def _layer_clock(self, start: float, duration: float) -> Callable[[int], Awaitable[None]]:
         """layer_ready(l): wait until layer l's share of this batch's compute is done."""
         layers = self.model.layers
@@ -152,11 +173,28 @@ class PrefillNode(ComputeNode):
                         total_bytes=kv_wire_bytes(self.model.kv_bytes_per_token, job.prompt_tokens, cfg.byte_scale))
         self.timeline.event("kv_start", job.request_id, decode=job.decode["name"], mode=kv.mode,
                             bytes=begin.total_bytes, model_bytes=job.kv_model_bytes)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + kv.timeout_s * cfg.tdf
+        refusals = 0
         try:
-            job.result = await send_kv(job.decode["host"], job.decode["port"], bytes.fromhex(kv.secret_hex),
-                                       begin, chunk_bytes=kv.chunk_bytes, layer_ready=layer_ready,
-                                       local_addr=cfg.kv_bind, timeout_s=kv.timeout_s * cfg.tdf)
-            self.timeline.event("kv_end", job.request_id, bytes=job.result.bytes_sent, ok=True)
+            while True:
+                try:
+                    job.result = await send_kv(job.decode["host"], job.decode["port"], bytes.fromhex(kv.secret_hex),
+                                               begin, chunk_bytes=kv.chunk_bytes, layer_ready=layer_ready,
+                                               local_addr=cfg.kv_bind, timeout_s=max(0.0, deadline - loop.time()))
+                    break
+                except KvTransferError as e:
+                    if e.code != Code.KV_FULL:
+                        raise
+                    if refusals == 0:
+                        self.timeline.event("kv_wait_start", job.request_id, decode=job.decode["name"], reason=e.reason)
+                    refusals += 1
+                    retry_s = kv_retry_delay_s(refusals) * cfg.tdf
+                    if loop.time() + retry_s >= deadline:
+                        raise KvTransferError(f"{e.reason}; still refused after {refusals} tries within "
+                                              f"{kv.timeout_s:g} s", Code.KV_FULL) from None
+                    await asyncio.sleep(retry_s)
+            self.timeline.event("kv_end", job.request_id, bytes=job.result.bytes_sent, ok=True, refusals=refusals)
         except KvTransferError as e:
             job.error = e.reason
         except Exception as e:  # a bug must still answer the router, not leave it waiting
@@ -165,7 +203,7 @@ class PrefillNode(ComputeNode):
         finally:
             if job.error is not None:
                 log.warning("KV handoff of %s to %s failed: %s", job.request_id, job.decode["name"], job.error)
-                self.timeline.event("kv_end", job.request_id, bytes=0, ok=False, reason=job.error)
+                self.timeline.event("kv_end", job.request_id, bytes=0, ok=False, reason=job.error, refusals=refusals)
             self.holding.discard(job)
             job.handed_off.set()
             self.notify()

@@ -1,7 +1,8 @@
 """The serving system's entities as SimPy processes: client, router, prefill, decode, colocated.
 
 Each makes the decisions the daemons make by calling the same code (``nodes.engine``:
-``plan_prefill``, ``ColocatedStep``, ``admit_fifo``, ``KvBudget``, ``GenRequest``;
+``plan_prefill``, ``runnable_prefill``, ``ColocatedStep``, ``admit_fifo``, ``KvBudget``, ``KvGate``,
+``kv_retry_delay_s``, ``GenRequest``;
 ``nodes.routing`` policies; ``nodes.costmodel``), and writes the same timeline events with the
 same fields, in virtual time. What it leaves out: HTTP and MQTT (routing sees every node's
 status at once, as if heartbeats were instant), and the per-token frontend traffic (a token
@@ -16,7 +17,8 @@ from typing import Any, Callable
 import simpy
 
 from nodes.costmodel import CostModel
-from nodes.engine import ColocatedStep, GenRequest, KvBudget, admit_fifo, plan_prefill
+from nodes.engine import (ColocatedStep, GenRequest, KvBudget, KvGate, admit_fifo, kv_retry_delay_s, plan_prefill,
+                          runnable_prefill)
 from nodes.routing import make_policy
 from nodes.timeline import Timeline
 from sim.network import FlowNetwork, Port
@@ -73,8 +75,10 @@ class SimJob:
     prompt_tokens: int
     decode: "SimDecode"
     max_tokens: int
+    kv_model_bytes: int
     prefilled: int = 0
     started: bool = False
+    held_back: bool = False
     compute_s: float = 0.0
 
 
@@ -85,13 +89,19 @@ class SimPrefill(SimNode):
                  **kw: Any):
         super().__init__(*args, **kw)
         self.queue: list[SimJob] = []
+        self.holding: set[SimJob] = set()  # KV resident here: started and not yet handed off
+        self.capacity = self.cost.kv_capacity_bytes()
         self.batch_size = 0
         self.kv_ports, self.net = kv_ports, net
         self.env.process(self._scheduler())
 
+    def held_bytes(self) -> int:
+        return sum(j.kv_model_bytes for j in self.holding)
+
     def status(self) -> dict[str, Any]:
+        used = self.held_bytes()
         return {"state": "up", "queue_depth": len(self.queue), "batch_size": self.batch_size,
-                "kv_used_bytes": 0, "kv_free_bytes": self.cost.kv_capacity_bytes()}
+                "kv_used_bytes": used, "kv_free_bytes": max(0, self.capacity - used)}
 
     def submit(self, job: SimJob) -> None:
         self.timeline.event("prefill_queued", job.request_id, prompt_tokens=job.prompt_tokens)
@@ -101,11 +111,16 @@ class SimPrefill(SimNode):
     def _scheduler(self):
         layerwise = self.s.kv_mode == "layerwise"
         while True:
-            if not self.queue:
+            runnable, held_back, held = runnable_prefill(self.queue, self.held_bytes(), self.capacity)
+            if held_back is not None and not held_back.held_back:
+                held_back.held_back = True
+                self.timeline.event("kv_hold_wait", held_back.request_id, need_bytes=held_back.kv_model_bytes,
+                                    held_bytes=held)
+            if not runnable:
                 self.batch_size = 0
                 yield self.wait_for_work()
                 continue
-            batch = plan_prefill(self.queue, self.s.token_budget, self.s.chunk_tokens)
+            batch = plan_prefill(runnable, self.s.token_budget, self.s.chunk_tokens)
             cost = self.cost.prefill([n for _, n in batch], [j.prefilled for j, _ in batch])
             start = self.env.now
             self.batch_size = len(batch)
@@ -114,6 +129,7 @@ class SimPrefill(SimNode):
             for job, _ in batch:
                 if not job.started:
                     job.started = True
+                    self.holding.add(job)
                     self.timeline.event("prefill_start", job.request_id, batch_size=len(batch), batch_tokens=tokens)
             if layerwise:
                 for job in finishing:
@@ -131,11 +147,16 @@ class SimPrefill(SimNode):
     def _transfer(self, job: SimJob, step_start: float | None, step_s: float):
         """The KV handoff as a flow: whole after prefill; layer by layer, layer l leaves when its
         share of the last step is done (all but the last layer as one flow, then the last)."""
-        model_bytes = self.cost.kv_bytes(job.prompt_tokens)
+        model_bytes = job.kv_model_bytes
         wire = model_bytes  # byte scale 1: the simulated wire carries the modelled bytes
         self.timeline.event("kv_start", job.request_id, decode=job.decode.name, mode=self.s.kv_mode,
                             bytes=wire, model_bytes=model_bytes)
-        job.decode.kv_begin(job.request_id, wire)
+        refusals = 0
+        while not job.decode.kv_begin(job.request_id, wire):  # backpressure: wait for the decode's room
+            if refusals == 0:
+                self.timeline.event("kv_wait_start", job.request_id, decode=job.decode.name, reason="no KV room")
+            refusals += 1
+            yield self.env.timeout(kv_retry_delay_s(refusals))
         ports = self.kv_ports(job.decode)
         if step_start is None:
             yield self.net.transfer(ports, model_bytes)
@@ -147,8 +168,10 @@ class SimPrefill(SimNode):
             if self.env.now < last_ready:
                 yield self.env.timeout(last_ready - self.env.now)
             yield self.net.transfer(ports, last)
-        self.timeline.event("kv_end", job.request_id, bytes=wire, ok=True)
-        job.decode.kv_complete(job.request_id, wire, job.prompt_tokens, job.max_tokens)
+        self.timeline.event("kv_end", job.request_id, bytes=wire, ok=True, refusals=refusals)
+        self.holding.discard(job)
+        self.notify()
+        job.decode.kv_complete(job.request_id, wire)
 
 
 class _Streaming(SimNode):
@@ -184,18 +207,34 @@ class SimDecode(_Streaming):
 
     def __init__(self, *args: Any, **kw: Any):
         super().__init__(*args, **kw)
+        self.requests: dict[str, GenRequest] = {}  # registered, KV not yet received
+        self.gate = KvGate(self.kv)
         self.env.process(self._scheduler())
 
-    def kv_begin(self, rid: str, wire: int) -> None:
-        self.timeline.event("kv_recv_start", rid, bytes=wire)
-
-    def kv_complete(self, rid: str, wire: int, prompt_tokens: int, max_tokens: int) -> None:
-        self.timeline.event("kv_recv_end", rid, bytes=wire, verified=True)
+    def register(self, rid: str, prompt_tokens: int, max_tokens: int) -> None:
+        """The router opened the request's stream here, before its prefill (as the daemon's
+        ``/internal/generate``); a request larger than the node's KV fails at once."""
         g = self.gen(rid, prompt_tokens, max_tokens)
         if g.kv_bytes > self.kv.capacity:
             g.fail(self.timeline, f"KV of {g.kv_bytes} bytes exceeds node capacity {self.kv.capacity}")
             self.on_token(rid, 0, self.env.now, True)
             return
+        self.requests[rid] = g
+
+    def kv_begin(self, rid: str, wire: int) -> bool:
+        """Grant the transfer the request's whole KV, or refuse it for now (``KvGate``)."""
+        g = self.requests[rid]
+        if not self.gate.ask(rid, g.kv_bytes):
+            self.timeline.event("kv_refused", rid, need_bytes=g.kv_bytes, free_bytes=self.kv.free)
+            return False
+        g.reserved = True
+        self.timeline.event("kv_granted", rid, kv_model_bytes=g.kv_bytes, free_bytes=self.kv.free)
+        self.timeline.event("kv_recv_start", rid, bytes=wire)
+        return True
+
+    def kv_complete(self, rid: str, wire: int) -> None:
+        self.timeline.event("kv_recv_end", rid, bytes=wire, verified=True)
+        g = self.requests.pop(rid)
         self.timeline.event("decode_queued", rid, kv_model_bytes=g.kv_bytes)
         self.waiting.append(g)
         self.notify()
@@ -295,8 +334,19 @@ class SimRouter:
         yield self.env.timeout(self.to_node_s(target.name))
         if prefill is None:
             decode.submit(req.request_id, req.prompt_tokens, req.max_tokens)  # type: ignore[attr-defined]
-        else:
-            prefill.submit(SimJob(req.request_id, req.prompt_tokens, decode, req.max_tokens))  # type: ignore[arg-type]
+            return
+        decode.register(req.request_id, req.prompt_tokens, req.max_tokens)  # type: ignore[attr-defined]
+        if req.request_id not in decode.requests:  # type: ignore[attr-defined]
+            return  # the decode node failed it
+        job = SimJob(req.request_id, req.prompt_tokens, decode, req.max_tokens,  # type: ignore[arg-type]
+                     kv_model_bytes=prefill.cost.kv_bytes(req.prompt_tokens))
+        if job.kv_model_bytes > prefill.capacity:  # the prefill daemon answers 507
+            req.ended = True
+            reason = f"KV of {job.kv_model_bytes} bytes exceeds node capacity {prefill.capacity}"
+            self.timeline.event("failed", req.request_id, reason=f"prefill {prefill.name}: {reason}")
+            self.client.failed(req.request_id, "prefill failed")
+            return
+        prefill.submit(job)
 
     def _timeout(self, req: _InFlight):
         yield self.env.timeout(self.s.request_timeout_s)

@@ -467,8 +467,10 @@ def _match_timeline(tr: dict[str, Any], events: list[dict[str, Any]], tdf: float
         return (s, e) if e else None
 
     out: dict[str, Any] = {}
-    # the sender logs kv_start just before connecting
-    sent = pair("kv_start", "kv_end", syn, syn + 0.05)
+    # the sender logs kv_start just before connecting; after waits for the decode node's KV room
+    # (refused connections, rejected with KV_FULL) the granted connection starts at kv_granted
+    waited = any(e["event"] == "kv_wait_start" for e in mine)
+    sent = None if tr["status"] == "rejected" else pair("kv_granted" if waited else "kv_start", "kv_end", syn, syn + 0.05)
     if sent:
         s, e = sent
         dur = e["t_wall"] - s["t_wall"]

@@ -171,6 +171,10 @@ def request_records(events: list[dict[str, Any]], expected_ids: Iterable[str] = 
             "prefill_queued_s": _t(_first(evs, "prefill_queued")),
             "prefill_start_s": _t(_first(evs, "prefill_start")), "prefill_end_s": _t(_first(evs, "prefill_end")),
             "kv_start_s": _t(kv_start), "kv_end_s": _t(kv_end),
+            # backpressure: the decode node refused the transfer for want of KV room until the
+            # grant; the prefill node held the prompt back for want of room for its KV
+            "kv_wait_start_s": _t(_first(evs, "kv_wait_start")), "kv_granted_s": _t(_first(evs, "kv_granted")),
+            "kv_hold_wait_s": _t(_first(evs, "kv_hold_wait")),
             "kv_ok": None if kv_end is None else bool(kv_end.get("ok", True)),
             "kv_bytes": (kv_end or kv_start or {}).get("bytes"),
             "kv_model_bytes": (kv_start or {}).get("model_bytes"),
@@ -222,7 +226,7 @@ def kv_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     """KV handoffs: how many, how big, how long, how fast (model time, modelled bytes)."""
     ok = [r for r in records if r["kv_ok"] and r["kv_start_s"] is not None and r["kv_end_s"] is not None]
     failed = [r for r in records if r["kv_ok"] is False]
-    durations = [r["kv_end_s"] - r["kv_start_s"] for r in ok]
+    durations = [r["kv_end_s"] - transfer_start_s(r) for r in ok]
     rates = [8 * r["kv_model_bytes"] / d / 1e9 for r, d in zip(ok, durations) if d > 0 and r["kv_model_bytes"]]
     model_bytes = sum(int(r["kv_model_bytes"] or 0) for r in ok)
     busy = sum(d for d in durations if d > 0)
@@ -241,7 +245,36 @@ def kv_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "achieved_gbps": {"mean": float(np.mean(rates)) if rates else None,
                           "p50": float(np.median(rates)) if rates else None,
                           "aggregate": 8 * model_bytes / busy / 1e9 if busy > 0 else None},
+        "backpressure": backpressure_summary(records),
     }
+
+
+def transfer_start_s(record: dict[str, Any]) -> float:
+    """When a handoff's bytes began to flow: at the decode node's grant when it made it wait."""
+    waited = record["kv_wait_start_s"] is not None and record["kv_granted_s"] is not None
+    return record["kv_granted_s"] if waited else record["kv_start_s"]
+
+
+def kv_wait_s(record: dict[str, Any]) -> float | None:
+    """How long the decode node's refusals (no KV room) delayed the handoff, granted or not."""
+    end = record["kv_granted_s"] if record["kv_granted_s"] is not None else record["kv_end_s"]
+    return None if record["kv_wait_start_s"] is None or end is None else end - record["kv_wait_start_s"]
+
+
+def kv_hold_s(record: dict[str, Any]) -> float | None:
+    """How long the prefill node held the prompt back because its KV memory was full."""
+    if record["kv_hold_wait_s"] is None or record["prefill_start_s"] is None:
+        return None
+    return record["prefill_start_s"] - record["kv_hold_wait_s"]
+
+
+def backpressure_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """KV memory backpressure: requests whose handoff waited for the decode node's room, and
+    requests whose prefill waited for room on the prefill node (model ms)."""
+    waits = [w for w in map(kv_wait_s, records) if w is not None]
+    holds = [h for h in map(kv_hold_s, records) if h is not None]
+    return {"decode_refused": len(waits), "decode_wait_ms": stats(waits, 1e3),
+            "prefill_held": len(holds), "prefill_hold_ms": stats(holds, 1e3)}
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:
@@ -516,7 +549,7 @@ def _span_ms(start: float | None, end: float | None) -> float | None:
 REQUEST_COLUMNS: tuple[str, ...] = (
     "request_id", "source", "completed", "reason", "prompt_tokens", "output_tokens", "sent_s",
     "ttft_ms", "tpot_ms", "e2e_ms", "prefill_node", "decode_node", "prefill_queue_ms", "prefill_ms",
-    "kv_mode", "kv_bytes", "kv_model_bytes", "kv_ms", "decode_wait_ms")
+    "kv_mode", "kv_bytes", "kv_model_bytes", "kv_hold_ms", "kv_wait_ms", "kv_ms", "decode_wait_ms")
 """``requests.csv``'s columns (model time), documented in docs/summary-schema.md."""
 
 
@@ -531,7 +564,8 @@ def request_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "prefill_queue_ms": _span_ms(r["prefill_queued_s"], r["prefill_start_s"]),
         "prefill_ms": _span_ms(r["prefill_start_s"], r["prefill_end_s"]),
         "kv_mode": r["kv_mode"], "kv_bytes": r["kv_bytes"], "kv_model_bytes": r["kv_model_bytes"],
-        "kv_ms": _span_ms(r["kv_start_s"], r["kv_end_s"]),
+        "kv_hold_ms": _ms(kv_hold_s(r)), "kv_wait_ms": _ms(kv_wait_s(r)),
+        "kv_ms": _span_ms(transfer_start_s(r), r["kv_end_s"]) if r["kv_start_s"] is not None else None,
         "decode_wait_ms": _span_ms(r["decode_queued_s"], r["decode_admitted_s"]),
     } for r in records]
 

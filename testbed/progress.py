@@ -105,6 +105,13 @@ def summary_table(summary: dict[str, Any]) -> Table:
                       _ms(t["p90"]), _ms(t["p99"]))
         x = kv["exposed_ms"]
         table.add_row("KV after prefill ms", _ms(x["mean"]), _ms(x["p50"]), _ms(x["p90"]), _ms(x["p99"]))
+        bp = kv.get("backpressure") or {}
+        for count, key, label in (("decode_refused", "decode_wait_ms", "waited for decode KV room"),
+                                  ("prefill_held", "prefill_hold_ms", "held for prefill KV room")):
+            if bp.get(count):
+                w = bp[key]
+                table.add_row(f"{label} ms ({bp[count]} req)", _ms(w["mean"]), _ms(w["p50"]), _ms(w["p90"]),
+                              _ms(w["p99"]))
     tp = summary["throughput"]
     table.add_section()
     table.add_row("output tokens/s", _num(tp["output_tokens_per_s"], "{:.1f}"), "", "", "")

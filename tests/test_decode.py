@@ -16,7 +16,7 @@ from nodes.config import Endpoint, KvSettings, NodeConfig
 from nodes.control import Controller, StatusWatcher
 from nodes.costmodel import CostModel
 from nodes.decode import DecodeNode
-from nodes.kvproto import KvBegin, KvTransferError, send_kv
+from nodes.kvproto import Code, KvBegin, KvTransferError, send_kv
 from nodes.profiles import load_hardware, load_model
 from nodes.tokenizer import token_text
 from testbed.broker import Broker
@@ -54,6 +54,14 @@ async def generate(session, cfg, rid, prompt, max_tokens, status: int = 200) -> 
         return [json.loads(line) async for line in r.content]
 
 
+async def generate_with_kv(session, cfg, rid, prompt, max_tokens) -> list[dict]:
+    """The router's order: register the request (its stream opens), then its KV arrives."""
+    gen = asyncio.create_task(generate(session, cfg, rid, prompt, max_tokens))
+    await asyncio.sleep(0.1)
+    await push_kv(cfg, rid, prompt)
+    return await gen
+
+
 def check_stream(lines: list[dict], rid: str, n: int) -> None:
     assert [x["type"] for x in lines] == ["token"] * n + ["done"]
     assert [x["index"] for x in lines[:-1]] == list(range(n))
@@ -61,7 +69,7 @@ def check_stream(lines: list[dict], rid: str, n: int) -> None:
     assert lines[-1]["output_tokens"] == n
 
 
-async def test_kv_after_and_before_generate(tmp_path):
+async def test_kv_granted_after_generate_refused_before(tmp_path):
     cfg = config(tmp_path)
     async with running(DecodeNode, cfg) as (node, session):
         # generate first, KV second (the router's order)
@@ -70,13 +78,14 @@ async def test_kv_after_and_before_generate(tmp_path):
         res = await push_kv(cfg, "r1", 300)
         assert res.bytes_sent == wire_bytes(cfg, 300)
         check_stream(await gen, "r1", 8)
-        # KV first, generate second
-        await push_kv(cfg, "r2", 200)
-        check_stream(await generate(session, cfg, "r2", 200, 4), "r2", 4)
+        # KV for a request the node has not registered: no room can be reserved, refused
+        with pytest.raises(KvTransferError, match="not registered") as refused:
+            await push_kv(cfg, "r2", 200)
+        assert refused.value.code == Code.REFUSED
         assert node.kv.used == 0 and not node.requests
     order = [e["event"] for e in events(cfg) if e["request_id"] == "r1"]
-    assert order == ["kv_recv_start", "kv_recv_end", "decode_queued", "decode_admitted", "first_token",
-                     "decode_done"]
+    assert order == ["kv_granted", "kv_recv_start", "kv_recv_end", "decode_queued", "decode_admitted",
+                     "first_token", "decode_done"]
     done = events(cfg, "decode_done")[0]
     assert done["output_tokens"] == 8 and len(done["token_times"]) == 8
     assert events(cfg, "kv_recv_end")[0]["verified"] is True
@@ -97,10 +106,12 @@ async def test_kv_verification_path(tmp_path):
         lines = await gen  # no valid KV came: the request fails after kv timeout_s
         assert lines == [{"type": "error", "reason": "no KV cache within 1 s"}]
         # a real one is accepted afterwards for another request; a duplicate is refused
+        gen2 = asyncio.create_task(generate(session, cfg, "r2", 100, 3000))  # decodes for ~1 s
+        await asyncio.sleep(0.1)
         await push_kv(cfg, "r2", 100)
         with pytest.raises(KvTransferError, match="already received"):
             await push_kv(cfg, "r2", 100)
-        check_stream(await generate(session, cfg, "r2", 100, 2), "r2", 2)
+        check_stream(await gen2, "r2", 3000)
         # bad request bodies
         await generate(session, cfg, "r/3", 100, 2, status=400)
         body = {"request_id": "r3", "model": "other", "prompt_tokens": 1, "max_tokens": 1}
@@ -109,7 +120,9 @@ async def test_kv_verification_path(tmp_path):
     assert [e["reason"] for e in events(cfg, "failed")] == ["no KV cache within 1 s"]
 
 
-async def test_admission_waits_for_kv_capacity(tmp_path):
+async def test_transfer_waits_for_kv_capacity(tmp_path):
+    """Backpressure: a transfer that does not fit now is refused with KV_FULL before any byte is
+    taken (the node never holds more KV than its capacity), and granted once room is back."""
     cfg = config(tmp_path, byte_scale=1e-6)
     cost = CostModel(load_hardware(HW), load_model(MODEL))
     cap = cost.kv_capacity_bytes()
@@ -119,20 +132,19 @@ async def test_admission_waits_for_kv_capacity(tmp_path):
         a = asyncio.create_task(generate(session, cfg, "a", prompt, 6))
         b = asyncio.create_task(generate(session, cfg, "b", prompt, 6))
         await asyncio.sleep(0.1)
-        await asyncio.gather(push_kv(cfg, "a", prompt), push_kv(cfg, "b", prompt))
-        for _ in range(100):
-            st = node.status()
-            if st["queue_depth"] == 1 and st["batch_size"] == 1:
-                break
-            await asyncio.sleep(0.01)
-        assert st["batch_size"] == 1 and st["queue_depth"] == 1
-        assert st["kv_used_bytes"] == cost.kv_bytes(prompt + 6) <= cap
-        assert st["kv_free_bytes"] == cap - st["kv_used_bytes"]
+        await push_kv(cfg, "a", prompt)
+        with pytest.raises(KvTransferError, match="no KV room") as full:
+            await push_kv(cfg, "b", prompt)
+        assert full.value.code == Code.KV_FULL
+        assert node.kv.used == cost.kv_bytes(prompt + 6) <= cap
+        assert node.status()["kv_free_bytes"] == cap - node.kv.used
         check_stream(await a, "a", 6)
+        await push_kv(cfg, "b", prompt)  # a's KV is released: b's transfer is granted
         check_stream(await b, "b", 6)
-    ev = events(cfg)
-    t = {(e["event"], e["request_id"]): e["t_wall"] for e in ev}
-    assert t[("decode_queued", "b")] < t[("decode_done", "a")] <= t[("decode_admitted", "b")]
+        assert node.kv.used == 0
+    t = {(e["event"], e["request_id"]): e["t_wall"] for e in events(cfg)}
+    assert t[("kv_refused", "b")] < t[("decode_done", "a")] <= t[("kv_granted", "b")] < t[("kv_recv_start", "b")]
+    assert [e["request_id"] for e in events(cfg, "kv_recv_start")] == ["a", "b"]  # b's bytes only after its grant
     assert max(e["batch_size"] for e in events(cfg, "decode_admitted")) == 1
 
 
@@ -201,12 +213,10 @@ async def test_commands_drain_resume_slowdown(tmp_path, broker):
         assert "draining" in r["reason"]
         await ctl.send("d1", "resume")
         assert await w.wait_for(lambda w: w.status("d1")["state"] == "up", 5)
-        await push_kv(cfg, "r1", 100)
-        check_stream(await generate(session, cfg, "r1", 100, 3), "r1", 3)
+        check_stream(await generate_with_kv(session, cfg, "r1", 100, 3), "r1", 3)
         await ctl.send("d1", "slowdown", factor=3.0)
         assert await w.wait_for(lambda w: w.status("d1")["slowdown"] == 3.0, 5)
-        await push_kv(cfg, "r2", 100)
-        check_stream(await generate(session, cfg, "r2", 100, 3), "r2", 3)
+        check_stream(await generate_with_kv(session, cfg, "r2", 100, 3), "r2", 3)
     steps = events(cfg, "step_timing")
     assert len(steps) == 6
     assert steps[3]["planned_s"] == pytest.approx(3.0 * steps[0]["planned_s"], rel=1e-3)

@@ -16,7 +16,7 @@ from nodes.auth import INTERNAL_AUTH_HEADER
 from nodes.decode import DecodeNode
 
 from daemon_helpers import events, running
-from test_decode import config as decode_config, generate, push_kv
+from test_decode import config as decode_config, generate, generate_with_kv
 from test_router import MODEL, cluster, post  # noqa: F401  (cluster is a fixture)
 
 FUZZ_EXAMPLES = int(os.environ.get("PDTB_FUZZ_EXAMPLES", "120"))  # per property; benchmarks/fuzz_router.py: more
@@ -94,8 +94,7 @@ async def test_internal_api_refuses_callers_without_the_run_token(tmp_path):
                 assert r.status == 200  # health stays open for the orchestrator's readiness probe
         assert "evil1" not in node.requests
         # the authenticated caller (the router's token) is served as before
-        await push_kv(cfg, "r1", 100)
-        lines = await generate(session, cfg, "r1", 100, 2)
+        lines = await generate_with_kv(session, cfg, "r1", 100, 2)
         assert lines[-1]["type"] == "done"
     rejected = events(cfg, "auth_rejected")
     assert len(rejected) == 6 and {e["path"] for e in rejected} == {"/internal/generate", "/internal/status"}

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from nodes.decode import DecodeNode
 
 from daemon_helpers import events, running, wire_bytes
-from test_decode import config as decode_config, generate, push_kv
+from test_decode import config as decode_config, generate, generate_with_kv
 from test_router import MODEL, cluster, post  # noqa: F401  (cluster is a fixture)
 
 
@@ -47,8 +47,7 @@ async def test_router_metrics_count_requests_tokens_and_latencies(cluster):
 async def test_decode_node_metrics_follow_its_timeline(tmp_path):
     cfg = decode_config(tmp_path)
     async with running(DecodeNode, cfg) as (node, session):
-        await push_kv(cfg, "r1", 100)
-        await generate(session, cfg, "r1", 100, 3)
+        await generate_with_kv(session, cfg, "r1", 100, 3)
         m = await scrape(cfg.http.url)  # /metrics needs no internal token: operators scrape it
     steps = events(cfg, "step_timing")
     assert m["pdtb:step_lateness_seconds_count"] == len(steps) == 3

@@ -115,3 +115,34 @@ def test_cluster_scale_trace_replay_on_the_sim_backend(tmp_path, shared_trace):
     assert counts["total"] > 20 and counts["completed"] + counts["failed"] == counts["total"]
     busy = [n["busy_fraction"] for n in summary["nodes"].values() if n["role"] == "prefill"]
     assert len(busy) == 64 and max(busy) > 0  # least-loaded routing spreads the prompts
+
+
+def test_kv_capacity_bound_makes_handoffs_wait_and_loses_nothing(tmp_path):
+    """scenarios/kv-capacity.yaml: 70B on a CS-3 deployment whose KV room is the bottleneck. The
+    decode node reserves each request's KV at its grant and never holds more than its capacity;
+    handoffs wait for the grant and every request completes."""
+    from nodes.costmodel import CostModel
+    from nodes.profiles import load_hardware, load_model
+
+    out = tmp_path / "run"
+    assert main(["run", str(REPO / "scenarios" / "kv-capacity.yaml"), "--backend", "sim", "--out", str(out),
+                 "--json"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["completed"] == summary["counts"]["total"] == 40
+    bp = summary["kv_transfer"]["backpressure"]
+    assert bp["decode_refused"] >= 10 and bp["decode_wait_ms"]["p50"] > 100  # the decode node's KV is the queue
+    capacity = CostModel(load_hardware("cs3"), load_model("llama-3.3-70b")).kv_capacity_bytes()
+    events = [json.loads(line) for line in (out / "timeline" / "decode0.jsonl").read_text().splitlines()]
+    used, peak, granted = 0, 0, {}
+    for e in events:
+        if e["event"] == "kv_granted":
+            granted[e["request_id"]] = e["kv_model_bytes"]
+            used += e["kv_model_bytes"]
+            peak = max(peak, used)
+        elif e["event"] == "decode_done":
+            used -= granted.pop(e["request_id"])
+    assert not granted and capacity / 2 < peak <= capacity  # filled, never overfilled
+    rows = (out / "requests.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    waits = [r.split(",")[header.index("kv_wait_ms")] for r in rows[1:]]
+    assert sum(1 for w in waits if w) == bp["decode_refused"]
