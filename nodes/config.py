@@ -63,15 +63,20 @@ class RouterSettings(_Strict):
     decode_policy: Literal["round_robin", "least_loaded", "kv_aware"] = "kv_aware"
     request_timeout_s: float = Field(default=600.0, gt=0)  # model seconds before a request fails
     max_inflight: int = Field(default=512, gt=0)  # requests the router holds at once; more get 429
+    # wall seconds a client connection may sit without a complete request (headers, idle
+    # keep-alive) or take to send its body: a slowloris cannot hold the router's connections
+    client_timeout_s: float = Field(default=10.0, gt=0)
 
 
 class PrefillSettings(_Strict):
     token_budget: int = Field(default=16384, gt=0)  # tokens per prefill batch
     chunk_tokens: int = Field(default=0, ge=0)  # chunked prefill; 0 = whole prompts
+    max_queue: int = Field(default=256, gt=0)  # requests waiting for their prefill; more get 503
 
 
 class DecodeSettings(_Strict):
     max_batch: int = Field(default=256, gt=0)
+    max_queue: int = Field(default=512, gt=0)  # requests registered and not yet decoding; more get 503
 
 
 class ClientSettings(_Strict):

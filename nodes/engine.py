@@ -371,6 +371,10 @@ class StreamingNode(ComputeNode):
         rid = body["request_id"]
         if rid in self.requests:
             return error_response(409, f"request {rid} is already registered")
+        queued = len(self.requests) - len(self.running)
+        if queued >= self.config.decode.max_queue:  # bounded: refuse, never queue without end
+            return error_response(503, f"node {self.config.name} has {queued} requests waiting, its limit "
+                                  "(decode.max_queue); retry later")
         gen = GenRequest(rid, body["prompt_tokens"], max_tokens,
                          kv_bytes=self.cost.kv_bytes(body["prompt_tokens"] + max_tokens))
         if gen.kv_bytes > self.kv.capacity:

@@ -78,6 +78,10 @@ class PrefillNode(ComputeNode):
             return error_response(400, str(e))
         if not self.accepting():
             return error_response(503, f"node {self.config.name} is {self.state}")
+        waiting = sum(1 for j in self.queue if not j.started)
+        if waiting >= self.config.prefill.max_queue:  # bounded: refuse, never queue without end
+            return error_response(503, f"node {self.config.name} has {waiting} prompts waiting, its limit "
+                                  "(prefill.max_queue); retry later")
         job = PrefillJob(body["request_id"], body["prompt_tokens"], peer,
                          kv_model_bytes=self.cost.kv_bytes(body["prompt_tokens"]))
         if job.kv_model_bytes > self.capacity:

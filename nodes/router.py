@@ -48,15 +48,17 @@ class ApiError(Exception):
     """A request the router refuses, answered with an OpenAI-style error body."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, type: str = "invalid_request_error"):
+                 code: str | None = None, type: str = "invalid_request_error", retry_after_s: int | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.retry_after_s = retry_after_s
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self, headers: Mapping[str, str] | None = None) -> web.Response:
-        return web.json_response(self.body(), status=self.status, headers=headers)
+        extra = {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+        return web.json_response(self.body(), status=self.status, headers={**(headers or {}), **extra})
 
 
 class RequestFailed(Exception):
@@ -68,7 +70,15 @@ class RequestFailed(Exception):
 
     def api_error(self) -> ApiError:
         kind = "server_error" if self.status >= 500 else "invalid_request_error"
-        return ApiError(self.status, self.reason, code=self.code, type=kind)
+        return ApiError(self.status, self.reason, code=self.code, type=kind,
+                        retry_after_s=OVERLOAD_RETRY_AFTER_S if self.status == 503 else None)
+
+    @classmethod
+    def from_node(cls, node: str, status: int, detail: str, default_code: str) -> "RequestFailed":
+        """A node's refusal: its 503 (queue full, draining) stays a 503 the client may retry."""
+        if status == 503:
+            return cls(f"node {node} is unavailable: {detail}", 503, "node_unavailable")
+        return cls(f"node {node} answered HTTP {status}: {detail}", 502, default_code)
 
 
 @dataclass(frozen=True)
@@ -371,7 +381,12 @@ class Router:
         headers = {"x-request-id": rid}
         try:
             try:
-                body = json.loads(await request.read())
+                async with asyncio.timeout(self.config.router.client_timeout_s):  # a slow body is refused
+                    raw = await request.read()
+                body = json.loads(raw)
+            except TimeoutError:
+                raise ApiError(408, f"the request body did not arrive within {self.config.router.client_timeout_s:g} s",
+                               code="request_timeout") from None
             except web.HTTPRequestEntityTooLarge:
                 raise ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes", code="body_too_large")
             except (ValueError, UnicodeDecodeError) as e:
@@ -504,8 +519,7 @@ class Router:
         prefill_task: asyncio.Task[None] | None = None
         try:
             if resp.status != 200:
-                detail = (await resp.text())[:200]
-                raise RequestFailed(f"decode node {decode.name} answered HTTP {resp.status}: {detail}")
+                raise RequestFailed.from_node(decode.name, resp.status, (await resp.text())[:200], "upstream_error")
             if prefill is not None:
                 prefill_task = asyncio.create_task(self._prefill(prefill, decode, rid, req.prompt_tokens))
             yield []
@@ -539,6 +553,8 @@ class Router:
             answer = {}
         if status != 200 or not isinstance(answer, dict) or answer.get("ok") is not True:
             reason = answer.get("reason") if isinstance(answer, dict) else None
+            if status == 503:
+                raise RequestFailed.from_node(prefill.name, status, reason or text[:200], "prefill_failed")
             raise RequestFailed(f"prefill on {prefill.name} failed: {reason or f'HTTP {status} {text[:200]}'}",
                                 502, "prefill_failed")
 
@@ -639,6 +655,15 @@ async def _errors(request: web.Request, handler: Callable) -> web.StreamResponse
 ROUTER_KEY = web.AppKey("router", Router)
 
 
+def make_runner(app: web.Application) -> web.AppRunner:
+    """The router app's runner. A connection without a complete request within
+    ``router.client_timeout_s`` is closed (aiohttp's keep-alive timer runs from the connection's
+    start until its first request's headers are in, and between requests), so slow or idle
+    clients cannot hold the router's connections; a slow body is cut by the same bound."""
+    config = app[ROUTER_KEY].config
+    return web.AppRunner(app, access_log=None, shutdown_timeout=2.0, keepalive_timeout=config.router.client_timeout_s)
+
+
 def make_app(config: NodeConfig, *, status: StatusFn = no_status, timeline: Timeline | None = None,
              kv_bytes_per_token: int | None = None,
              context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> web.Application:
@@ -693,7 +718,7 @@ async def serve(config: NodeConfig) -> None:
                             if profile is not None and config.router.decode_policy == "kv_aware" else None)
             app = make_app(config, status=status, timeline=timeline, kv_bytes_per_token=kv_per_token,
                            context_tokens=profile.context_length if profile else DEFAULT_CONTEXT_TOKENS)
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+            runner = make_runner(app)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
             site = web.TCPSite(runner, config.http.host, config.http.port, backlog=1024)

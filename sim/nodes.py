@@ -37,6 +37,8 @@ class SimSettings:
     prefill_policy: str
     decode_policy: str
     request_timeout_s: float
+    prefill_max_queue: int
+    decode_max_queue: int
 
 
 class SimNode:
@@ -103,10 +105,18 @@ class SimPrefill(SimNode):
         return {"state": "up", "queue_depth": len(self.queue), "batch_size": self.batch_size,
                 "kv_used_bytes": used, "kv_free_bytes": max(0, self.capacity - used)}
 
-    def submit(self, job: SimJob) -> None:
+    def submit(self, job: SimJob) -> str | None:
+        """Queue the job, or refuse it as the daemon answers (507: larger than the node's KV
+        memory; 503: ``prefill.max_queue`` prompts already waiting). Returns the refusal."""
+        if job.kv_model_bytes > self.capacity:
+            return f"KV of {job.kv_model_bytes} bytes exceeds node capacity {self.capacity}"
+        waiting = sum(1 for j in self.queue if not j.started)
+        if waiting >= self.s.prefill_max_queue:
+            return f"node {self.name} is unavailable: {waiting} prompts waiting (prefill.max_queue)"
         self.timeline.event("prefill_queued", job.request_id, prompt_tokens=job.prompt_tokens)
         self.queue.append(job)
         self.notify()
+        return None
 
     def _scheduler(self):
         layerwise = self.s.kv_mode == "layerwise"
@@ -196,6 +206,15 @@ class _Streaming(SimNode):
         g.emit_token(self.timeline, self.env.now)
         self.on_token(g.request_id, g.generated, self.env.now, g.finished)
 
+    def refusal(self, g: GenRequest, queued: int) -> str | None:
+        """The daemon's answer to a request it will not take: 507 when its KV exceeds the node's
+        capacity, 503 beyond ``decode.max_queue`` requests waiting."""
+        if g.kv_bytes > self.kv.capacity:
+            return f"KV of {g.kv_bytes} bytes exceeds node capacity {self.kv.capacity}"
+        if queued >= self.s.decode_max_queue:
+            return f"node {self.name} is unavailable: {queued} requests waiting (decode.max_queue)"
+        return None
+
     def release(self, g: GenRequest) -> None:
         if g.reserved:
             self.kv.release(g.kv_bytes)
@@ -211,15 +230,19 @@ class SimDecode(_Streaming):
         self.gate = KvGate(self.kv)
         self.env.process(self._scheduler())
 
-    def register(self, rid: str, prompt_tokens: int, max_tokens: int) -> None:
+    def register(self, rid: str, prompt_tokens: int, max_tokens: int) -> str | None:
         """The router opened the request's stream here, before its prefill (as the daemon's
-        ``/internal/generate``); a request larger than the node's KV fails at once."""
+        ``/internal/generate``), or the node refused it (returned)."""
         g = self.gen(rid, prompt_tokens, max_tokens)
-        if g.kv_bytes > self.kv.capacity:
-            g.fail(self.timeline, f"KV of {g.kv_bytes} bytes exceeds node capacity {self.kv.capacity}")
-            self.on_token(rid, 0, self.env.now, True)
-            return
-        self.requests[rid] = g
+        refusal = self.refusal(g, len(self.requests) + len(self.waiting))
+        if refusal is None:
+            self.requests[rid] = g
+        return refusal
+
+    def drop(self, rid: str) -> None:
+        """The router gave up on a registered request (its prefill was refused)."""
+        self.requests.pop(rid, None)
+        self.gate.forget(rid)
 
     def kv_begin(self, rid: str, wire: int) -> bool:
         """Grant the transfer the request's whole KV, or refuse it for now (``KvGate``)."""
@@ -267,11 +290,15 @@ class SimColocated(_Streaming):
     def status(self) -> dict[str, Any]:
         return {**super().status(), "queue_depth": len(self.waiting) + len(self.prefilling)}
 
-    def submit(self, rid: str, prompt_tokens: int, max_tokens: int) -> None:
+    def submit(self, rid: str, prompt_tokens: int, max_tokens: int) -> str | None:
         g = self.gen(rid, prompt_tokens, max_tokens)
+        refusal = self.refusal(g, len(self.waiting) + len(self.prefilling))
+        if refusal is not None:
+            return refusal
         self.timeline.event("prefill_queued", rid, prompt_tokens=prompt_tokens)
         self.waiting.append(g)
         self.notify()
+        return None
 
     def _scheduler(self):
         while True:
@@ -332,21 +359,20 @@ class SimRouter:
     def _dispatch(self, req: _InFlight, prefill: SimPrefill | None, decode: _Streaming):
         target = decode if prefill is None else prefill
         yield self.env.timeout(self.to_node_s(target.name))
+        rid = req.request_id
         if prefill is None:
-            decode.submit(req.request_id, req.prompt_tokens, req.max_tokens)  # type: ignore[attr-defined]
-            return
-        decode.register(req.request_id, req.prompt_tokens, req.max_tokens)  # type: ignore[attr-defined]
-        if req.request_id not in decode.requests:  # type: ignore[attr-defined]
-            return  # the decode node failed it
-        job = SimJob(req.request_id, req.prompt_tokens, decode, req.max_tokens,  # type: ignore[arg-type]
-                     kv_model_bytes=prefill.cost.kv_bytes(req.prompt_tokens))
-        if job.kv_model_bytes > prefill.capacity:  # the prefill daemon answers 507
+            refusal = decode.submit(rid, req.prompt_tokens, req.max_tokens)  # type: ignore[attr-defined]
+        else:
+            refusal = decode.register(rid, req.prompt_tokens, req.max_tokens)  # type: ignore[attr-defined]
+            if refusal is None:
+                refusal = prefill.submit(SimJob(rid, req.prompt_tokens, decode, req.max_tokens,  # type: ignore[arg-type]
+                                                kv_model_bytes=prefill.cost.kv_bytes(req.prompt_tokens)))
+                if refusal is not None:
+                    decode.drop(rid)  # type: ignore[attr-defined]
+        if refusal is not None:  # the router fails the request with the node's answer
             req.ended = True
-            reason = f"KV of {job.kv_model_bytes} bytes exceeds node capacity {prefill.capacity}"
-            self.timeline.event("failed", req.request_id, reason=f"prefill {prefill.name}: {reason}")
-            self.client.failed(req.request_id, "prefill failed")
-            return
-        prefill.submit(job)
+            self.timeline.event("failed", rid, reason=refusal)
+            self.client.failed(rid, refusal)
 
     def _timeout(self, req: _InFlight):
         yield self.env.timeout(self.s.request_timeout_s)

@@ -95,7 +95,8 @@ def run_sim(sc: Any, rd: Any, *, scenario_path: str | None = None, log: Any = No
             kv_bytes_per_token=int(model.kv_bytes_per_token), layers=int(model.layers), kv_mode=kvt.mode,
             token_budget=prefill.token_budget, chunk_tokens=prefill.chunk_tokens, max_batch=decode.max_batch,
             prefill_policy=sc.router.prefill_policy, decode_policy=sc.router.decode_policy,
-            request_timeout_s=float(sc.router.request_timeout))
+            request_timeout_s=float(sc.router.request_timeout), prefill_max_queue=prefill.max_queue,
+            decode_max_queue=decode.max_queue)
 
     net = FlowNetwork(env)
     router_plan = next(p for p in plans.values() if p.role == "router")

@@ -126,3 +126,75 @@ async def test_a_burst_beyond_max_inflight_is_refused_at_once_and_every_request_
             text = await r.text()
     assert f'pdtb:requests_total{{outcome="rejected"}} {float(len(refused))}' in text
     assert f'pdtb:requests_total{{outcome="completed"}} {float(len(done))}' in text
+
+
+async def test_slow_clients_are_cut_and_the_router_keeps_serving(cluster):
+    """A bounded slowloris: 200 connections that never finish their headers and one that never
+    finishes its body are closed after router.client_timeout_s (here 1 s; the body one with a 408),
+    and a normal request is served while they hang. The 20 s bound is 20x the timeout."""
+    url = await cluster.start(client_timeout_s=1.0)
+    port = int(url.rsplit(":", 1)[1])
+    slow: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    for _ in range(200):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # headers never end
+        slow.append((reader, writer))
+    body_reader, body_writer = await asyncio.open_connection("127.0.0.1", port)
+    body_writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"model\": ")  # the body never ends
+    status, answer, _ = await post(url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 2
+    async with asyncio.timeout(20):
+        reply = await body_reader.read()  # the router answers 408 and closes
+        for reader, _ in slow:
+            assert await reader.read() == b""  # closed by the router without an answer
+    assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply
+    for _, writer in [*slow, (body_reader, body_writer)]:
+        writer.close()
+
+
+async def test_a_full_node_queue_is_a_503_with_retry_after(cluster):
+    url = await cluster.start()
+    cluster.decodes[0].mode = "http503"
+    status, answer, headers = await post(url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2})
+    assert status == 503 and headers["Retry-After"] == "1"
+    assert answer["error"]["code"] == "node_unavailable" and "decode.max_queue" in answer["error"]["message"]
+    [failed] = cluster.events("failed")
+    assert "d0 is unavailable" in failed["reason"]
+
+
+async def test_decode_and_prefill_queues_are_bounded(tmp_path):
+    """Beyond ``max_queue`` waiting requests a node answers 503 at once instead of queueing."""
+    from nodes.config import DecodeSettings, PrefillSettings
+    from nodes.prefill import PrefillNode
+    from test_prefill import config as prefill_config, prefill
+
+    dcfg = decode_config(tmp_path, decode=DecodeSettings(max_queue=2))
+    async with running(DecodeNode, dcfg) as (node, session):
+        waiting = [asyncio.create_task(generate(session, dcfg, f"q{i}", 100, 2)) for i in range(2)]
+        for _ in range(100):
+            if len(node.requests) == 2:
+                break
+            await asyncio.sleep(0.02)
+        [refused] = await generate(session, dcfg, "q2", 100, 2, status=503)
+        assert "decode.max_queue" in refused["reason"]
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+    pcfg = prefill_config(tmp_path / "p").model_copy(update={"prefill": PrefillSettings(token_budget=30000, max_queue=1)})
+    dead = {"name": "d9", "host": "127.0.0.1", "port": 9}  # the handoffs fail; only the queue matters here
+    async with running(PrefillNode, pcfg) as (node, session):
+        # each 30k-token prompt computes for ~1 s on trn2; the first starts, the second waits
+        first = asyncio.create_task(prefill(session, pcfg, "p0", 30000, dead, status=502))
+        for _ in range(100):
+            if node.queue and node.queue[0].started:
+                break
+            await asyncio.sleep(0.02)
+        second = asyncio.create_task(prefill(session, pcfg, "p1", 30000, dead, status=502))
+        for _ in range(100):
+            if len(node.queue) == 2:
+                break
+            await asyncio.sleep(0.02)
+        answer = await prefill(session, pcfg, "p2", 30000, dead, status=503)
+        assert "prefill.max_queue" in answer["reason"]
+        await asyncio.gather(first, second)

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from daemon_helpers import INTERNAL_SECRET
 from nodes.config import Endpoint, NodeConfig, PeerInfo, RouterSettings
-from nodes.router import DEFAULT_CONTEXT_TOKENS, ROUTER_KEY, ApiError, make_app, parse_request
+from nodes.router import DEFAULT_CONTEXT_TOKENS, ROUTER_KEY, ApiError, make_app, make_runner, parse_request
 from nodes.timeline import read_timeline
 from nodes.tokenizer import count_chat_tokens, count_tokens, synthetic_text, token_text
 
@@ -33,7 +33,7 @@ class FakeDecode:
     def __init__(self, name: str, *, itl_s: float = 0.0):
         self.name = name
         self.itl_s = itl_s
-        self.mode = "ok"  # ok | http500 | error_after | short | silent
+        self.mode = "ok"  # ok | http500 | http503 | error_after | short | silent
         self.error_after = 2
         self.requests: dict[str, dict[str, Any]] = {}
         self.kv: dict[str, asyncio.Event] = {}
@@ -51,6 +51,8 @@ class FakeDecode:
         self.requests[rid] = body
         if self.mode == "http500":
             return web.json_response({"ok": False, "reason": "broken"}, status=500)
+        if self.mode == "http503":
+            return web.json_response({"ok": False, "reason": "3 requests waiting (decode.max_queue)"}, status=503)
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)  # registered: the router may now start the prefill
         kv = self.kv.setdefault(rid, asyncio.Event())
@@ -134,8 +136,8 @@ class Cluster:
         self.app: web.Application | None = None
         self.url = ""
 
-    async def _serve(self, app: web.Application) -> int:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    async def _serve(self, app: web.Application, runner: web.AppRunner | None = None) -> int:
+        runner = runner or web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         self.runners.append(runner)
@@ -162,7 +164,7 @@ class Cluster:
                                  router=RouterSettings(**router), internal_secret_hex=INTERNAL_SECRET)
         kwargs = {"status": status} if status else {}
         self.app = make_app(self.config, **kwargs)
-        port = await self._serve(self.app)
+        port = await self._serve(self.app, make_runner(self.app))
         self.url = f"http://127.0.0.1:{port}"
         return self.url
 

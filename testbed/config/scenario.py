@@ -44,12 +44,14 @@ class PrefillPoolSpec(PoolSpec):
 
     token_budget: int | None = Field(default=None, gt=0)  # prompt tokens per prefill step
     chunk_tokens: int | None = Field(default=None, ge=0)  # chunked prefill; 0 = whole prompts
+    max_queue: int | None = Field(default=None, gt=0)  # prompts waiting to start; beyond, 503
 
 
 class DecodePoolSpec(PoolSpec):
     """A decode pool, and how many sequences its nodes decode at once."""
 
     max_batch: int | None = Field(default=None, gt=0)
+    max_queue: int | None = Field(default=None, gt=0)  # requests registered, not yet decoding; beyond, 503
 
 
 class ColocatedPoolSpec(PrefillPoolSpec, DecodePoolSpec):
@@ -67,6 +69,7 @@ class RouterSpec(StrictModel):
     decode_policy: Literal["round_robin", "least_loaded", "kv_aware"] = "kv_aware"
     request_timeout: Duration = "600s"  # model time before the router fails a request
     max_inflight: int = Field(default=512, gt=0)  # requests in flight at once; beyond, 429 + Retry-After
+    client_timeout: Duration = "10s"  # WALL time a client has for a complete request (slowloris bound)
 
 
 class KvTransferSpec(StrictModel):

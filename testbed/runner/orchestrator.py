@@ -129,13 +129,13 @@ def effective_topology(topo: Any, overrides: dict[str, dict[str, Any]]) -> Any:
 
 
 def batching(sc: Any, role: str) -> tuple[PrefillSettings, DecodeSettings]:
-    """How a node of ``role`` batches: its pool's ``token_budget``, ``chunk_tokens`` and
-    ``max_batch`` where the scenario sets them, else the daemons' defaults."""
+    """How a node of ``role`` batches and queues: its pool's ``token_budget``, ``chunk_tokens``,
+    ``max_batch`` and ``max_queue`` where the scenario sets them, else the daemons' defaults."""
     spec = getattr(sc.pools, role, None) if role in ("prefill", "decode", "colocated") else None
-    prefill = {k: getattr(spec, k, None) for k in ("token_budget", "chunk_tokens")}
-    max_batch = getattr(spec, "max_batch", None)
+    prefill = {k: getattr(spec, k, None) for k in ("token_budget", "chunk_tokens", "max_queue")}
+    decode = {k: getattr(spec, k, None) for k in ("max_batch", "max_queue")}
     return (PrefillSettings(**{k: v for k, v in prefill.items() if v is not None}),
-            DecodeSettings(**({} if max_batch is None else {"max_batch": max_batch})))
+            DecodeSettings(**{k: v for k, v in decode.items() if v is not None}))
 
 
 def plan_run(sc: Any, backend: str) -> tuple[Any, dict[str, NodePlan], str]:
@@ -327,7 +327,8 @@ class Orchestrator:
         router_settings = RouterSettings(prefill_policy=sc.router.prefill_policy,
                                          decode_policy=sc.router.decode_policy,
                                          request_timeout_s=float(sc.router.request_timeout),
-                                         max_inflight=sc.router.max_inflight)
+                                         max_inflight=sc.router.max_inflight,
+                                         client_timeout_s=float(sc.router.client_timeout))
         http = {p.name: self._http(p) for p in self.nodes.values() if p.role != "client"}
         # colocated nodes keep their KV cache where it was made: no KV endpoint (and no EFA link)
         kv_ep = {p.name: self._kv(p) for p in self.compute_nodes if p.role == "decode"}
