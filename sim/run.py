@@ -48,6 +48,18 @@ def _latency(topo: Any, *hosts: str) -> float:
     return total
 
 
+class SimBackend:
+    """The virtual-time backend (``testbed.runner.backend``): no daemons, no emulated links."""
+
+    name = "sim"
+    live = False
+    emulates_links = False
+
+    @classmethod
+    def run(cls, sc: Any, rd: Any, *, scenario_path: str | None = None) -> dict[str, Any]:
+        return run_sim(sc, rd, scenario_path=scenario_path)
+
+
 def run_sim(sc: Any, rd: Any, *, scenario_path: str | None = None, log: Any = None) -> dict[str, Any]:
     """Simulate ``sc`` into the run directory ``rd`` (a RunDir); returns the summary."""
     from testbed.metrics import compute_summary

@@ -32,7 +32,8 @@ class Testbed:
                  out: str | Path | None = None, *, pcap: list[str] | None = None, prefix: str = "pt",
                  quiet: bool = True):
         from testbed.config.scenario import ScenarioConfig, load_scenario
-        from testbed.runner.orchestrator import check_prefix, pick_backend, plan_run
+        from testbed.runner.backend import pick_backend, require_live
+        from testbed.runner.orchestrator import check_prefix, plan_run
 
         if isinstance(scenario, ScenarioConfig):
             if overrides:
@@ -47,9 +48,7 @@ class Testbed:
                                                                "expand_sweep() yourself, or pass "
                                                                "overrides=['sweep={}', ...]")])
         self.backend = pick_backend(backend, self.scenario.emulation.backend)
-        if self.backend == "sim":
-            raise ConfigError("Testbed", [("backend", "a Testbed drives live daemons (local or mininet); run a "
-                                                      "scenario on the sim backend with pdtb run --backend sim")])
+        require_live(self.backend, "a Testbed")
         plan_run(self.scenario, self.backend)
         self._out = out
         self._pcap = pcap

@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 
 from core.config import ConfigError, SafeName, StrictModel, load_model, validate_data
 from nodes.profiles.models import ProfileName
+from testbed.runner.backend import BackendChoice
 from testbed.config.scenario import SloSpec, scenario_from_data, split_key_path
 
 TRUSTED_VERDICTS = frozenset({"trustworthy", "simulated"})
@@ -89,7 +90,7 @@ class ComparisonConfig(StrictModel):
     KIND: ClassVar[str] = "comparison"
     name: SafeName
     description: str = ""
-    backend: str = "auto"  # as `pdtb run --backend`: auto, local, mininet (and sim where available)
+    backend: BackendChoice = "auto"  # as `pdtb run --backend`
     baseline: list[SafeName] = Field(min_length=1)  # deployments; per cell the fastest of them is the baseline
     deployments: list[str | dict[str, Any]] = Field(min_length=1)  # file paths (relative to this file) or inline
     models: list[ProfileName] = Field(min_length=1)
@@ -327,7 +328,7 @@ def run_comparison(cmp: Comparison, out: Path, *, quick: bool = False, backend: 
     ``run_cell(scenario, run_dir, backend) -> (summary, request rows)``; the default runs the
     scenario with the orchestrator. A cell that cannot be configured is ``not_run`` with the
     reason; one whose run fails is ``failed`` with the error; the others are ``ok``."""
-    from testbed.runner.orchestrator import pick_backend
+    from testbed.runner.backend import pick_backend
 
     chosen = pick_backend(backend, cmp.config.backend)
     run_cell = run_cell or _orchestrated_run
@@ -357,17 +358,13 @@ def run_comparison(cmp: Comparison, out: Path, *, quick: bool = False, backend: 
 def _orchestrated_run(sc: Any, run_dir: Path, backend: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     import csv
 
-    from testbed.runner.orchestrator import Orchestrator, plan_run
+    from testbed.runner.backend import backend_class
+    from testbed.runner.orchestrator import plan_run
     from testbed.runner.rundir import RunDir
 
     plan_run(sc, backend)
     rd = RunDir.create(sc.name, run_dir)
-    if backend == "sim":
-        from sim.run import run_sim
-
-        summary = run_sim(sc, rd)
-    else:
-        summary = Orchestrator(sc, rd, backend=backend).run()
+    summary = backend_class(backend).run(sc, rd)
     if summary is None:
         raise RuntimeError("the run produced no summary")
     with (rd.root / "requests.csv").open(newline="") as fh:

@@ -173,7 +173,7 @@ def test_sigint_to_pdtb_run_cleans_up_and_writes_summary(tmp_path: Path) -> None
 
 
 def test_pool_batching_keys_and_client_stream_reach_the_daemons(tmp_path: Path) -> None:
-    extra = "pools:\n  prefill: {token_budget: 1024, chunk_tokens: 256}\n  decode: {max_batch: 2}\n"
+    extra = "pools:\n  prefill: {token_budget: 1024, chunk_tokens: 256, max_queue: 50}\n  decode: {max_batch: 2}\n"
     scenario = write_scenario(tmp_path, requests=4, rate=50.0, extra=extra)
     out = tmp_path / "run"
     proc = _pdtb("run", str(scenario), "--backend", "local", "--out", str(out), "--json",
@@ -184,7 +184,8 @@ def test_pool_batching_keys_and_client_stream_reach_the_daemons(tmp_path: Path) 
     p1 = json.loads((out / "nodes" / "p1.json").read_text())
     d1 = json.loads((out / "nodes" / "d1.json").read_text())
     client = json.loads((out / "nodes" / "client.json").read_text())
-    assert p1["prefill"] == {"token_budget": 1024, "chunk_tokens": 256} and d1["decode"] == {"max_batch": 2}
+    assert p1["prefill"] == {"token_budget": 1024, "chunk_tokens": 256, "max_queue": 50}
+    assert d1["decode"] == {"max_batch": 2, "max_queue": 512}  # the default where the scenario is silent
     assert client["client"]["stream"] is False
     steps = [json.loads(line) for line in (out / "timeline" / "p1.jsonl").read_text().splitlines()]
     # 512-token prompts in 256-token chunks: every prefill step takes at most 1024 tokens

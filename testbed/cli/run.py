@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import ConfigError
+from testbed.runner.backend import BACKEND_CHOICES
 
 
 
@@ -32,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenario", metavar="SCENARIO", help="scenario YAML file")
-    p.add_argument("--backend", choices=["auto", "local", "mininet", "sim"], default=None,
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
                    help="where daemons run (default: the scenario's emulation.backend; auto = mininet as root; "
                         "sim = a virtual-time simulation, no daemons)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -64,14 +65,16 @@ def _sigterm_as_interrupt() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from testbed.config.scenario import expand_sweep, load_scenario, point_label
-    from testbed.runner.orchestrator import Orchestrator, RunError, check_prefix, pick_backend, plan_run
+    from testbed.runner.backend import backend_class, pick_backend
+    from testbed.runner.orchestrator import Orchestrator, RunError, check_prefix, plan_run
     from testbed.runner.rundir import RunDir
 
     prefix = check_prefix(args.prefix)
     pcap = _pcap_targets(args.pcap)
     sc = load_scenario(args.scenario, args.overrides)
     backend = pick_backend(args.backend, sc.emulation.backend)
-    if pcap and backend != "mininet":
+    runner = backend_class(backend)
+    if pcap and not runner.emulates_links:
         raise ConfigError("--pcap", [("", "captures need the mininet backend (--backend mininet, as root)")])
     points = expand_sweep(sc)
     for _, cfg in points:
@@ -88,10 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if sweep:
             prd.update_run_json(sweep_point=point)
             print(f"sweep point {point_label(point)} -> {prd.root}", file=sys.stderr)
-        if backend == "sim":
-            from sim.run import run_sim
-
-            results.append((point, run_sim(cfg, prd, scenario_path=str(args.scenario)), prd.root))
+        if not runner.live:  # nothing to watch: the backend runs the point to its summary
+            results.append((point, runner.run(cfg, prd, scenario_path=str(args.scenario)), prd.root))
             continue
         orch = Orchestrator(cfg, prd, backend=backend, scenario_path=str(args.scenario), pcap=pcap, prefix=prefix)
         try:
@@ -163,7 +164,8 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from testbed.config.scenario import load_scenario
-    from testbed.runner.orchestrator import Orchestrator, RunError, check_prefix, pick_backend, plan_run
+    from testbed.runner.backend import pick_backend, require_live
+    from testbed.runner.orchestrator import Orchestrator, RunError, check_prefix, plan_run
     from testbed.runner.rundir import RunDir
 
     prefix = check_prefix(args.prefix)
@@ -172,9 +174,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise ConfigError(sc.source, [("sweep", "pdtb up serves one configuration: drop the sweep with "
                                                 "--set 'sweep={}' and choose its keys' values with --set")])
     backend = pick_backend(args.backend, sc.emulation.backend)
-    if backend == "sim":
-        raise ConfigError("--backend", [("", "pdtb up serves real daemons: use --backend local or mininet "
-                                             "(sim runs a scenario's workload in virtual time: pdtb run)")])
+    require_live(backend, "pdtb up")
     plan_run(sc, backend)
     _sigterm_as_interrupt()
     rd = RunDir.create(sc.name, args.out)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, BeforeValidator, Field, PrivateAttr, ValidationE
 from nodes.profiles.models import ProfileName
 from core.config import ConfigError, SafeName, StrictModel, problems_from_validation, read_yaml
 from core.units import Bandwidth, ByteSize, Duration, Ratio
+from testbed.runner.backend import BackendChoice
 
 LINK_CLASSES: tuple[str, ...] = ("efa", "frontend", "mgmt")
 POOL_ROLES: tuple[str, ...] = ("prefill", "decode", "colocated")
@@ -134,7 +135,7 @@ class FabricSpec(StrictModel):
 
 # ---------------------------------------------------------------- emulation
 class EmulationSpec(StrictModel):
-    backend: Literal["auto", "local", "mininet", "sim"] = "auto"
+    backend: BackendChoice = "auto"
     tdf: float | Literal["auto"] = "auto"
     byte_scale: float | Literal["auto"] = "auto"
     impairment: Literal["auto", "netem", "fallback"] = "auto"

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from core.config import ConfigError
+from nodes.config import Endpoint
+from testbed.runner.backend import LiveBackend, NodePlan
 from testbed.runner.process import Spawner
 
 FIRST_HOST_OCTET = 10
@@ -24,38 +26,49 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-class LocalBackend:
+class LocalBackend(LiveBackend):
     name = "local"
+    emulates_links = False
     impairment_backend = "none"
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "") -> None:
         self._addr: dict[str, str] = {}
         self._ports: dict[tuple[str, str], int] = {}
 
-    def build(self, hosts: list[str], **_: Any) -> None:
-        """Assign addresses to ``hosts`` (topology hosts plus any extra nodes, e.g. a client)."""
-        if len(hosts) > 250 - FIRST_HOST_OCTET:
-            raise ConfigError("local backend", [("", f"{len(hosts)} nodes do not fit in 127.0.0.0/24")])
-        for i, host in enumerate(hosts):
-            self._addr[host] = f"127.0.0.{FIRST_HOST_OCTET + i}"
+    @classmethod
+    def host_capacity(cls, prefix: str) -> float | None:
+        return None  # loopback has no fabric to measure
 
-    def address(self, host: str, cls: str) -> str:
-        return self._addr[host]
+    def build(self, topo: Any, nodes: Mapping[str, NodePlan], **_: Any) -> None:
+        """Assign addresses to the run's nodes (topology hosts plus any extra, e.g. a client)."""
+        if len(nodes) > 250 - FIRST_HOST_OCTET:
+            raise ConfigError("local backend", [("", f"{len(nodes)} nodes do not fit in 127.0.0.0/24")])
+        for i, name in enumerate(nodes):
+            self._addr[name] = f"127.0.0.{FIRST_HOST_OCTET + i}"
+
+    def address(self, plan: NodePlan, cls: str) -> str:
+        return self._addr[plan.name]
+
+    def http_endpoint(self, plan: NodePlan) -> Endpoint:
+        return Endpoint(host=self._addr[plan.name], port=self._port(plan.name, "http"))
+
+    def kv_endpoint(self, plan: NodePlan) -> Endpoint:
+        return Endpoint(host=self._addr[plan.name], port=self._port(plan.name, "kv"))
+
+    def mgmt_address(self, plan: NodePlan) -> str | None:
+        return None
 
     def broker_host(self) -> str:
         return "127.0.0.1"
 
-    def root_address(self, cls: str) -> str:
-        return "127.0.0.1"
-
-    def port(self, host: str, kind: str) -> int:
+    def _port(self, node: str, kind: str) -> int:
         """A free port per (node, service): ``kind`` is ``http`` or ``kv``."""
-        key = (host, kind)
+        key = (node, kind)
         if key not in self._ports:
-            self._ports[key] = free_port(self._addr[host])
+            self._ports[key] = free_port(self._addr[node])
         return self._ports[key]
 
-    def spawner(self, host: str | None) -> Spawner | None:
+    def spawner(self, plan: NodePlan) -> Spawner | None:
         return None  # plain subprocesses in our own namespace
 
     def link_names(self) -> list[str]:

@@ -10,35 +10,45 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from core.config import ConfigError
+from nodes.config import Endpoint
+from testbed.runner.backend import ROOT, LiveBackend, NodePlan
 from testbed.runner.process import Spawner
 
 LINK_CLASSES = ("efa", "frontend", "mgmt")
+HTTP_PORT = 8000  # every daemon in its own namespace serves HTTP here
 FIDELITY_INTERVAL_S = 0.5
 
 
-class MininetBackend:
+class MininetBackend(LiveBackend):
     name = "mininet"
+    emulates_links = True
 
     def __init__(self, prefix: str):
         self.prefix = prefix
         self.net: Any = None
         self.monitor: Any = None
 
-    def build(self, topo: Any, *, tdf: float, byte_scale: float, impairment: str = "auto",
-              rto_min_s: float | None = None) -> None:
-        """Build and start the net of ``topo`` (model values; the scenario's overrides already applied).
+    @classmethod
+    def host_capacity(cls, prefix: str) -> float | None:
+        """Measured on a throwaway pair of namespaces (fabric.dilation), in bit/s."""
+        from fabric.dilation import measure_host_capacity
 
-        ``rto_min_s``: TCP's minimum RTO on EFA routes in model seconds (None: the fabric's default).
-        """
+        return measure_host_capacity(prefix=prefix)
+
+    def build(self, topo: Any, nodes: Mapping[str, NodePlan], *, tdf: float, byte_scale: float,
+              emulation: Any) -> None:
+        """Build and start the net of ``topo`` (model values; the scenario's overrides already
+        applied), with the scenario's ``emulation.impairment`` and ``emulation.rto_min``."""
         from fabric.net import FabricError, FabricNet
 
         self.topo = topo
+        rto = emulation.rto_min
         try:
-            net = FabricNet(topo, tdf=tdf, byte_scale=byte_scale, prefix=self.prefix, impairment=impairment,
-                            rto_min_s=rto_min_s)
+            net = FabricNet(topo, tdf=tdf, byte_scale=byte_scale, prefix=self.prefix, impairment=emulation.impairment,
+                            rto_min_s=None if rto == "auto" else float(rto))
         except FabricError as exc:  # leftovers of an earlier run: the user must clean first
             raise ConfigError("mininet backend", [("", str(exc))]) from None
         self.net = net
@@ -48,18 +58,37 @@ class MininetBackend:
     def impairment_backend(self) -> str:
         return self.net.impairment_backend if self.net is not None else "none"
 
-    def address(self, host: str, cls: str) -> str:
-        return self.net.address(host, cls)
+    def address(self, plan: NodePlan, cls: str) -> str:
+        return self.net.root_address(cls) if plan.host == ROOT else self.net.address(plan.host, cls)
 
-    def root_address(self, cls: str) -> str:
-        return self.net.root_address(cls)
+    def http_endpoint(self, plan: NodePlan) -> Endpoint:
+        host = self.address(plan, "frontend")
+        if plan.host == ROOT:  # shares the root namespace with the user's own services
+            from testbed.runner.local import free_port
+
+            return Endpoint(host=host, port=free_port(host))
+        return Endpoint(host=host, port=HTTP_PORT)
+
+    def kv_endpoint(self, plan: NodePlan) -> Endpoint:
+        from nodes.kvproto import DEFAULT_KV_PORT
+
+        return Endpoint(host=self.address(plan, "efa"), port=DEFAULT_KV_PORT)
+
+    def mgmt_address(self, plan: NodePlan) -> str | None:
+        if plan.host == ROOT:
+            return None
+        try:
+            return self.net.address(plan.host, "mgmt")
+        except KeyError:  # a host without a mgmt interface
+            return None
 
     def broker_host(self) -> str:
         return self.net.root_address("mgmt")
 
-    def spawner(self, host: str | None) -> Spawner | None:
-        if host is None:
+    def spawner(self, plan: NodePlan) -> Spawner | None:
+        if plan.host == ROOT:
             return None  # the root namespace: a plain subprocess
+        host = plan.host
 
         def spawn(argv: list[str], **kw: Any) -> Any:
             return self.net.popen(host, argv, **kw)

@@ -37,15 +37,13 @@ from nodes.config import (ClientSettings, DecodeSettings, Endpoint, KvSettings, 
 from nodes.timeline import Timeline, read_timeline
 from nodes.clock import ModelClock
 from core.config import ConfigError
+from testbed.runner.backend import ROOT, NodePlan, backend_class, require_live
 from testbed.runner.process import Managed, PidRegistry, Supervisor
 from testbed.runner.rundir import RunDir, utc_stamp
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "pt"
-HTTP_PORT = 8000
-BACKENDS = ("auto", "local", "mininet", "sim")
-ROOT = "root"  # a node that runs in the root namespace (no topology host)
 
 
 class RunError(RuntimeError):
@@ -53,29 +51,6 @@ class RunError(RuntimeError):
 
 
 # ------------------------------------------------------------------ choices
-def mininet_available() -> bool:
-    if os.geteuid() != 0:
-        return False
-    try:
-        import mininet.net  # noqa: F401  (importable with its dependencies, not just present)
-    except ImportError:
-        return False
-    return True
-
-
-def pick_backend(requested: str | None, scenario_backend: str = "auto") -> str:
-    """``--backend`` beats the scenario's ``emulation.backend``; ``auto`` -> mininet as root, else local."""
-    choice = requested or scenario_backend or "auto"
-    if choice not in BACKENDS:
-        raise ConfigError("--backend", [("", f"expected one of {', '.join(BACKENDS)}, got {choice!r}")])
-    if choice == "auto":
-        return "mininet" if mininet_available() else "local"
-    if choice == "mininet" and not mininet_available():
-        raise ConfigError("--backend", [("", "the mininet backend needs root and the mininet python module "
-                                             "(run ./bootstrap.sh, then sudo); or use --backend local")])
-    return choice
-
-
 def check_prefix(prefix: str) -> str:
     """The Mininet/cleanup prefix, validated as the fabric requires (a ConfigError otherwise)."""
     from fabric.shaping import check_prefix as fabric_check
@@ -92,14 +67,6 @@ def clean_registry(prefix: str) -> CleanRegistry | None:
 
 
 # ------------------------------------------------------------------ plan of nodes
-@dataclass
-class NodePlan:
-    name: str
-    role: str
-    host: str  # topology host, or ROOT
-    hardware: str | None = None
-
-
 @dataclass
 class FaultRecord:
     at: float
@@ -163,9 +130,9 @@ def plan_run(sc: Any, backend: str) -> tuple[Any, dict[str, NodePlan], str]:
     client = clients[0].name if clients else next(n for n in ("client", "loadgen") if n not in nodes)
     nodes[client] = NodePlan(client, "client", clients[0].name if clients else ROOT)
     for i, f in enumerate(sc.faults):
-        if f.action in LINK_ACTIONS and backend == "local":
+        if f.action in LINK_ACTIONS and not backend_class(backend).emulates_links:
             problems.append((f"faults[{i}].action", f"{f.action} needs emulated links: use the mininet backend "
-                                                    "(the local backend has none)"))
+                                                    f"(the {backend} backend has none)"))
         if f.action not in LINK_ACTIONS and (f.target not in nodes or nodes[f.target].role == "client"):
             problems.append((f"faults[{i}].target", f"{f.target!r} is not a serving node of this run "
                                                     f"({', '.join(n for n, p in nodes.items() if p.role != 'client')})"))
@@ -186,6 +153,7 @@ class Orchestrator:
         self.sc = scenario
         self.rd = run_dir
         self.backend_name = backend
+        self.backend_cls = require_live(backend, "an orchestrated run")
         self.scenario_path = scenario_path
         self.pcap = list(pcap or [])
         self.prefix = check_prefix(prefix)
@@ -245,21 +213,21 @@ class Orchestrator:
     def choose_emulation(self) -> None:
         """TDF and byte scale: as set in the scenario, else chosen for this host and the (overridden) topology.
 
-        The local backend has no emulated links: an ``auto`` TDF is 1 there (byte scale still applies).
+        A backend without emulated links: an ``auto`` TDF is 1 there (byte scale still applies).
         """
-        from fabric.dilation import choose_emulation, load_host_capacity, measure_host_capacity
+        from fabric.dilation import choose_emulation, load_host_capacity
 
         em = self.sc.emulation
         tdf: Any = em.tdf
         notes = []
-        if self.backend_name == "local" and tdf == "auto":
+        if not self.backend_cls.emulates_links and tdf == "auto":
             tdf = 1.0
-            notes.append("local backend: TDF 1")
+            notes.append(f"{self.backend_name} backend (no emulated links): TDF 1")
         capacity = None
         if em.byte_scale == "auto" or tdf == "auto":
             capacity = load_host_capacity()
-            if capacity is None and self.backend_name == "mininet":
-                capacity = measure_host_capacity(prefix=self.prefix)
+            if capacity is None:
+                capacity = self.backend_cls.host_capacity(self.prefix)
         span = self._workload_span_s()
         choice = choose_emulation(self.topo, tdf, em.byte_scale,
                                   wall_budget_s=float(em.wall_budget) if em.wall_budget is not None else None,
@@ -282,43 +250,11 @@ class Orchestrator:
         self._n_requests = len(items)
 
     def _build_backend(self) -> None:
-        if self.backend_name == "mininet":
-            from testbed.runner.mininet import MininetBackend
-
-            self.backend = MininetBackend(self.prefix)
-            rto = self.sc.emulation.rto_min
-            self.backend.build(self.topo, tdf=self.tdf, byte_scale=self.byte_scale,
-                               impairment=self.sc.emulation.impairment,
-                               rto_min_s=None if rto == "auto" else float(rto))
-        else:
-            from testbed.runner.local import LocalBackend
-
-            self.backend = LocalBackend()
-            self.backend.build(list(self.nodes))
+        self.backend = self.backend_cls(self.prefix)
+        self.backend.build(self.topo, self.nodes, tdf=self.tdf, byte_scale=self.byte_scale, emulation=self.sc.emulation)
 
     def _addr(self, plan: NodePlan, cls: str) -> str:
-        if self.backend_name == "local":
-            return self.backend.address(plan.name, cls)
-        if plan.host == ROOT:
-            return self.backend.root_address(cls)
-        return self.backend.address(plan.host, cls)
-
-    def _http(self, plan: NodePlan) -> Endpoint:
-        host = self._addr(plan, "frontend")
-        if self.backend_name == "local":
-            return Endpoint(host=host, port=self.backend.port(plan.name, "http"))
-        if plan.host == ROOT:  # shares the root namespace with the user's own services
-            from testbed.runner.local import free_port
-
-            return Endpoint(host=host, port=free_port(host))
-        return Endpoint(host=host, port=HTTP_PORT)
-
-    def _kv(self, plan: NodePlan) -> Endpoint:
-        from nodes.kvproto import DEFAULT_KV_PORT
-
-        if self.backend_name == "local":
-            return Endpoint(host=self._addr(plan, "efa"), port=self.backend.port(plan.name, "kv"))
-        return Endpoint(host=self._addr(plan, "efa"), port=DEFAULT_KV_PORT)
+        return self.backend.address(plan, cls)
 
     def _write_configs(self) -> None:
         sc = self.sc
@@ -329,9 +265,9 @@ class Orchestrator:
                                          request_timeout_s=float(sc.router.request_timeout),
                                          max_inflight=sc.router.max_inflight,
                                          client_timeout_s=float(sc.router.client_timeout))
-        http = {p.name: self._http(p) for p in self.nodes.values() if p.role != "client"}
+        http = {p.name: self.backend.http_endpoint(p) for p in self.nodes.values() if p.role != "client"}
         # colocated nodes keep their KV cache where it was made: no KV endpoint (and no EFA link)
-        kv_ep = {p.name: self._kv(p) for p in self.compute_nodes if p.role == "decode"}
+        kv_ep = {p.name: self.backend.kv_endpoint(p) for p in self.compute_nodes if p.role == "decode"}
         peers = [PeerInfo(name=p.name, role=p.role, http=http[p.name], kv=kv_ep.get(p.name), hardware=p.hardware)
                  for p in self.compute_nodes]
         common = dict(run_id=self.rd.run_id, model=sc.model, tdf=self.tdf, byte_scale=self.byte_scale,
@@ -363,7 +299,7 @@ class Orchestrator:
 
     def _spawn(self, plan: NodePlan) -> Managed:
         argv = [sys.executable, "-m", "nodes", "--config", str(self.rd.node_config(plan.name))]
-        spawner = self.backend.spawner(None if plan.host == ROOT else plan.host)
+        spawner = self.backend.spawner(plan)
         env = dict(os.environ)
         repo = str(Path(__file__).resolve().parents[2])  # the daemons import this very source tree
         env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
@@ -463,11 +399,9 @@ class Orchestrator:
             out["efa"] = f"{cfg.kv.host}:{cfg.kv.port}"
         elif cfg is not None and cfg.kv_bind:
             out["efa"] = cfg.kv_bind
-        if self.backend_name == "mininet" and p.host != ROOT:
-            try:
-                out["mgmt"] = self.backend.address(p.host, "mgmt")
-            except KeyError:  # a host without a mgmt interface
-                pass
+        mgmt = self.backend.mgmt_address(p)
+        if mgmt is not None:
+            out["mgmt"] = mgmt
         return out
 
     @property
