@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from fabric.topology import LinkSpec, TopologyConfig, load_topology
+from core.vocab import SCALED_NETWORKS
 
 GOODPUT_MIN_RATIO = 0.90
 RATE_RANGE_BPS = (10e6, 1e9)
@@ -129,7 +130,6 @@ def _in_range(probe: Probe, cap_bps: float) -> bool:
 def _feasible_tdf(topo: TopologyConfig, route: Route, cap_bps: float) -> tuple[float, float, float | None]:
     """(low, high, model bottleneck rate of a byte-scaled route or None): the TDFs that put the
     route's round trip in 1..50 ms and its rate in 10 Mbit/s..cap (byte scale free on EFA)."""
-    from fabric.topo import SCALED_NETWORKS
 
     model = expect(topo, route, 1.0, 1.0)
     lo, hi = 1.0, math.inf

@@ -24,10 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from fabric.topo import SCALED_NETWORKS
 from fabric.topology import LinkSpec, TopologyConfig
+from core.vocab import KV_ROLES, SCALED_NETWORKS
 
-KV_ROLES = ("prefill", "decode")
 """Hosts at the two ends of a KV handoff, the only traffic of the byte-scaled (EFA) network."""
 
 MAX_EMULATED_RATE_BPS = 1e9

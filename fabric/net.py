@@ -24,7 +24,8 @@ from fabric.link import FabricBridge, ShapedLink
 from fabric.shaping import check_prefix
 from fabric.shaping.loss import LossRule, LossRules
 from fabric.topo import FabricTopo
-from fabric.topology import NETWORKS, LinkParams, LinkSpec, TopologyConfig, find_path, load_topology
+from core.vocab import NETWORKS
+from fabric.topology import LinkParams, LinkSpec, TopologyConfig, find_path, load_topology
 
 if TYPE_CHECKING:
     from fabric.shaping.nfqdelay import Delayer

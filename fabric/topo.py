@@ -27,6 +27,7 @@ except ModuleNotFoundError:  # executed by ``mn --custom`` from a checkout: put 
 
 from fabric.link import FabricBridge, ShapedLink
 from fabric.shaping import check_prefix, resolve_backend
+from core.vocab import SCALED_NETWORKS
 
 NET_TAGS = {"frontend": "f", "efa": "e", "mgmt": "m"}
 DEFAULT_SUBNETS = {"frontend": "10.201.0.0/16", "efa": "10.202.0.0/16", "mgmt": "10.203.0.0/16"}
@@ -34,7 +35,6 @@ ROOT = "root"
 MGMT_SWITCH = "mgmt"
 HOST_OFFSET = 11
 """Host i (declaration order) gets the (11 + i)-th address of every network; the root namespace the 1st."""
-SCALED_NETWORKS = ("efa",)
 """Only the EFA network carries byte-scaled payloads (KV caches); frontend and mgmt traffic is sent
 at its real size, so only TDF dilates their rates."""
 

@@ -9,20 +9,17 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from pydantic import ConfigDict, Field, model_validator
 
 from core.config import ConfigError, NodeName, SafeName, StrictModel, load_model
+from core.vocab import COMPUTE_ROLES, NETWORKS, LinkClass, Role
 from core.units import Bandwidth, Duration, Ratio
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOPOLOGY_DIR = REPO_ROOT / "topologies"
 
-LinkClass = Literal["efa", "frontend", "mgmt"]
-NETWORKS: tuple[str, ...] = ("frontend", "efa", "mgmt")
-Role = Literal["router", "prefill", "decode", "colocated", "client"]
-COMPUTE_ROLES = ("prefill", "decode", "colocated")
 RESERVED_NAMES = ("root", "mgmt")
 """Names the fabric uses itself: the root-namespace node and the implicit management switch."""
 MAX_SWITCH_PORTS = 99

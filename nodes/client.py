@@ -2,7 +2,7 @@
 
 Request ``i`` of ``workload.jsonl`` is sent at ``t0_wall + arrival_s x TDF`` whatever happened
 to earlier requests (open loop), as a streaming ``POST /v1/completions`` carrying the prompt
-length in the extension field ``pdtb_prompt_tokens`` and header ``x-request-id: r{i:06d}``.
+length in the extension field ``pdtb_prompt_tokens`` and header ``x-request-id`` (``core.vocab.request_id``: ``r{i:06d}``).
 The client times every streamed token itself (``client_*`` timeline events, model seconds),
 counts tokens from the SSE chunks, checks ``usage``, and exits once every request has ended.
 """
@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 
+from core.vocab import request_id
 from nodes.clock import ModelClock
 from nodes.config import NodeConfig
 from nodes.timeline import Timeline
@@ -34,7 +35,7 @@ class WorkItem:
 
     @property
     def request_id(self) -> str:
-        return f"r{self.index:06d}"
+        return request_id(self.index)
 
 
 def read_workload(path: str | Path) -> list[WorkItem]:

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nodes.profiles.models import ProfileName
 from core.config import NodeName, SafeName
+from core.vocab import COMPUTE_ROLES, DecodePolicy, KvMode, PrefillPolicy, Role
 
-Role = Literal["router", "prefill", "decode", "colocated", "client"]
-COMPUTE_ROLES: tuple[str, ...] = ("prefill", "decode", "colocated")
 
 
 class _Strict(BaseModel):
@@ -52,15 +50,15 @@ class MqttSettings(_Strict):
 
 
 class KvSettings(_Strict):
-    mode: Literal["whole", "layerwise"] = "whole"
+    mode: KvMode = "whole"
     secret_hex: str = Field(min_length=32)  # per-run HMAC key for the handoff handshake
     chunk_bytes: int = Field(default=256 * 1024, gt=0, le=16 * 1024 * 1024)
     timeout_s: float = Field(default=120.0, gt=0)  # model seconds a decode node waits for a KV cache
 
 
 class RouterSettings(_Strict):
-    prefill_policy: Literal["round_robin", "least_loaded"] = "round_robin"
-    decode_policy: Literal["round_robin", "least_loaded", "kv_aware"] = "kv_aware"
+    prefill_policy: PrefillPolicy = "round_robin"
+    decode_policy: DecodePolicy = "kv_aware"
     request_timeout_s: float = Field(default=600.0, gt=0)  # model seconds before a request fails
     max_inflight: int = Field(default=512, gt=0)  # requests the router holds at once; more get 429
     # wall seconds a client connection may sit without a complete request (headers, idle

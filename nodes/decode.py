@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from nodes.config import NodeConfig
-from nodes.engine import GenRequest, KvGate, StreamingNode, admit_fifo, error_response, kv_wire_bytes
+from nodes.engine import GenRequest, KvGate, StreamingNode, admit_fifo, kv_wire_bytes
 from nodes.kvproto import Code, KvBegin, KvReceiver, KvTransferError
 
 log = logging.getLogger(__name__)

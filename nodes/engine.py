@@ -36,8 +36,8 @@ from nodes.profiles import load_hardware, load_model
 from nodes.prometheus import ServingMetrics
 from nodes.timeline import Timeline
 from nodes.tokenizer import token_text
+from core.vocab import REQUEST_ID_RE
 
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9.:-]{1,253}$")
 NDJSON = "application/x-ndjson"
 

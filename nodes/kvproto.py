@@ -17,7 +17,6 @@ import hmac
 import inspect
 import logging
 import os
-import re
 import struct
 import threading
 import time
@@ -27,6 +26,7 @@ from enum import IntEnum
 from typing import Awaitable, Callable
 
 import numpy as np
+from core.vocab import REQUEST_ID_RE
 
 DEFAULT_KV_PORT = 7470
 MAGIC = b"PDKV"
@@ -38,7 +38,6 @@ MAX_CHUNK_BYTES = 16 * 1024 * 1024
 NONCE_LEN = 32
 MAC_LEN = 32
 LAYOUTS = frozenset({"layer-major"})
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _CLIENT_LABEL = b"pdkv-client"
 _SERVER_LABEL = b"pdkv-server"
 

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from nodes.prometheus import ServingMetrics
 from nodes.routing import StatusFn, make_policy, no_status
 from nodes.timeline import Timeline
 from nodes.tokenizer import count_chat_tokens, count_tokens, token_text
+from core.vocab import REQUEST_ID_RE
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions, used for chat t
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a 128k-token prompt is well under this
 MAX_LINE_BYTES = 1024 * 1024  # one NDJSON line from a node
 OVERLOAD_RETRY_AFTER_S = 1  # Retry-After (wall seconds) of a 429 when max_inflight requests are in flight
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 

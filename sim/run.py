@@ -147,7 +147,7 @@ def run_sim(sc: Any, rd: Any, *, scenario_path: str | None = None, log: Any = No
     router_ref.append(router)
 
     def replay():
-        from testbed.workload import request_id
+        from core.vocab import request_id
 
         for item in items:
             if item.arrival_s > env.now:

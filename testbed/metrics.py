@@ -19,11 +19,11 @@ import numpy as np
 import yaml
 
 from fabric.fidelity import judge_step_timing
+from core.vocab import COMPUTE_ROLES, request_id
 from nodes.timeline import read_run_timeline
 from testbed.runner.rundir import write_atomically, write_csv
 
 SCHEMA = "pdtb.summary/1"
-COMPUTE_ROLES = ("prefill", "decode", "colocated")
 # compute timing checks when no fidelity.json exists use the fabric monitor's judgement
 # (fabric.fidelity.judge_step_timing) with its default threshold
 STEP_ERROR_THRESHOLD = 0.05
@@ -535,7 +535,7 @@ def expected_request_ids(run_dir: Path) -> list[str]:
     if not path.exists():
         return []
     with open(path) as f:
-        return [f"r{json.loads(line)['index']:06d}" for line in f if line.strip()]
+        return [request_id(int(json.loads(line)["index"])) for line in f if line.strip()]
 
 
 def _ms(seconds: float | None) -> float | None:

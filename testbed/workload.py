@@ -130,6 +130,3 @@ def read_workload(path: str | Path) -> list[WorkloadItem]:
         return [WorkloadItem(**json.loads(line)) for line in f if line.strip()]
 
 
-def request_id(index: int) -> str:
-    """The id the client gives request ``index`` (docs/architecture.md)."""
-    return f"r{index:06d}"

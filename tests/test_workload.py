@@ -10,7 +10,8 @@ import yaml
 
 from core.config import ConfigError
 from testbed.config.scenario import ArrivalSpec, LognormalLength, UniformLength, load_scenario
-from testbed.workload import (arrival_times, generate_workload, read_workload, request_id, sample_lengths,
+from core.vocab import request_id
+from testbed.workload import (arrival_times, generate_workload, read_workload, sample_lengths,
                               write_workload)
 
 N = 20000

@@ -21,10 +21,10 @@ from pydantic import BaseModel, BeforeValidator, Field, PrivateAttr, ValidationE
 
 from nodes.profiles.models import ProfileName
 from core.config import ConfigError, SafeName, StrictModel, problems_from_validation, read_yaml
+from core.vocab import NETWORKS, DecodePolicy, KvMode, PrefillPolicy
 from core.units import Bandwidth, ByteSize, Duration, Ratio
 from testbed.runner.backend import BackendChoice
 
-LINK_CLASSES: tuple[str, ...] = ("efa", "frontend", "mgmt")
 POOL_ROLES: tuple[str, ...] = ("prefill", "decode", "colocated")
 LINK_ACTIONS: frozenset[str] = frozenset({"set_link", "link_down", "link_up"})
 NODE_ACTIONS: frozenset[str] = frozenset({"crash", "slowdown", "drain", "resume"})
@@ -66,15 +66,15 @@ class Pools(StrictModel):
 
 
 class RouterSpec(StrictModel):
-    prefill_policy: Literal["round_robin", "least_loaded"] = "round_robin"
-    decode_policy: Literal["round_robin", "least_loaded", "kv_aware"] = "kv_aware"
+    prefill_policy: PrefillPolicy = "round_robin"
+    decode_policy: DecodePolicy = "kv_aware"
     request_timeout: Duration = "600s"  # model time before the router fails a request
     max_inflight: int = Field(default=512, gt=0)  # requests in flight at once; beyond, 429 + Retry-After
     client_timeout: Duration = "10s"  # WALL time a client has for a complete request (slowloris bound)
 
 
 class KvTransferSpec(StrictModel):
-    mode: Literal["whole", "layerwise"] = "whole"
+    mode: KvMode = "whole"
     chunk_bytes: ByteSize = "256KiB" # on-wire chunk size of the handoff protocol
     timeout: Duration = "120s" # model time a decode node waits for a KV cache
 
@@ -119,7 +119,7 @@ class FabricSpec(StrictModel):
     def overrides(self) -> dict[str, dict[str, Any]]:
         """link class -> LinkParams field updates, for classes that have any."""
         out = {}
-        for cls in LINK_CLASSES:
+        for cls in NETWORKS:
             spec = getattr(self, cls)
             if spec is not None and spec.updates():
                 out[cls] = spec.updates()
@@ -715,9 +715,9 @@ def topology_problems(sc: ScenarioConfig, topo: Any) -> list[tuple[str, str]]:
     links = {link.name for link in topo.links}
     for i, f in enumerate(sc.faults):
         if f.action in LINK_ACTIONS:
-            if f.target not in links and f.target not in LINK_CLASSES:
+            if f.target not in links and f.target not in NETWORKS:
                 problems.append((f"faults[{i}].target", f"{f.target!r} is not a link of topology {sc.topology!r} "
-                                                        f"nor a link class ({', '.join(LINK_CLASSES)})"))
+                                                        f"nor a link class ({', '.join(NETWORKS)})"))
         elif f.target not in nodes:
             problems.append((f"faults[{i}].target", f"{f.target!r} is not a host of topology {sc.topology!r}"))
     return problems

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from core.config import ConfigError
+from core.vocab import NETWORKS
 from nodes.config import Endpoint
 from testbed.runner.backend import ROOT, LiveBackend, NodePlan
 from testbed.runner.process import Spawner
 
-LINK_CLASSES = ("efa", "frontend", "mgmt")
 HTTP_PORT = 8000  # every daemon in its own namespace serves HTTP here
 FIDELITY_INTERVAL_S = 0.5
 
@@ -100,13 +100,13 @@ class MininetBackend(LiveBackend):
 
     def set_link(self, target: str, **params: Any) -> list[str]:
         """Change one link, or every link of a class (``efa``); model values. Returns the links changed."""
-        if target in LINK_CLASSES:
+        if target in NETWORKS:
             names = [lk.name for lk in self.topo.links if lk.cls == target]
         elif target in self.net.link_names():
             names = [target]
         else:
             raise ConfigError("set_link", [("", f"{target!r} is neither a link ({', '.join(self.net.link_names())}) "
-                                                f"nor a link class ({', '.join(LINK_CLASSES)})")])
+                                                f"nor a link class ({', '.join(NETWORKS)})")])
         for name in names:
             self.net.set_link(name, **params)
         return names

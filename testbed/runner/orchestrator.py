@@ -32,10 +32,11 @@ from typing import Any, Callable
 import yaml
 
 from fabric.cleanup import PidRegistry as CleanRegistry
-from nodes.config import (ClientSettings, DecodeSettings, Endpoint, KvSettings, NodeConfig, PeerInfo,
+from nodes.config import (ClientSettings, DecodeSettings, KvSettings, NodeConfig, PeerInfo,
                           PrefillSettings, RouterSettings)
 from nodes.timeline import Timeline, read_timeline
 from nodes.clock import ModelClock
+from core.vocab import request_id
 from core.config import ConfigError
 from testbed.runner.backend import ROOT, NodePlan, backend_class, require_live
 from testbed.runner.process import Managed, PidRegistry, Supervisor
@@ -576,8 +577,8 @@ class Orchestrator:
             for e in read_timeline(path):
                 if e.get("event") in ("client_done", "client_failed") and e.get("request_id"):
                     seen.add(e["request_id"])
-        missing = [f"r{int(i['index']):06d}" for i in read_timeline(self.rd.workload)
-                   if f"r{int(i['index']):06d}" not in seen]
+        missing = [request_id(int(i["index"])) for i in read_timeline(self.rd.workload)
+                   if request_id(int(i["index"])) not in seen]
         if not missing:
             return 0
         why = reason or self.stop_reason or "not_completed"
