@@ -1,8 +1,8 @@
 """Leave nothing behind: a registry of the PIDs a run started, and ``clean(prefix)``.
 
 Every process the fabric starts (Mininet host and switch shells, daemons started with
-``FabricNet.popen``, delayers, tcpdump) is recorded in ``/run/pdtb/<prefix>/pids.jsonl`` with its
-kernel start time, so a crashed run's processes can be found later and a recycled PID is never
+``FabricNet.popen``, delayers, tcpdump) and every daemon the orchestrator starts is recorded in
+the prefix's ``core.pids.PidRegistry`` (``/run/pdtb/<prefix>/pids.jsonl``) with its kernel start time, so a crashed run's processes can be found later and a recycled PID is never
 killed by mistake. ``clean`` kills exactly those, then deletes network namespaces and interfaces
 whose names start with the prefix, iptables rules in the root namespace whose comment is
 ``pdtb:<prefix>...``, and the temp dirs of the prefix's NFQUEUE delayers whose process is gone.
@@ -10,112 +10,21 @@ It never kills by process name (no ``mn -c``, ``pkill``, ``killall``).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.pids import PidRegistry, kill_recorded
 from fabric.shaping import check_prefix
 from fabric.shaping.nfqdelay import WORKDIR_PREFIX
 
-REGISTRY_ROOT = Path("/run/pdtb")
-
-
-def proc_start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None if gone.
-
-    A PID is signalled only while this still matches what was recorded, so a recycled PID is
-    never hit.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # the command name (field 2) may contain spaces and parentheses: split after the last ')'
-    fields = stat[stat.rfind(")") + 2:].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-class PidRegistry:
-    """Append-only record of the processes one prefix's run started."""
-
-    def __init__(self, prefix: str, root: Path = REGISTRY_ROOT) -> None:
-        self.prefix = check_prefix(prefix)
-        self.dir = root / prefix
-        self.path = self.dir / "pids.jsonl"
-
-    def record(self, pid: int, what: str) -> None:
-        start = proc_start_ticks(pid)
-        if start is None:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps({"pid": pid, "start": start, "what": what}) + "\n")
-
-    def entries(self) -> list[dict]:
-        try:
-            lines = self.path.read_text().splitlines()
-        except OSError:
-            return []
-        out = []
-        for line in lines:
-            try:
-                entry = json.loads(line)
-                out.append({"pid": int(entry["pid"]), "start": int(entry["start"]), "what": str(entry.get("what", ""))})
-            except (ValueError, KeyError, TypeError):
-                continue
-        return out
-
-    def alive(self) -> list[dict]:
-        """Recorded processes that still run (same PID and same start time)."""
-        return [e for e in self.entries() if proc_start_ticks(e["pid"]) == e["start"]]
-
-    def forget_ended(self) -> None:
-        """Drop the entries of processes that have ended (the whole file when none is left), so
-        the registry of a prefix used run after run does not grow without bound."""
-        alive = self.alive()
-        if not alive:
-            self.clear()
-            return
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(e) + "\n" for e in alive))
-        tmp.replace(self.path)
-
-    def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
-        try:
-            self.dir.rmdir()
-        except OSError:
-            pass
-
-
-def kill_recorded(entries: list[dict], grace_s: float = 2.0) -> list[int]:
-    """SIGTERM the still-running recorded processes, SIGKILL those left after ``grace_s``."""
-    live = [e for e in entries if proc_start_ticks(e["pid"]) == e["start"]]
-    for e in live:
-        try:
-            os.kill(e["pid"], signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(proc_start_ticks(e["pid"]) == e["start"] for e in live):
-        time.sleep(0.05)
-    for e in live:
-        if proc_start_ticks(e["pid"]) == e["start"]:
-            try:
-                os.kill(e["pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    return [e["pid"] for e in live]
+def prefix_registry(prefix: str) -> PidRegistry:
+    """The registry of the processes a prefix's runs started (``/run/pdtb/<prefix>/pids.jsonl``)."""
+    return PidRegistry.for_prefix(check_prefix(prefix))
 
 
 def our_name(name: str, prefix: str) -> bool:
@@ -205,7 +114,7 @@ class CleanReport:
 def clean(prefix: str = "pt") -> CleanReport:
     """Remove a run's leftovers: recorded processes, then namespaces, interfaces, root rules and
     the temp dirs of its delayers (after the kills, so a killed delayer's dir goes too)."""
-    registry = PidRegistry(prefix)
+    registry = prefix_registry(prefix)
     report = CleanReport()
     report.killed = kill_recorded(registry.entries())
     for ns in our_netns(prefix):

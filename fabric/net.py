@@ -19,7 +19,8 @@ from mininet.net import Mininet
 from mininet.node import Host, Node
 
 from fabric.capture import Capture, stop_all
-from fabric.cleanup import PidRegistry, kill_recorded, our_links
+from core.pids import kill_recorded
+from fabric.cleanup import our_links, prefix_registry
 from fabric.link import FabricBridge, ShapedLink
 from fabric.shaping import check_prefix
 from fabric.shaping.loss import LossRule, LossRules
@@ -71,7 +72,7 @@ class FabricNet(Mininet):
                  root_access: bool = True) -> None:
         self.prefix = check_prefix(prefix)
         topology = topo if isinstance(topo, TopologyConfig) else load_topology(topo)
-        self.registry = PidRegistry(prefix)
+        self.registry = prefix_registry(prefix)
         leftovers = our_links(prefix)
         alive = self.registry.alive()
         if leftovers or alive:

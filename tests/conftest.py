@@ -72,14 +72,14 @@ def _project_state() -> dict[str, list[str]]:
     rules, delayer work dirs and PID registries of the test prefixes, and child processes."""
     import subprocess
 
-    from fabric.cleanup import PidRegistry, our_links, our_netns, stale_delayer_dirs
+    from fabric.cleanup import our_links, our_netns, prefix_registry, stale_delayer_dirs
 
     state: dict[str, list[str]] = {"namespaces": [], "interfaces": [], "delayer dirs": [], "registered processes": []}
     for prefix in TEST_PREFIXES:
         state["namespaces"] += our_netns(prefix)
         state["interfaces"] += our_links(prefix)
         state["delayer dirs"] += [str(p) for p in stale_delayer_dirs(prefix)]
-        state["registered processes"] += [f"{e['pid']} {e['what']}" for e in PidRegistry(prefix).alive()]
+        state["registered processes"] += [f"{e['pid']} {e['name']}" for e in prefix_registry(prefix).alive()]
     rules = []
     for table in ("raw", "mangle", "filter", "nat"):
         dump = subprocess.run(["iptables-save", "-t", table], capture_output=True, text=True).stdout

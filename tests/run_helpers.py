@@ -1,12 +1,11 @@
 """Loopback runs shared by the runner, API and fault tests: a small scenario and leftover checks."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
-from testbed.runner.process import same_process
+from core.pids import PidRegistry, same_process
 
 def alive(pid: int) -> bool:
     try:
@@ -88,5 +87,5 @@ def processes_of(run_dir: Path) -> list[int]:
 
 def no_leftovers(run_dir: Path) -> None:
     assert wait_for(lambda: not processes_of(run_dir), 10), f"leftover processes: {processes_of(run_dir)}"
-    for e in json.loads((run_dir / "pids.json").read_text())["processes"]:
+    for e in PidRegistry(run_dir / "pids.jsonl").entries():
         assert not same_process(e["pid"], e["start_ticks"]), f"{e['name']} (pid {e['pid']}) still runs"

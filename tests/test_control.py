@@ -169,7 +169,7 @@ async def test_killed_node_last_will_reaches_router(broker, tmp_path):
 
 def test_broker_goes_away_when_its_parent_is_killed(tmp_path):
     """mosquitto gets the daemons' parent-death signal: a SIGKILLed pdtb leaves no broker behind."""
-    from testbed.runner.process import proc_start_ticks, same_process
+    from core.pids import proc_start_ticks, same_process
 
     script = (
         "import sys, time\n"

@@ -72,10 +72,10 @@ def delayer_dirs(prefix: str = PREFIX) -> list[Path]:
 
 
 def leftovers() -> dict:
-    from fabric.cleanup import PidRegistry, our_links, our_netns
+    from fabric.cleanup import our_links, our_netns, prefix_registry
     rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
     return {"links": our_links(PREFIX), "netns": our_netns(PREFIX),
-            "pids": [e["pid"] for e in PidRegistry(PREFIX).alive()],
+            "pids": [e["pid"] for e in prefix_registry(PREFIX).alive()],
             "rules": [line for line in rules.splitlines() if f"pdtb:{PREFIX}" in line],
             "delayer_dirs": [str(p) for p in delayer_dirs()]}
 

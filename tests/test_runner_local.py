@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from run_helpers import DECODE_HW, PREFIX, REPO, alive, no_leftovers, wait_for, write_scenario
-from testbed.runner.process import PidRegistry, Supervisor, kill_recorded, read_registry, same_process
+from core.pids import PidRegistry, kill_recorded, same_process
+from testbed.runner.process import Supervisor
 from testbed.runner.rundir import RunDir, make_run_id
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
@@ -22,29 +23,27 @@ STUBBORN = [sys.executable, "-c",
 
 
 def test_supervisor_own_group_registry_and_stop(tmp_path: Path) -> None:
-    recorded_for_clean: list[tuple[int, str]] = []
-    reg = PidRegistry([tmp_path / "pids.json"], run_dir=tmp_path,
-                      record=lambda pid, what: recorded_for_clean.append((pid, what)))
-    sup = Supervisor(reg)
+    run_reg, clean_reg = PidRegistry(tmp_path / "pids.jsonl"), PidRegistry(tmp_path / "prefix" / "pids.jsonl")
+    sup = Supervisor([run_reg, clean_reg])
     a = sup.spawn("a", SLEEPER, log_path=tmp_path / "logs" / "a.log")
     b = sup.spawn("b", STUBBORN, log_path=tmp_path / "logs" / "b.log")
     assert os.getpgid(a.pid) == a.pid != os.getpgid(0), "each daemon leads its own process group"
-    recorded = {e["name"]: e for e in read_registry(tmp_path / "pids.json")}
-    assert recorded["a"]["pid"] == a.pid and recorded["b"]["start_ticks"] is not None
-    assert recorded_for_clean == [(a.pid, "a"), (b.pid, "b")], "pdtb clean's registry learns every PID"
+    recorded = {e["name"]: e for e in run_reg.entries()}
+    assert recorded["a"]["pid"] == a.pid and recorded["a"]["pgid"] == a.pid and recorded["b"]["start_ticks"]
+    assert [(e["pid"], e["name"]) for e in clean_reg.alive()] == [(a.pid, "a"), (b.pid, "b")], \
+        "pdtb clean's registry learns every PID"
     assert wait_for(lambda: "ready" in (tmp_path / "logs" / "b.log").read_text())
     t = time.monotonic()
     sup.stop_all(grace_s=0.5)
     assert time.monotonic() - t < 5
     assert not alive(a.pid) and not alive(b.pid)
-    assert read_registry(tmp_path / "pids.json") == [], "no process is still listed as running"
-    history = json.loads((tmp_path / "pids.json").read_text())["processes"]
-    assert {e["name"]: e["running"] for e in history} == {"a": False, "b": False}
+    assert run_reg.alive() == [] and clean_reg.alive() == []
+    assert {e["name"]: e["running"] for e in run_reg.entries()} == {"a": False, "b": False}, "the record keeps the history"
     assert sup.unexpected_exits() == [], "processes we stopped are not crashes"
 
 
 def test_unexpected_exit_is_reported_once(tmp_path: Path) -> None:
-    sup = Supervisor(PidRegistry([tmp_path / "pids.json"]))
+    sup = Supervisor([PidRegistry(tmp_path / "pids.jsonl")])
     sup.spawn("quick", [sys.executable, "-c", "raise SystemExit(3)"])
     sup.spawn("slow", SLEEPER)
     assert wait_for(lambda: sup.get("quick").poll() is not None)
@@ -59,9 +58,9 @@ def test_kill_recorded_skips_recycled_pids(tmp_path: Path) -> None:
     victim = subprocess.Popen(SLEEPER, start_new_session=True)
     bystander = subprocess.Popen(SLEEPER, start_new_session=True)
     try:
-        reg = PidRegistry([tmp_path / "pids.json"])
-        reg.add("victim", victim.pid, SLEEPER, pgid=victim.pid)
-        entries = read_registry(tmp_path / "pids.json")
+        reg = PidRegistry(tmp_path / "pids.jsonl")
+        reg.record(victim.pid, "victim", pgid=victim.pid, argv=SLEEPER)
+        entries = reg.entries()
         entries.append({"name": "fake", "pid": bystander.pid, "pgid": None, "start_ticks": 1})
         killed = kill_recorded(entries, grace_s=2)
         assert killed == [victim.pid]

@@ -31,7 +31,8 @@ from typing import Any, Callable
 
 import yaml
 
-from fabric.cleanup import PidRegistry as CleanRegistry
+from core.pids import PidRegistry
+from fabric.cleanup import prefix_registry
 from nodes.config import (ClientSettings, DecodeSettings, KvSettings, NodeConfig, PeerInfo,
                           PrefillSettings, RouterSettings)
 from nodes.timeline import Timeline, read_timeline
@@ -39,7 +40,7 @@ from nodes.clock import ModelClock
 from core.vocab import request_id
 from core.config import ConfigError
 from testbed.runner.backend import ROOT, NodePlan, backend_class, require_live
-from testbed.runner.process import Managed, PidRegistry, Supervisor
+from testbed.runner.process import Managed, Supervisor, record_start, record_stop
 from testbed.runner.rundir import RunDir, utc_stamp
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,9 @@ def check_prefix(prefix: str) -> str:
         raise ConfigError("prefix", [("", str(exc))]) from None
 
 
-def clean_registry(prefix: str) -> CleanRegistry | None:
+def clean_registry(prefix: str) -> PidRegistry | None:
     """Where ``pdtb clean --prefix`` finds a run's PIDs (fabric.cleanup's registry; root only)."""
-    return CleanRegistry(prefix) if os.geteuid() == 0 else None
+    return prefix_registry(prefix) if os.geteuid() == 0 else None
 
 
 # ------------------------------------------------------------------ plan of nodes
@@ -171,9 +172,8 @@ class Orchestrator:
         self.nodes: dict[str, NodePlan] = {}
         self.configs: dict[str, NodeConfig] = {}
         self.clean_registry = clean_registry(prefix)
-        self.registry = PidRegistry([run_dir.pids], run_dir=run_dir.root,
-                                    record=self.clean_registry.record if self.clean_registry else None)
-        self.sup = Supervisor(self.registry)
+        self.registries = [PidRegistry(run_dir.pids), *([self.clean_registry] if self.clean_registry else [])]
+        self.sup = Supervisor(self.registries)
         self.crashes: list[dict[str, Any]] = []
         self.faults: list[FaultRecord] = []
         self.stop_reason: str | None = None
@@ -372,7 +372,7 @@ class Orchestrator:
         users = [n for n in self.nodes if self.nodes[n].role != "client"]
         self.broker = Broker(self.rd.root, self.rd.run_id, self.backend.broker_host(), users)
         self.broker.start()
-        self.registry.add("mosquitto", self.broker.pid, ["mosquitto"], pgid=self.broker.pid)
+        record_start(self.registries, "mosquitto", self.broker.pid, ["mosquitto"], pgid=self.broker.pid)
         n_procs = len(self.nodes)
         self.t0_wall = time.time() + 1.0 + 0.6 * n_procs / max(1, os.cpu_count() or 1)
         self._write_configs()
@@ -544,7 +544,7 @@ class Orchestrator:
                     step()
                 except Exception as exc:  # keep tearing down the rest; report at the end
                     errors.append(f"{what}: {type(exc).__name__}: {exc}")
-            self.registry.prune()
+            self.registries[0].settle()
             if self.clean_registry is not None:  # what `pdtb clean` would still have to look at: what survived
                 self.clean_registry.forget_ended()
             if errors:
@@ -565,7 +565,7 @@ class Orchestrator:
         if self.broker is not None and self.broker.pid:
             pid = self.broker.pid
             self.broker.stop()
-            self.registry.stopped("mosquitto", pid, 0)
+            record_stop(self.registries, pid, 0)
 
     def account_for_requests(self, reason: str | None = None) -> int:
         """Write ``client_failed`` for every workload request without an outcome; returns how many."""

@@ -1,51 +1,31 @@
 """Process supervision by recorded PID: spawn, watch, stop in order, never by name.
 
 Every daemon runs in its own session/process group so a Ctrl-C in the terminal reaches
-only the orchestrator, which then stops the daemons in order. Each spawned PID is written,
-with its kernel start time, to a registry file (``RUN_DIR/pids.json`` and a global one that
-``pdtb clean`` reads): a PID is only ever signalled while its start time still matches,
-so a recycled PID of an unrelated process is never touched. Children also get a parent-death
-signal, so they do not outlive an orchestrator that is killed outright.
+only the orchestrator, which then stops the daemons in order. Each spawned PID is recorded with
+its kernel start time in the run's ``core.pids.PidRegistry`` (``RUN_DIR/pids.jsonl``) and, as
+root, in its prefix's registry that ``pdtb clean`` reads: a PID is only ever signalled while
+its start time still matches, so a recycled PID of an unrelated process is never touched.
+Children also get a parent-death signal, so they do not outlive an orchestrator that is
+killed outright.
 """
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import signal
 import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
-from fabric.cleanup import proc_start_ticks
-from testbed.runner.rundir import write_atomically
+from core.pids import PidRegistry, proc_start_ticks, signal_process
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 Spawner = Callable[..., "subprocess.Popen[bytes]"]
-
-
-def same_process(pid: int, start_ticks: int | None) -> bool:
-    """True if ``pid`` is alive and is the process we recorded (not a recycled PID)."""
-    now = proc_start_ticks(pid)
-    if now is None:
-        return False
-    if _is_zombie(pid):
-        return False
-    return start_ticks is None or now == start_ticks
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2:].split()[0] in ("Z", "X")
 
 
 def die_with_parent() -> None:
@@ -56,96 +36,23 @@ def die_with_parent() -> None:
         pass
 
 
-class PidRegistry:
-    """A JSON file of the processes a run started: ``{"run_dir", "processes": [{name, pid, pgid, start_ticks,
-    argv, running, returncode}]}``. Stopped processes stay listed (``running: false``) as the run's record.
-
-    Rewritten atomically on every change so a reader never sees half a file. ``record``, when
-    given, is also called with ``(pid, what)`` for every new process: the global registry that
-    ``pdtb clean`` reads (``fabric.cleanup.PidRegistry(prefix).record``).
-    """
-
-    def __init__(self, paths: Iterable[Path], run_dir: Path | None = None,
-                 record: Callable[[int, str], None] | None = None):
-        self.paths = [Path(p) for p in paths]
-        self.run_dir = run_dir
-        self._record = record
-        self._entries: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
-
-    def add(self, name: str, pid: int, argv: Sequence[str], pgid: int | None = None) -> None:
-        with self._lock:
-            key = f"{name}:{pid}"
-            self._entries[key] = {"name": name, "pid": pid, "pgid": pgid, "start_ticks": proc_start_ticks(pid),
-                                  "argv": [str(a) for a in argv][:8], "running": True, "returncode": None}
-            self._write()
-        if self._record is not None:
-            try:
-                self._record(pid, name)
-            except OSError as exc:  # e.g. /run not writable without root: the run dir still has it
-                log.warning("cannot record pid %d for pdtb clean: %s", pid, exc)
-
-    def stopped(self, name: str, pid: int, returncode: int | None) -> None:
-        with self._lock:
-            entry = self._entries.get(f"{name}:{pid}")
-            if entry is not None:
-                entry.update(running=False, returncode=returncode)
-                self._write()
-
-    def prune(self) -> None:
-        """Mark entries whose process is gone as stopped (a survivor stays ``running`` for ``pdtb clean``)."""
-        with self._lock:
-            for e in self._entries.values():
-                if e["running"] and not same_process(e["pid"], e["start_ticks"]):
-                    e["running"] = False
-            self._write()
-
-    def entries(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self._entries.values())
-
-    def _write(self) -> None:
-        data = {"run_dir": str(self.run_dir) if self.run_dir else None, "owner_pid": os.getpid(),
-                "processes": list(self._entries.values())}
-        for path in self.paths:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(path, json.dumps(data, indent=1))
+def record_start(registries: Sequence[PidRegistry], name: str, pid: int, argv: Sequence[str],
+                 pgid: int | None = None) -> None:
+    """Record a started process in every registry (one that cannot be written is logged: the
+    run's own registry still has it)."""
+    for registry in registries:
+        try:
+            registry.record(pid, name, pgid=pgid, argv=argv)
+        except OSError as exc:
+            log.warning("cannot record pid %d in %s: %s", pid, registry.path, exc)
 
 
-def read_registry(path: Path) -> list[dict[str, Any]]:
-    """Entries of a registry file; an unreadable file is treated as empty."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return []
-    procs = data.get("processes", []) if isinstance(data, dict) else []
-    return [p for p in procs if isinstance(p, dict) and isinstance(p.get("pid"), int) and p["pid"] > 1
-            and p.get("running", True)]
-
-
-def kill_recorded(entries: Iterable[dict[str, Any]], grace_s: float = 3.0) -> list[int]:
-    """SIGTERM then SIGKILL every still-matching recorded process (and its group). Returns the PIDs signalled."""
-    targets = [e for e in entries if same_process(e["pid"], e.get("start_ticks"))]
-    for e in targets:
-        _signal(e["pid"], e.get("pgid"), signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(same_process(e["pid"], e.get("start_ticks")) for e in targets):
-        time.sleep(0.05)
-    for e in targets:
-        if same_process(e["pid"], e.get("start_ticks")):
-            _signal(e["pid"], e.get("pgid"), signal.SIGKILL)
-    return [e["pid"] for e in targets]
-
-
-def _signal(pid: int, pgid: int | None, sig: int) -> None:
-    """Signal a process group we created (pgid == pid), else the single process."""
-    try:
-        if pgid is not None and pgid == pid and os.getpgid(pid) == pgid:
-            os.killpg(pgid, sig)
-        else:
-            os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+def record_stop(registries: Sequence[PidRegistry], pid: int, returncode: int | None) -> None:
+    for registry in registries:
+        try:
+            registry.stopped(pid, returncode)
+        except OSError as exc:
+            log.warning("cannot record the end of pid %d in %s: %s", pid, registry.path, exc)
 
 
 @dataclass
@@ -176,8 +83,8 @@ class Managed:
 class Supervisor:
     """Starts processes, records their PIDs, reports unexpected exits, stops them in reverse order."""
 
-    def __init__(self, registry: PidRegistry):
-        self.registry = registry
+    def __init__(self, registries: Sequence[PidRegistry]):
+        self.registries = list(registries)
         self.procs: dict[str, Managed] = {}
 
     def spawn(self, name: str, argv: Sequence[str], *, log_path: Path | None = None,
@@ -218,7 +125,7 @@ class Supervisor:
         managed = Managed(name=name, popen=popen, argv=argv, log_path=log_path, pgid=pgid,
                           start_ticks=proc_start_ticks(popen.pid))
         self.procs[name] = managed
-        self.registry.add(name, popen.pid, argv, pgid)
+        record_start(self.registries, name, popen.pid, argv, pgid)
         log.info("started %s pid %d: %s", name, popen.pid, " ".join(argv))
         return managed
 
@@ -241,12 +148,12 @@ class Supervisor:
             return None
         m.expected_exit = True
         if m.poll() is None:
-            _signal(m.pid, m.pgid, signal.SIGTERM)
+            signal_process(m.pid, m.pgid, signal.SIGTERM)
             try:
                 m.popen.wait(grace_s)
             except subprocess.TimeoutExpired:
                 log.warning("%s (pid %d) ignored SIGTERM for %.1f s: SIGKILL", name, m.pid, grace_s)
-                _signal(m.pid, m.pgid, signal.SIGKILL)
+                signal_process(m.pid, m.pgid, signal.SIGKILL)
                 try:
                     m.popen.wait(grace_s)
                 except subprocess.TimeoutExpired:
@@ -259,7 +166,7 @@ class Supervisor:
                     os.killpg(m.pgid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
-        self.registry.stopped(name, m.pid, m.poll())
+        record_stop(self.registries, m.pid, m.poll())
         return m.poll()
 
     def stop_all(self, order: Sequence[str] | None = None, grace_s: float = 5.0) -> None:
@@ -275,7 +182,7 @@ class Supervisor:
         for m in live:
             m.expected_exit = True
             if m.poll() is None:
-                _signal(m.pid, m.pgid, signal.SIGTERM)
+                signal_process(m.pid, m.pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and any(m.poll() is None for m in live):
             time.sleep(0.02)

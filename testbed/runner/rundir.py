@@ -139,7 +139,7 @@ class RunDir:
 
     @property
     def pids(self) -> Path:
-        return self.root / "pids.json"
+        return self.root / "pids.jsonl"
 
     def node_config(self, node: str) -> Path:
         return self.nodes_dir / f"{node}.json"
