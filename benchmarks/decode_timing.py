@@ -37,6 +37,7 @@ from nodes.profiles import load_hardware, load_model  # noqa: E402
 from nodes.timeline import read_timeline  # noqa: E402
 from nodes.auth import internal_headers  # noqa: E402
 from tests.daemon_helpers import free_port  # noqa: E402
+from results_file import write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 SECRET = os.urandom(32).hex()
 
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=2000)
     ap.add_argument("--nice", type=int, default=0, help="niceness of the decode node (negative needs root)")
-    ap.add_argument("--out", type=Path, help="write the results as JSON")
+    ap.add_argument("--out", type=Path, help="raw results JSON (default benchmarks/results/decode_timing.json)")
     ap.add_argument("--plot", type=Path, help="write the CDFs as PNG")
     args = ap.parse_args(argv)
     results = [measure(args.hardware, args.model, ms, args.steps, args.batch, args.prompt, args.nice) for ms in args.step_ms]
@@ -178,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
               f"of the step; interval error median {r['interval_err_pct']['median']:.2f}% "
               f"p99 {r['interval_err_pct']['p99']:.2f}%; whole-run span error {r['span_error_pct']:+.3f}%; node CPU {100 * r['node_cpu_share']:.0f}% of a core, "
               f"load average {r['load_avg_1m']:.1f} on {r['cpus']} CPUs")
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+    write_results("decode_timing", results, args.out)
     if args.plot:
         plot(results, args.plot)
     return 0

@@ -27,6 +27,7 @@ from fabric.check import (GOODPUT_MIN_RATIO, Probe, judge, measure_rtt, measure_
                           measure_udp_loss)
 from fabric.fidelity import read_cpu_times  # noqa: E402
 from fabric.topology import TopologyConfig  # noqa: E402
+from results_file import write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 RATES_BPS = [10e6, 30e6, 100e6, 300e6, 600e6, 1000e6]
 RTTS_S = [1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3]
@@ -140,7 +141,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prefix", default="pt", help="name prefix of the namespaces and interfaces (default pt)")
     ap.add_argument("--impairment", default="auto", choices=("auto", "netem", "fallback"))
-    ap.add_argument("--out", type=Path, help="write the raw results as JSON here")
+    ap.add_argument("--out", type=Path, help="raw results JSON (default benchmarks/results/fabric_fidelity.json)")
     ap.add_argument("--quick", action="store_true", help="a smaller grid (for a smoke test)")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -183,8 +184,7 @@ def main() -> int:
     res["max_aggregate_bps"] = max(ok_totals) if ok_totals else None
     res["duration_s"] = time.monotonic() - started
     print(tables(res))
-    if args.out:
-        args.out.write_text(json.dumps(res, indent=2) + "\n")
+    write_results("fabric_fidelity", res, args.out)
     return 0
 
 

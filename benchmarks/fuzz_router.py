@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from results_file import write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,11 +39,7 @@ def main() -> int:
     print(f"wall {wall:.1f} s; pytest exit {proc.returncode}")
     if proc.returncode != 0:
         print(proc.stdout[-4000:])
-    out = REPO / "benchmarks" / "results"
-    out.mkdir(exist_ok=True)
-    (out / "fuzz_router.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "examples": args.examples,
-                                                      "wall_s": wall, "exit": proc.returncode, "rows": rows},
-                                                     indent=2) + "\n")
+    write_results("fuzz_router", {"examples": args.examples, "wall_s": wall, "exit": proc.returncode, "rows": rows})
     return proc.returncode
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nodes.kvproto import KvBegin, KvReceiver, payload, send_kv, verify_payload  # noqa: E402
+from results_file import write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 SECRET = b"benchmark-secret"
 
@@ -82,6 +83,9 @@ def main() -> int:
     for chunk, secs, rate in rows:
         print(f"{chunk >> 10:>7} KiB {secs:>9.3f} {rate / 1e6:>9.1f} {rate * 8 / 1e9:>8.2f}")
     print(f"payload generation {gen / 1e9:.2f} GB/s, verification {ver / 1e9:.2f} GB/s (one core)")
+    write_results("kv_handoff", {"mib": args.mib, "repeat": args.repeat,
+                                 "rows": [{"chunk_bytes": c, "seconds": s, "bytes_per_s": r} for c, s, r in rows],
+                                 "payload_generation_bytes_per_s": gen, "verification_bytes_per_s": ver})
     return 0
 
 

@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from results_file import write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = (0.9, 1.1)
@@ -69,7 +70,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=2.0, help="fixed arrival rate, requests per model second")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--prefix", default="pt", help="Mininet name prefix of the runs")
-    ap.add_argument("--out", type=Path, help="write the rows as JSON")
+    ap.add_argument("--out", type=Path, help="raw results JSON (default benchmarks/results/prediction_fidelity.json)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="pdtb-predfid-") as tmp:
@@ -79,8 +80,7 @@ def main() -> int:
                                      Path(tmp) / f"run-{prompt}-{i}"))
                 print(f"  prompt {prompt}, repeat {i + 1}: ratios {rows[-1]['ratio']}", file=sys.stderr)
     print(format_table(rows))
-    if args.out:
-        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    write_results("prediction_fidelity", rows, args.out)
     return 0
 
 

@@ -41,6 +41,7 @@ from aiohttp import web
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from results_file import write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 from nodes.config import ClientSettings, Endpoint, NodeConfig, PeerInfo  # noqa: E402
 from nodes.timeline import read_timeline  # noqa: E402
@@ -324,7 +325,7 @@ def main() -> int:
     parser.add_argument("--duration-s", type=float, default=10.0, help="wall seconds of arrivals per point")
     parser.add_argument("--threshold", type=float, default=0.05)
     parser.add_argument("--repeat", type=int, default=3, help="runs per rate; the least disturbed run counts")
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--json", type=Path, help="raw results JSON (default benchmarks/results/router_throughput.json)")
     parser.add_argument("--control", action="store_true",
                         help="also run without the router (the fake node streams SSE to the client itself) "
                              "to measure the floor the client and fake node put on the errors")
@@ -341,10 +342,9 @@ def main() -> int:
         best[key] = max((r["delivered_tokens_per_s"] for r in good), default=0.0)
         print(f"max streamed tokens/s with {key.split('_')[0].upper()} error <= {100 * args.threshold:.0f} %: "
               f"{best[key]:.0f} (ITL {args.itl_ms} ms, {args.output_tokens} tokens per request, {os.cpu_count()} CPUs)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items()
-                                                        if k not in ("fake_nodes", "sends", "json")},
-                                               "results": results, "max_tokens_per_s": best}, indent=2))
+    write_results("router_throughput", {"args": {k: v for k, v in vars(args).items()
+                                                 if k not in ("fake_nodes", "sends", "json")},
+                                        "results": results, "max_tokens_per_s": best}, args.json)
     return 0
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from results_file import write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,9 +76,7 @@ def main() -> int:
     for r in rows:
         print(f"{r['requests']:9d} {r['nodes']:6d} {r['wall_s']:8.1f} {r['model_s']:8.1f} "
               f"{r['model_s_per_wall_s']:15.2f} {r['peak_rss_mib']:9.0f}")
-    out = REPO / "benchmarks" / "results"
-    out.mkdir(exist_ok=True)
-    (out / "sim_scale.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2) + "\n")
+    write_results("sim_scale", {"rows": rows})
     return 0
 
 

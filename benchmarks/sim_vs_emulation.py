@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from results_file import write_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -73,10 +74,7 @@ def main() -> int:
                 fmt = lambda v: "-" if v is None else f"{v:10.3f}"  # noqa: E731
                 print(f"{r['metric']:18s} {fmt(r['sim'])} {fmt(r['emulation'])} "
                       f"{'-' if r['ratio'] is None else format(r['ratio'], '7.3f')}")
-    out = REPO / "benchmarks" / "results"
-    out.mkdir(exist_ok=True)
-    (out / "sim_vs_emulation.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"),
-                                                           "results": results}, indent=2) + "\n")
+    write_results("sim_vs_emulation", results)
     return 0
 
 
