@@ -61,6 +61,7 @@ class RouterSettings(_Strict):
     decode_policy: DecodePolicy = "kv_aware"
     request_timeout_s: float = Field(default=600.0, gt=0)  # model seconds before a request fails
     max_inflight: int = Field(default=512, gt=0)  # requests the router holds at once; more get 429
+    retries: int = Field(default=1, ge=0)  # tries on other nodes after a node is lost mid-request
     # wall seconds a client connection may sit without a complete request (headers, idle
     # keep-alive) or take to send its body: a slowloris cannot hold the router's connections
     client_timeout_s: float = Field(default=10.0, gt=0)

@@ -155,6 +155,7 @@ class GenRequest:
     # the token stream to the router; None where nothing reads it (the simulator)
     out: asyncio.Queue[dict[str, Any]] | None = field(default_factory=asyncio.Queue)
     reserved: bool = False
+    first_index: int = 0  # a retried request resumes its stream here (the router delivered the tokens before)
     generated: int = 0
     prefilled: int = 0  # prompt tokens already prefilled (colocated, chunked)
     compute_s: float = 0.0
@@ -167,10 +168,10 @@ class GenRequest:
 
     def emit_token(self, timeline: Timeline, t_model: float) -> None:
         """Produce the next output token; the final one also closes the stream."""
-        index = self.generated
+        index = self.first_index + self.generated
         self.generated += 1
         self.token_times.append(t_model)
-        if index == 0:
+        if self.generated == 1:
             timeline.event("first_token", self.request_id)
         if self.out is not None:
             self.out.put_nowait({"type": "token", "index": index, "text": token_text(self.request_id, index)})
@@ -179,7 +180,7 @@ class GenRequest:
             timeline.event("decode_done", self.request_id, output_tokens=self.generated,
                            token_times=self.token_times)
             if self.out is not None:
-                self.out.put_nowait({"type": "done", "output_tokens": self.generated})
+                self.out.put_nowait({"type": "done", "output_tokens": self.first_index + self.generated})
 
     def fail(self, timeline: Timeline, reason: str) -> None:
         if not self.finished:
@@ -364,6 +365,7 @@ class StreamingNode(ComputeNode):
         try:
             body = await read_body(request, self.config.model)
             max_tokens = require_field(body, "max_tokens", int, minimum=1)
+            first_index = require_field(body, "first_index", int, minimum=0) if "first_index" in body else 0
         except BadRequest as e:
             return error_response(400, str(e))
         if not self.accepting():
@@ -376,7 +378,7 @@ class StreamingNode(ComputeNode):
             return error_response(503, f"node {self.config.name} has {queued} requests waiting, its limit "
                                   "(decode.max_queue); retry later")
         gen = GenRequest(rid, body["prompt_tokens"], max_tokens,
-                         kv_bytes=self.cost.kv_bytes(body["prompt_tokens"] + max_tokens))
+                         kv_bytes=self.cost.kv_bytes(body["prompt_tokens"] + max_tokens), first_index=first_index)
         if gen.kv_bytes > self.kv.capacity:
             return error_response(507, f"KV of {gen.kv_bytes} bytes exceeds node capacity {self.kv.capacity}")
         refusal = self._register(gen)

@@ -39,6 +39,7 @@ DEFAULT_CONTEXT_TOKENS = 131072  # prompt + max_tokens bound when the served mod
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions, used for chat too
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a 128k-token prompt is well under this
 MAX_LINE_BYTES = 1024 * 1024  # one NDJSON line from a node
+KV_LOST_PREFIXES = ("KV transfer failed", "no KV cache within")  # a decode node's reasons for a lost handoff
 OVERLOAD_RETRY_AFTER_S = 1  # Retry-After (wall seconds) of a 429 when max_inflight requests are in flight
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -61,11 +62,14 @@ class ApiError(Exception):
 
 
 class RequestFailed(Exception):
-    """An accepted request that could not be completed; ``reason`` goes to the timeline."""
+    """An accepted request that could not be completed; ``reason`` goes to the timeline.
 
-    def __init__(self, reason: str, status: int = 502, code: str = "upstream_error"):
+    ``lost``: the node whose loss (crash, unreachable, stream cut) failed this attempt; the
+    router may retry the request without it (``router.retries``)."""
+
+    def __init__(self, reason: str, status: int = 502, code: str = "upstream_error", *, lost: str | None = None):
         super().__init__(reason)
-        self.reason, self.status, self.code = reason, status, code
+        self.reason, self.status, self.code, self.lost = reason, status, code, lost
 
     def api_error(self) -> ApiError:
         kind = "server_error" if self.status >= 500 else "invalid_request_error"
@@ -496,33 +500,62 @@ class Router:
         """Batches of output token texts as the decode (or colocated) node streams them.
 
         The first batch is empty: it says the decode node accepted the request (routing and
-        connection failures before it are plain HTTP errors to the client)."""
+        connection failures before it are plain HTTP errors to the client). When a node is lost
+        mid-request (crashed, unreachable, its stream cut), the request is retried up to
+        ``router.retries`` times on the other nodes: the tokens already delivered join the
+        prompt (their KV is gone with the node, so the prefill runs again) and the new decode
+        node continues the stream at the next token index."""
+        delivered = 0
+        avoid: set[str] = set()
+        lost: RequestFailed | None = None
+        for attempt in range(self.config.router.retries + 1):
+            try:
+                async for batch in self._attempt(rid, req, delivered, avoid):
+                    delivered += len(batch)
+                    yield batch
+                return
+            except RequestFailed as e:
+                if lost is not None and e.code == "no_available_node":
+                    raise lost from None  # no other node to try: the loss is the answer
+                if e.lost is None or attempt == self.config.router.retries:
+                    raise
+                lost = e
+                avoid.add(e.lost)
+                self.timeline.event("retried", rid, attempt=attempt + 1, lost=e.lost, reason=e.reason,
+                                    delivered=delivered)
+
+    async def _attempt(self, rid: str, req: Parsed, delivered: int, avoid: set[str]) -> AsyncIterator[list[str]]:
+        """One try at the request on nodes not in ``avoid``, from output token ``delivered`` on."""
         assert self.session is not None
-        work = req.prompt_tokens + req.max_tokens
-        decode = self.decode_policy.choose(self.decode_nodes, self.status, tokens=work)
+        prompt, left = req.prompt_tokens + delivered, req.max_tokens - delivered
+        decode = self.decode_policy.choose([n for n in self.decode_nodes if n.name not in avoid], self.status,
+                                           tokens=prompt + left)
         if decode is None:
             raise RequestFailed("no available decode node", 503, "no_available_node")
         prefill = None
         if not self.colocated:
-            prefill = self.prefill_policy.choose(self.prefill_nodes, self.status, tokens=req.prompt_tokens)
+            prefill = self.prefill_policy.choose([n for n in self.prefill_nodes if n.name not in avoid], self.status,
+                                                 tokens=prompt)
             if prefill is None:
                 raise RequestFailed("no available prefill node", 503, "no_available_node")
         self.timeline.event("routed", rid, prefill=prefill.name if prefill else None, decode=decode.name)
-        body = {"request_id": rid, "model": self.config.model, "prompt_tokens": req.prompt_tokens,
-                "max_tokens": req.max_tokens, "colocated": self.colocated}
+        body = {"request_id": rid, "model": self.config.model, "prompt_tokens": prompt,
+                "max_tokens": left, "colocated": self.colocated, "first_index": delivered}
         try:
             resp = await self.session.post(f"{decode.http.url}/internal/generate", json=body)
         except aiohttp.ClientError as e:
-            raise RequestFailed(f"decode node {decode.name} unreachable: {e}", 502, "upstream_unreachable") from None
+            raise RequestFailed(f"decode node {decode.name} unreachable: {e}", 502, "upstream_unreachable",
+                                lost=decode.name) from None
         finished = False
         prefill_task: asyncio.Task[None] | None = None
         try:
             if resp.status != 200:
                 raise RequestFailed.from_node(decode.name, resp.status, (await resp.text())[:200], "upstream_error")
             if prefill is not None:
-                prefill_task = asyncio.create_task(self._prefill(prefill, decode, rid, req.prompt_tokens))
+                prefill_task = asyncio.create_task(self._prefill(prefill, decode, rid, prompt))
             yield []
-            async for batch in self._relay(resp, decode.name, rid, req.max_tokens, prefill_task):
+            async for batch in self._relay(resp, decode.name, rid, delivered, req.max_tokens, prefill_task,
+                                           prefill.name if prefill else None):
                 yield batch
             finished = True
         finally:
@@ -545,7 +578,8 @@ class Router:
                 text = await resp.text()
                 status = resp.status
         except aiohttp.ClientError as e:
-            raise RequestFailed(f"prefill node {prefill.name} unreachable: {e}", 502, "upstream_unreachable") from None
+            raise RequestFailed(f"prefill node {prefill.name} unreachable: {e}", 502, "upstream_unreachable",
+                                lost=prefill.name) from None
         try:
             answer = json.loads(text)
         except ValueError:
@@ -557,11 +591,12 @@ class Router:
             raise RequestFailed(f"prefill on {prefill.name} failed: {reason or f'HTTP {status} {text[:200]}'}",
                                 502, "prefill_failed")
 
-    async def _relay(self, resp: aiohttp.ClientResponse, node: str, rid: str, max_tokens: int,
-                     prefill_task: asyncio.Task[None] | None) -> AsyncIterator[list[str]]:
-        """Parse the NDJSON stream; while the prefill is pending, its failure ends the request."""
+    async def _relay(self, resp: aiohttp.ClientResponse, node: str, rid: str, first: int, max_tokens: int,
+                     prefill_task: asyncio.Task[None] | None, prefill: str | None) -> AsyncIterator[list[str]]:
+        """Parse the NDJSON stream of tokens ``first``..``max_tokens - 1``; while the prefill is
+        pending, its failure ends the attempt. A KV transfer that broke points at the prefill node."""
         buffer = b""
-        count = 0
+        count = first
         read: asyncio.Future[bytes] | None = None
         try:
             while True:
@@ -581,9 +616,10 @@ class Router:
                             continue
                         data, read = read.result(), None
                 except aiohttp.ClientError as e:
-                    raise RequestFailed(f"decode stream from {node} broke: {e}") from None
+                    raise RequestFailed(f"decode stream from {node} broke: {e}", lost=node) from None
                 if not data:
-                    raise RequestFailed(f"decode stream from {node} ended after {count} of {max_tokens} tokens")
+                    raise RequestFailed(f"decode stream from {node} ended after {count} of {max_tokens} tokens",
+                                        lost=node)
                 buffer += data
                 *lines, buffer = buffer.split(b"\n")
                 batch: list[str] = []
@@ -615,8 +651,10 @@ class Router:
                                 await prefill_task  # a finished decode implies the KV arrived; raise if not ok
                             return
                         elif kind == "error":
-                            raise RequestFailed(f"decode node {node}: {msg.get('reason', 'error')}",
-                                                502, "decode_failed")
+                            reason = str(msg.get("reason", "error"))
+                            # the KV never came or broke off: the prefill node is the suspect
+                            lost = prefill if reason.startswith(KV_LOST_PREFIXES) else None
+                            raise RequestFailed(f"decode node {node}: {reason}", 502, "decode_failed", lost=lost)
                         else:
                             raise RequestFailed(f"decode node {node} sent an unknown message: {line[:100]!r}")
                 except RequestFailed as e:

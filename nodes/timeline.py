@@ -16,7 +16,7 @@ from nodes.clock import ModelClock
 
 EVENTS = frozenset({
     # router
-    "arrival", "routed", "done", "failed",
+    "arrival", "routed", "retried", "done", "failed",
     # prefill (and colocated)
     "prefill_queued", "prefill_start", "prefill_end", "kv_start", "kv_end",
     "kv_hold_wait", "kv_wait_start",

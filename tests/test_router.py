@@ -33,7 +33,7 @@ class FakeDecode:
     def __init__(self, name: str, *, itl_s: float = 0.0):
         self.name = name
         self.itl_s = itl_s
-        self.mode = "ok"  # ok | http500 | http503 | error_after | short | silent
+        self.mode = "ok"  # ok | http500 | http503 | error_after | die_after | short | silent
         self.error_after = 2
         self.requests: dict[str, dict[str, Any]] = {}
         self.kv: dict[str, asyncio.Event] = {}
@@ -66,10 +66,15 @@ class FakeDecode:
                 except TimeoutError:
                     pass
             n = body["max_tokens"] - (1 if self.mode == "short" else 0)
+            first = body.get("first_index", 0)
             t_next = time.monotonic()
-            for i in range(n):
+            for i in range(first, first + n):
                 if self.mode == "error_after" and i == self.error_after:
                     await resp.write(b'{"type": "error", "reason": "decode exploded"}\n')
+                    return resp
+                if self.mode == "die_after" and i == self.error_after:
+                    request.transport.abort()  # the node crashes mid-stream: the connection is cut
+                    self.dropped.add(rid)
                     return resp
                 await resp.write(json.dumps({"type": "token", "index": i, "text": token_text(rid, i)}).encode() + b"\n")
                 if self.itl_s:
@@ -77,7 +82,7 @@ class FakeDecode:
                     await asyncio.sleep(max(0.0, t_next - time.monotonic()))
             if self.mode == "silent":
                 await asyncio.sleep(30)
-            await resp.write(json.dumps({"type": "done", "output_tokens": n}).encode() + b"\n")
+            await resp.write(json.dumps({"type": "done", "output_tokens": first + n}).encode() + b"\n")
             await resp.write_eof()
             self.completed.add(rid)
         except (ConnectionError, aiohttp.ClientConnectionResetError):
@@ -630,3 +635,32 @@ async def test_beyond_max_inflight_the_router_answers_429_with_retry_after(clust
     status, _, _ = await post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1})
     assert status == 200  # served again once the others finished
     assert any("router.max_inflight" in e["reason"] for e in cluster.events("failed"))
+
+
+async def test_a_decode_node_lost_mid_stream_is_retried_on_another(cluster):
+    """d0 dies after 3 of 8 tokens: the router retries on d1 with the 3 delivered tokens in the
+    prompt (re-prefilled) and d1 continues at index 3; the client sees one seamless stream."""
+    url = await cluster.start(decode=2, decode_policy="round_robin")
+    cluster.decodes[0].mode, cluster.decodes[0].error_after = "die_after", 3
+    status, chunks = await sse(url, "/v1/completions", {"model": MODEL, "prompt": "hello world", "max_tokens": 8,
+                                                        "stream": True}, headers={"x-request-id": "rr1"})
+    assert status == 200 and chunks[-1] == "[DONE]"
+    texts = [json.loads(c)["choices"][0]["text"] for c in chunks[:-1] if json.loads(c)["choices"]]
+    assert texts == [token_text("rr1", i) for i in range(8)]
+    prompts = [r["prompt_tokens"] for r in cluster.prefills[0].requests]
+    assert prompts[1] == prompts[0] + 3  # the delivered tokens are prefilled again on the retry
+    assert cluster.decodes[1].requests["rr1"]["first_index"] == 3
+    assert cluster.decodes[1].requests["rr1"]["max_tokens"] == 5
+    [retry] = cluster.events("retried")
+    assert retry["lost"] == "d0" and retry["delivered"] == 3 and retry["attempt"] == 1
+    assert [e["decode"] for e in cluster.events("routed")] == ["d0", "d1"]
+    [done] = cluster.events("done")
+    assert done["output_tokens"] == 8 and not cluster.events("failed")
+
+
+async def test_without_retries_or_another_node_the_loss_is_the_answer(cluster):
+    url = await cluster.start(decode=2, decode_policy="round_robin", retries=0)
+    cluster.decodes[0].mode, cluster.decodes[0].error_after = "die_after", 2
+    status, body, _ = await post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 5})
+    assert status == 502 and "d0" in body["error"]["message"]
+    assert not cluster.events("retried") and len(cluster.events("failed")) == 1

@@ -70,6 +70,7 @@ class RouterSpec(StrictModel):
     decode_policy: DecodePolicy = "kv_aware"
     request_timeout: Duration = "600s"  # model time before the router fails a request
     max_inflight: int = Field(default=512, gt=0)  # requests in flight at once; beyond, 429 + Retry-After
+    retries: int = Field(default=1, ge=0)  # a request whose node is lost mid-way is retried on other nodes
     client_timeout: Duration = "10s"  # WALL time a client has for a complete request (slowloris bound)
 
 

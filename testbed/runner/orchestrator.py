@@ -264,7 +264,7 @@ class Orchestrator:
         router_settings = RouterSettings(prefill_policy=sc.router.prefill_policy,
                                          decode_policy=sc.router.decode_policy,
                                          request_timeout_s=float(sc.router.request_timeout),
-                                         max_inflight=sc.router.max_inflight,
+                                         max_inflight=sc.router.max_inflight, retries=sc.router.retries,
                                          client_timeout_s=float(sc.router.client_timeout))
         http = {p.name: self.backend.http_endpoint(p) for p in self.nodes.values() if p.role != "client"}
         # colocated nodes keep their KV cache where it was made: no KV endpoint (and no EFA link)
