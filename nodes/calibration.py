@@ -191,16 +191,17 @@ def predict_point(point: ReferencePoint, hardware: HardwareProfile | None = None
 
 @dataclass(frozen=True)
 class FitGroup:
-    """Profiles that share free constants (a base profile and its speculative deployment)."""
+    """Profiles that share free constants (a base profile and its speculative deployment).
+    ``ties``: constants that are not free but equal to a fitted one (key -> the fitted key)."""
 
     name: str
     profiles: tuple[str, ...]
-    constants: tuple[str, ...] = field(default=())
+    ties: tuple[tuple[str, str], ...] = field(default=())
 
 
 FIT_GROUPS: tuple[FitGroup, ...] = (
-    FitGroup("trn2", ("trn2", "trn2-spec")),
-    FitGroup("cs3", ("cs3", "cs3-spec")),
+    FitGroup("trn2", ("trn2", "trn2-spec"), ties=(("efficiency.attention", "efficiency.compute"),)),
+    FitGroup("cs3", ("cs3", "cs3-spec"), ties=(("prefill.step", "decode.step"),)),
 )
 
 
@@ -215,10 +216,15 @@ def group_constants(group: FitGroup) -> list[str]:
 
 
 def _profiles_with(group: FitGroup, values: dict[str, float]) -> dict[str, HardwareProfile]:
+    """The group's profiles with ``values`` (and the constants tied to them) in place."""
+    values = dict(values)
+    for tied, to in group.ties:
+        if to in values:
+            values[tied] = values[to]
     out = {}
     for name in group.profiles:
         hw = load_hardware(name)
-        own = {k: v for k, v in values.items() if k in hw.fitted}
+        own = {k: v for k, v in values.items() if k in hw.fitted or any(k == t for t, _ in group.ties)}
         out[name] = with_constants(hw, own) if own else hw
     return out
 
@@ -292,12 +298,29 @@ def nelder_mead(f: Callable[[Sequence[float]], float], x0: Sequence[float], *, s
     return simplex[min(range(n + 1), key=values.__getitem__)]
 
 
-def leave_one_out(group: FitGroup) -> dict[str, float]:
-    """Point id -> error of the prediction of a fit made without that point (fitted points only)."""
+def _configuration(p: ReferencePoint) -> tuple:
+    return (p.hardware, p.model, p.metric, p.phase, p.tokens, p.context, p.batch, p.chips, p.dtype)
+
+
+def leave_one_out(group: FitGroup) -> dict[str, float | None]:
+    """Point id -> error of the prediction of a fit made without that point (fitted points only).
+
+    None where the fit without the point is underdetermined: a constant loses every point it
+    was fitted to, or fewer distinct configurations than free constants remain."""
     fitted = [p for p in published_points() if p.hardware in group.profiles and p.role == "fitted"]
+    keys = group_constants(group)
+    lists: dict[str, set[str]] = {}
+    for name in group.profiles:
+        for key, ids in load_hardware(name).fitted.items():
+            lists.setdefault(key, set()).update(ids)
     full = fit(group, fitted)
-    out = {}
+    out: dict[str, float | None] = {}
     for held in fitted:
+        rest = [p for p in fitted if p is not held]
+        if (any(not (ids - {held.id}) for ids in lists.values())
+                or len({_configuration(p) for p in rest}) < len(keys)):
+            out[held.id] = None
+            continue
         values = fit(group, [p for p in fitted if p is not held], start=full)
         profiles = _profiles_with(group, values)
         predicted, _ = predict_point(held, profiles[held.hardware])
@@ -310,7 +333,7 @@ def leave_one_out(group: FitGroup) -> dict[str, float]:
 def check(points: list[ReferencePoint] | None = None, *, loo: bool = False) -> list[CheckedPoint]:
     """Every point predicted with the shipped profiles; with ``loo``, fitted points of the
     fitted groups also get their leave-one-out error."""
-    errors: dict[str, float] = {}
+    errors: dict[str, float | None] = {}
     if loo:
         for group in FIT_GROUPS:
             errors.update(leave_one_out(group))

@@ -9,7 +9,7 @@ from typing import Any
 from core.config import ConfigError, read_yaml
 from core.units import format_byte_rate, format_bytes, format_flops
 
-from nodes.calibration import calibration_csv, check
+from nodes.calibration import FIT_GROUPS, PUBLISHED_CSV, calibration_csv, check, group_constants
 from nodes.costmodel import CostModel
 from nodes.profiles import hardware_names, load_hardware, load_model, model_names
 
@@ -46,8 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pred.add_argument("--json", action="store_true")
     pred.set_defaults(func=run_predict, _parser=pred)
 
-    val = psub.add_parser("validate", help="check the cost model against every reference point")
+    val = psub.add_parser("validate", help="check the cost model against every reference point (fitted and validation)")
     val.add_argument("--json", action="store_true")
+    val.add_argument("--no-loo", action="store_true", help="skip the leave-one-out refits (faster)")
     val.set_defaults(func=run_validate)
 
 
@@ -228,31 +229,60 @@ def _unit(metric: str) -> str:
     return "tok/s" if metric.startswith("tok_per_s") else "ms"
 
 
+def _fit_summary() -> list[dict[str, Any]]:
+    """Per fit group: its free constants and how many fitted and validation points it has."""
+    from nodes.calibration import published_points
+    points = published_points()
+    out = []
+    for g in FIT_GROUPS:
+        mine = [p for p in points if p.hardware in g.profiles]
+        out.append({"group": g.name, "profiles": list(g.profiles), "constants": group_constants(g),
+                    "fitted_points": sum(p.role == "fitted" for p in mine),
+                    "validation_points": sum(p.role == "validation" for p in mine)})
+    return out
+
+
 def run_validate(args: argparse.Namespace) -> int:
-    results = check()
+    """Fitted and validation points apart, leave-one-out errors for the fitted ones; exit 1
+    when any point (a validation point above all) is outside its tolerance."""
+    results = check(loo=not args.no_loo)
     failed = [r for r in results if not r.ok]
+    groups = _fit_summary()
     if args.json:
         print(json.dumps({"ok": not failed, "calibration_csv": str(calibration_csv()),
+                          "published_points_csv": str(PUBLISHED_CSV), "fit_groups": groups,
                           "points": [r.to_dict() for r in results]}, indent=2))
         return 1 if failed else 0
     sources: list[str] = []
-    rows = []
-    for r in results:
-        p = r.point
-        if p.source not in sources:
-            sources.append(p.source)
-        unit = _unit(p.metric)
-        rows.append([p.hardware, p.model, p.role, p.metric, p.label, f"{p.value:,.4g} {unit}", f"{r.predicted:,.4g} {unit}",
-                     f"{100 * r.error:+.1f}%", f"±{100 * p.tolerance:.0f}%", "ok" if r.ok else "FAIL", r.bound,
-                     f"[{sources.index(p.source) + 1}]"])
-    print(_table(["hardware", "model", "role", "metric", "step", "reference", "predicted", "error", "tol", "", "bound", "src"],
-                 rows, right={5, 6, 7, 8}))
+    for role in ("fitted", "validation"):
+        rows = []
+        for r in results:
+            p = r.point
+            if p.role != role:
+                continue
+            if p.source not in sources:
+                sources.append(p.source)
+            unit = _unit(p.metric)
+            loo = "" if role == "validation" else ("n/a" if r.loo_error is None else f"{100 * r.loo_error:+.1f}%")
+            rows.append([p.hardware, p.model, p.id or p.label, p.metric, p.label + (" spec" if p.speculative else ""),
+                         f"{p.value:,.4g} {unit}", f"{r.predicted:,.4g} {unit}", f"{100 * r.error:+.1f}%", loo,
+                         f"±{100 * p.tolerance:.0f}%", "ok" if r.ok else "FAIL", r.bound,
+                         f"[{sources.index(p.source) + 1}]"])
+        title = ("FITTED points (the profiles' free constants were fitted to these; loo: the error of a fit made "
+                 "without the point, n/a where that fit is underdetermined)" if role == "fitted"
+                 else "VALIDATION points (kept out of every fit)")
+        print(title)
+        print(_table(["hardware", "model", "point", "metric", "step", "reference", "predicted", "error", "loo", "tol", "",
+                      "bound", "src"], rows, right={5, 6, 7, 8, 9}))
+        print()
+    for g in groups:
+        print(f"{g['group']}: {len(g['constants'])} free constants ({', '.join(g['constants'])}) fitted to "
+              f"{g['fitted_points']} points; {g['validation_points']} validation points")
     print()
-    for i, s in enumerate(sources, 1):
-        print(f"[{i}] {s}")
-    print(f"H200 rows from {calibration_csv()}")
+    for i, src in enumerate(sources, 1):
+        print(f"[{i}] {src}")
+    print(f"published points from {PUBLISHED_CSV}; H200 rows from {calibration_csv()}")
     worst = max(results, key=lambda r: abs(r.error))
     print(f"{len(results) - len(failed)} of {len(results)} points within tolerance; "
           f"largest error {100 * worst.error:+.1f}% ({worst.point.hardware} {worst.point.model} {worst.point.label})")
     return 1 if failed else 0
-
