@@ -337,7 +337,7 @@ class CostModel:
             comm = (s - 1) * (ms.hop_latency + b * m.hidden_size * ACTIVATION_BYTES * 8.0 / ms.hop_bandwidth)
         device = pipeline + comm + layers * over.layer
         time = device + over.step + (over.request if starts else 0.0)
-        compute_s = stages * (layer_lin + layer_att)
+        compute_s = stages * (layer_lin + layer_att + layer_hops)  # the fabric traversal is part of a layer's compute
         memory_s = stages * layer_kv
         compute_bound = stages * (layer_lin + (layer_att if layer_att >= layer_kv else 0.0) + layer_hops)
         memory_bound = pipeline - compute_bound
