@@ -176,17 +176,24 @@ def run_predict(args: argparse.Namespace) -> int:
     else:
         if args.context is None:
             args._parser.error("--decode-batch needs --context")
-        if args.draft_model is not None:
-            if not 0.0 <= args.acceptance_rate <= 1.0:
-                args._parser.error("--acceptance-rate must be within [0, 1]")
-            draft = CostModel(hw, load_model(args.draft_model), include_head=not args.blocks_only)
-            spec = cm.speculative_decode_step([args.context] * args.decode_batch, draft,
-                                              args.speculative_k, args.acceptance_rate)
+        if args.draft_model is not None or cm.speculative is not None:
+            if args.draft_model is not None:
+                if not 0.0 <= args.acceptance_rate <= 1.0:
+                    args._parser.error("--acceptance-rate must be within [0, 1]")
+                plain_hw = hw.model_copy(update={"decode": hw.decode.model_copy(update={"speculative": None})})
+                draft = CostModel(plain_hw, load_model(args.draft_model), include_head=not args.blocks_only)
+                k, a = args.speculative_k, args.acceptance_rate
+            else:  # the profile's decode.speculative
+                assert cm.draft is not None and cm.speculative is not None
+                draft, k, a = cm.draft, cm.speculative.tokens_per_step, cm.speculative.acceptance_rate
+            spec = cm.speculative_decode_step([args.context] * args.decode_batch, draft, k, a)
             cost = spec.verify
             step = {"phase": "speculative_decode", "batch": args.decode_batch, "context": args.context,
-                    "draft_model": draft.model.name, "speculative_k": args.speculative_k,
-                    "acceptance_rate": args.acceptance_rate, "tokens_per_step": spec.tokens_per_step,
-                    "draft_ms": spec.draft_s * 1e3, "round_ms": spec.time_s * 1e3,
+                    "draft_model": draft.model.name, "speculative_k": k, "acceptance_rate": a,
+                    "from_profile": args.draft_model is None, "tokens_per_step": spec.tokens_per_step,
+                    "draft_ms": spec.draft_s * 1e3, "verify_ms": spec.verify.time_s * 1e3,
+                    "round_overhead_ms": spec.overhead_s * 1e3, "round_ms": spec.time_s * 1e3,
+                    "time_per_token_ms": spec.time_per_token_s * 1e3,
                     "tokens_per_s_per_user": 1.0 / spec.time_per_token_s}
         else:
             cost = cm.decode_step([args.context] * args.decode_batch)
@@ -206,10 +213,10 @@ def run_predict(args: argparse.Namespace) -> int:
             if step["phase"] == "prefill" else f"decode step, batch {args.decode_batch}, context {args.context}")
     print(f"{m.name} on {hw.name}: {what}")
     if step["phase"] == "speculative_decode":
-        print(f"  speculative: draft {step['draft_model']} k={args.speculative_k} acceptance {args.acceptance_rate:g}: "
-              f"{step['tokens_per_step']:.2f} tokens per round of {step['round_ms']:.3f} ms "
-              f"(draft {step['draft_ms']:.3f} ms); {step['tokens_per_s_per_user']:,.1f} tokens/s per user; "
-              f"verification step below")
+        print(f"  speculative: draft {step['draft_model']} k={step['speculative_k']} acceptance {step['acceptance_rate']:g}"
+              f"{' (from the profile)' if step['from_profile'] else ''}: {step['tokens_per_step']:.2f} tokens per round of "
+              f"{step['round_ms']:.3f} ms (draft {step['draft_ms']:.3f} ms, fixed {step['round_overhead_ms']:.3f} ms); "
+              f"{step['tokens_per_s_per_user']:,.1f} tokens/s per user; verification step below")
     elif step["phase"] == "decode":
         print(f"  speed     {step['tokens_per_s_per_user']:,.1f} tokens/s per user")
     print(f"  time      {out['time_ms']:.3f} ms  (bound: {cost.bound})")
