@@ -382,3 +382,31 @@ def test_a_never_accepted_draft_only_costs() -> None:
         "speculative": hw.decode.speculative.model_copy(update={"acceptance_rate": 0.0})})})
     c = CostModel(never, load_model("llama-3.1-405b"))
     assert c.decode_step([1000]).time_s > cm("cs3", "llama-3.1-405b").decode_step([1000]).time_s
+
+
+def test_the_simulator_decodes_by_the_speculative_profile(tmp_path) -> None:
+    """A decode pool on ``cs3-spec`` serves Llama-3.3-70B with the expected time per token of a
+    speculative round: the simulated TPOT is the plain CS-3 one over the round's speed-up
+    (5.2 x at these contexts), as the cost model says."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from testbed.cli import main
+
+    quick = yaml.safe_load((Path(__file__).resolve().parents[1] / "scenarios" / "quickstart.yaml").read_text())
+    tpot = {}
+    for hw in ("cs3", "cs3-spec"):
+        sc = dict(quick, name=f"spec-{hw}", model="llama-3.3-70b")
+        sc["pools"] = {"prefill": {"count": 1}, "decode": {"count": 1, "hardware": hw}}
+        sc["slo"] = {"ttft_ms": 5000, "tpot_ms": 10}
+        path = tmp_path / f"{hw}.yaml"
+        path.write_text(yaml.safe_dump(sc))
+        out = tmp_path / hw
+        assert main(["run", str(path), "--backend", "sim", "--out", str(out), "--json"]) == 0
+        tpot[hw] = json.loads((out / "summary.json").read_text())["tpot_ms"]["p50"]
+    model = load_model("llama-3.3-70b")
+    ratio = (CostModel(load_hardware("cs3-spec"), model).decode_step([1600]).time_s
+             / CostModel(load_hardware("cs3"), model).decode_step([1600]).time_s)
+    assert tpot["cs3-spec"] / tpot["cs3"] == pytest.approx(ratio, rel=0.10)
