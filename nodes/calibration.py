@@ -200,6 +200,7 @@ class FitGroup:
 
 
 FIT_GROUPS: tuple[FitGroup, ...] = (
+    FitGroup("h200", ("h200",)),
     FitGroup("trn2", ("trn2", "trn2-spec"), ties=(("efficiency.attention", "efficiency.compute"),)),
     FitGroup("cs3", ("cs3", "cs3-spec"), ties=(("prefill.step", "decode.step"),)),
 )
@@ -213,6 +214,11 @@ def group_constants(group: FitGroup) -> list[str]:
             if key not in keys:
                 keys.append(key)
     return keys
+
+
+def group_points(group: FitGroup, role: Role = "fitted") -> list[ReferencePoint]:
+    """The group's reference points of ``role``."""
+    return [p for p in reference_points() if p.hardware in group.profiles and p.role == role]
 
 
 def _profiles_with(group: FitGroup, values: dict[str, float]) -> dict[str, HardwareProfile]:
@@ -247,7 +253,7 @@ def fit(group: FitGroup, points: Sequence[ReferencePoint] | None = None, *,
     fitted points), starting from the shipped values."""
     keys = group_constants(group)
     if points is None:
-        points = [p for p in published_points() if p.hardware in group.profiles and p.role == "fitted"]
+        points = group_points(group)
     if start is None:
         start = {}
         for k in keys:
@@ -307,7 +313,7 @@ def leave_one_out(group: FitGroup) -> dict[str, float | None]:
 
     None where the fit without the point is underdetermined: a constant loses every point it
     was fitted to, or fewer distinct configurations than free constants remain."""
-    fitted = [p for p in published_points() if p.hardware in group.profiles and p.role == "fitted"]
+    fitted = group_points(group)
     keys = group_constants(group)
     lists: dict[str, set[str]] = {}
     for name in group.profiles:

@@ -181,9 +181,9 @@ def test_validate_says_which_points_were_fitted() -> None:
 
 
 def test_every_fitted_constant_names_points_of_its_own_family() -> None:
-    from nodes.calibration import FIT_GROUPS, published_points
-    by_id = {p.id: p for p in published_points()}
-    assert len(by_id) == len(published_points())  # ids are unique
+    from nodes.calibration import FIT_GROUPS, reference_points
+    by_id = {p.id: p for p in reference_points()}
+    assert len(by_id) == len(reference_points())  # ids are unique
     for g in FIT_GROUPS:
         for name in g.profiles:
             for key, ids in load_hardware(name).fitted.items():
@@ -192,7 +192,7 @@ def test_every_fitted_constant_names_points_of_its_own_family() -> None:
                     assert by_id[i].role == "fitted" and by_id[i].hardware in g.profiles, (name, key, i)
         # every fitted point of the group is used by some constant
         used = {i for n in g.profiles for ids in load_hardware(n).fitted.values() for i in ids}
-        assert used == {p.id for p in published_points() if p.hardware in g.profiles and p.role == "fitted"}
+        assert used == {p.id for p in reference_points() if p.hardware in g.profiles and p.role == "fitted"}
 
 
 def test_shipped_constants_are_the_fit() -> None:
@@ -207,10 +207,10 @@ def test_shipped_constants_are_the_fit() -> None:
 
 
 def test_leave_one_out_reports_each_fitted_point() -> None:
-    from nodes.calibration import FIT_GROUPS, leave_one_out, published_points
+    from nodes.calibration import FIT_GROUPS, group_points, leave_one_out
     g = next(g for g in FIT_GROUPS if g.name == "cs3")
     loo = leave_one_out(g)
-    fitted = {p.id for p in published_points() if p.hardware in g.profiles and p.role == "fitted"}
+    fitted = {p.id for p in group_points(g)}
     assert set(loo) == fitted
     # without the 405B point nothing pins the hop latency between systems: underdetermined
     assert loo["cs3-405b-spec"] is None

@@ -238,8 +238,8 @@ def _unit(metric: str) -> str:
 
 def _fit_summary() -> list[dict[str, Any]]:
     """Per fit group: its free constants and how many fitted and validation points it has."""
-    from nodes.calibration import published_points
-    points = published_points()
+    from nodes.calibration import reference_points
+    points = reference_points()
     out = []
     for g in FIT_GROUPS:
         mine = [p for p in points if p.hardware in g.profiles]
