@@ -71,6 +71,7 @@ class Code(IntEnum):
     TIMEOUT = 12
     REFUSED = 13
     KV_FULL = 14  # the receiver has no KV room for this request now: the sender waits and retries
+    UNREACHABLE = 15  # sender side: no connection to the receiver (refused, no route): the sender retries
 
 
 # Fixed parts of the bodies (all big-endian); strings are u8-length-prefixed UTF-8.
@@ -437,7 +438,7 @@ async def send_kv(host: str, port: int, secret: bytes, begin: KvBegin, *, chunk_
                 reader, writer = await asyncio.open_connection(
                     host, port, local_addr=(local_addr, 0) if local_addr else None)
             except OSError as exc:
-                raise KvTransferError(f"connect to {host}:{port} failed: {exc}", Code.REFUSED) from None
+                raise KvTransferError(f"connect to {host}:{port} failed: {exc}", Code.UNREACHABLE) from None
             nonce_s = await _expect(reader, FrameType.HELLO, timeout_s)
             if len(nonce_s) != NONCE_LEN:
                 raise KvTransferError("HELLO with a bad nonce length", Code.MALFORMED)

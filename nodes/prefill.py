@@ -179,7 +179,7 @@ class PrefillNode(ComputeNode):
                             bytes=begin.total_bytes, model_bytes=job.kv_model_bytes)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + kv.timeout_s * cfg.tdf
-        refusals = 0
+        refusals = tries = 0
         try:
             while True:
                 try:
@@ -188,15 +188,20 @@ class PrefillNode(ComputeNode):
                                                local_addr=cfg.kv_bind, timeout_s=max(0.0, deadline - loop.time()))
                     break
                 except KvTransferError as e:
-                    if e.code != Code.KV_FULL:
+                    if e.code not in (Code.KV_FULL, Code.UNREACHABLE):
                         raise
-                    if refusals == 0:
-                        self.timeline.event("kv_wait_start", job.request_id, decode=job.decode["name"], reason=e.reason)
-                    refusals += 1
-                    retry_s = kv_retry_delay_s(refusals) * cfg.tdf
+                    tries += 1
+                    if e.code == Code.KV_FULL:
+                        if refusals == 0:
+                            self.timeline.event("kv_wait_start", job.request_id, decode=job.decode["name"],
+                                                reason=e.reason)
+                        refusals += 1
+                    else:  # the path is down (a link fault): ask again, as a transport would
+                        self.timeline.event("kv_retry", job.request_id, decode=job.decode["name"], reason=e.reason)
+                    retry_s = kv_retry_delay_s(tries) * cfg.tdf
                     if loop.time() + retry_s >= deadline:
-                        raise KvTransferError(f"{e.reason}; still refused after {refusals} tries within "
-                                              f"{kv.timeout_s:g} s", Code.KV_FULL) from None
+                        raise KvTransferError(f"{e.reason}; still refused after {tries} tries within "
+                                              f"{kv.timeout_s:g} s", e.code) from None
                     await asyncio.sleep(retry_s)
             self.timeline.event("kv_end", job.request_id, bytes=job.result.bytes_sent, ok=True, refusals=refusals)
         except KvTransferError as e:

@@ -19,7 +19,7 @@ EVENTS = frozenset({
     "arrival", "routed", "retried", "done", "failed",
     # prefill (and colocated)
     "prefill_queued", "prefill_start", "prefill_end", "kv_start", "kv_end",
-    "kv_hold_wait", "kv_wait_start",
+    "kv_hold_wait", "kv_wait_start", "kv_retry",
     # decode (and colocated)
     "kv_refused", "kv_granted", "kv_recv_start", "kv_recv_end", "decode_queued", "decode_admitted", "first_token", "decode_done",
     # client (load generator)

@@ -24,11 +24,11 @@ SECRET = "ab" * 32
 
 
 def config(tmp_path: Path, *, tdf: float = 1.0, mode: str = "whole", budget: int = 16384, chunk: int = 0,
-           byte_scale: float = 1e-3) -> NodeConfig:
+           byte_scale: float = 1e-3, timeout_s: float = 10.0) -> NodeConfig:
     return NodeConfig(run_id="t1", name="p1", role="prefill", model=MODEL, hardware=HW, tdf=tdf,
                       byte_scale=byte_scale, t0_wall=time.time(), run_dir=str(tmp_path),
                       http=Endpoint(host="127.0.0.1", port=free_port()), kv_bind="127.0.0.1",
-                      kv_transfer=KvSettings(mode=mode, secret_hex=SECRET, timeout_s=10.0),
+                      kv_transfer=KvSettings(mode=mode, secret_hex=SECRET, timeout_s=timeout_s),
                       prefill=PrefillSettings(token_budget=budget, chunk_tokens=chunk), internal_secret_hex=SECRET)
 
 
@@ -134,11 +134,14 @@ async def test_layerwise_overlaps_transfer_with_compute(tmp_path):
 
 
 async def test_handoff_failure_and_drain(tmp_path):
-    cfg = config(tmp_path)
+    """A decode node that cannot be reached is asked again (kv_retry) until the transfer
+    timeout, then the handoff fails with the reason."""
+    cfg = config(tmp_path, timeout_s=0.5)
     dead = {"name": "d9", "host": "127.0.0.1", "port": free_port()}
     async with running(PrefillNode, cfg) as (node, session):
         r = await prefill(session, cfg, "r1", 100, dead, status=502)
-        assert r["ok"] is False and "d9" in r["reason"]
+        assert r["ok"] is False and "d9" in r["reason"] and "tries within 0.5 s" in r["reason"]
+        assert len(events(cfg, "kv_retry")) >= 3  # 1, 2, 4, 8, 16, 16 ... ms apart within 0.5 s
         node.on_command({"cmd": "drain", "factor": None})
         r = await prefill(session, cfg, "r2", 100, dead, status=503)
         assert "draining" in r["reason"]

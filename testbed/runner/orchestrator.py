@@ -115,7 +115,7 @@ def plan_run(sc: Any, backend: str) -> tuple[Any, dict[str, NodePlan], str]:
     making a run directory.
     """
     from fabric.topology import load_topology
-    from testbed.config.scenario import LINK_ACTIONS, selected_hosts, topology_problems
+    from testbed.config.scenario import BROKER, LINK_ACTIONS, selected_hosts, topology_problems
 
     topo = effective_topology(load_topology(sc.topology_ref()), sc.fabric.overrides())
     problems = topology_problems(sc, topo)
@@ -135,6 +135,8 @@ def plan_run(sc: Any, backend: str) -> tuple[Any, dict[str, NodePlan], str]:
         if f.action in LINK_ACTIONS and not backend_class(backend).emulates_links:
             problems.append((f"faults[{i}].action", f"{f.action} needs emulated links: use the mininet backend "
                                                     f"(the {backend} backend has none)"))
+        if f.action == "restart" and f.target == BROKER:
+            continue
         if f.action not in LINK_ACTIONS and (f.target not in nodes or nodes[f.target].role == "client"):
             problems.append((f"faults[{i}].target", f"{f.target!r} is not a serving node of this run "
                                                     f"({', '.join(n for n, p in nodes.items() if p.role != 'client')})"))
@@ -506,6 +508,23 @@ class Orchestrator:
             self.sup.get(node).expected_exit = True
         asyncio.run(Controller(self.broker.mqtt_settings("controller")).send(node, cmd, factor))
 
+    def restart(self, target: str) -> None:
+        """Stop a daemon (or the MQTT broker, target ``broker``) and start it again with the same
+        config: what it held is lost (its peers see the loss), then it serves again."""
+        from testbed.config.scenario import BROKER
+
+        if target == BROKER:
+            old = self.broker.pid
+            self.broker.restart()
+            record_stop(self.registries, old, 0)
+            record_start(self.registries, "mosquitto", self.broker.pid, ["mosquitto"], pgid=self.broker.pid)
+            return
+        if target not in self.nodes or self.nodes[target].role == "client":
+            raise ConfigError("restart", [("", f"{target!r} is not a node of this run ({', '.join(self.nodes)})")])
+        self.sup.stop(target, grace_s=2.0)
+        self._spawn(self.nodes[target])
+        self._wait_healthy([target], timeout_s=30.0)
+
     def _apply_fault(self, f: FaultRecord) -> None:
         f.applied_t_model = round(self.clock.now() - self.workload_offset_s, 6)
         try:
@@ -513,6 +532,8 @@ class Orchestrator:
                 f.links = self.set_link(f.target, **f.params)
             elif f.action in ("link_down", "link_up"):
                 f.links = self.set_link(f.target, up=f.action == "link_up")
+            elif f.action == "restart":
+                self.restart(f.target)
             else:
                 self.node_command(f.target, f.action, f.params.get("factor"))
             f.ok = True
