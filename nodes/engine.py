@@ -563,6 +563,9 @@ def runnable_prefill(queue: Sequence[H], held_bytes: int, capacity_bytes: int) -
 # appearing without flooding the decode node with handshakes.
 KV_RETRY_MIN_S = 1e-3
 KV_RETRY_MAX_S = 16e-3
+# A last try is not started with less than this much time (wall) left before the handoff's
+# deadline: it could only time out, and the answer would say "timeout" where the truth is "refused".
+KV_LAST_TRY_MIN_WALL_S = 0.05
 
 
 def kv_retry_delay_s(refusals: int) -> float:

@@ -26,8 +26,8 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from nodes.config import NodeConfig
-from nodes.engine import (BadRequest, ComputeNode, StepTimer, error_response, kv_retry_delay_s, kv_wire_bytes,
-                          plan_prefill, read_body, read_decode_peer, runnable_prefill)
+from nodes.engine import (KV_LAST_TRY_MIN_WALL_S, BadRequest, ComputeNode, StepTimer, error_response,
+                          kv_retry_delay_s, kv_wire_bytes, plan_prefill, read_body, read_decode_peer, runnable_prefill)
 from nodes.kvproto import Code, KvBegin, KvResult, KvTransferError, send_kv
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ class PrefillNode(ComputeNode):
                     else:  # the path is down (a link fault): ask again, as a transport would
                         self.timeline.event("kv_retry", job.request_id, decode=job.decode["name"], reason=e.reason)
                     retry_s = kv_retry_delay_s(tries) * cfg.tdf
-                    if loop.time() + retry_s >= deadline:
+                    if loop.time() + retry_s + KV_LAST_TRY_MIN_WALL_S >= deadline:
                         raise KvTransferError(f"{e.reason}; still refused after {tries} tries within "
                                               f"{kv.timeout_s:g} s", e.code) from None
                     await asyncio.sleep(retry_s)
