@@ -785,10 +785,14 @@ async def _wait(tx: _Sender, timeout: float) -> None:
 async def _handshake(tx: _Sender) -> None:
     """REQ until HELLO, then BEGIN until GRANT or a verdict; control datagrams are resent on the
     same timer as data, doubling up to 64 x."""
+    loop = asyncio.get_running_loop()
     backoff = 1.0
     while tx.nonce_s is None:
+        sent = loop.time()
         tx.send_ctl(header(SrdType.REQ, tx.session))
         await _wait(tx, tx.rto() * backoff)
+        if tx.nonce_s is not None and backoff == 1.0:   # the first RTT sample (unambiguous: sent once)
+            tx._rtt(loop.time() - sent)
         backoff = min(64.0, backoff * 2)
     mac = client_mac(tx.secret, tx.nonce_s, tx.nonce_c)
     raw = tagged(tx.key, header(SrdType.BEGIN, tx.session) + tx.nonce_c + mac + PACKET_FIXED.pack(tx.packet_bytes)
