@@ -65,7 +65,7 @@ def test_tcp_under_loss_is_capped_by_the_mathis_bound_srd_is_not():
     held to MSS x 8 / RTT x sqrt(3 / 2p)."""
     from sim.network import mathis_rate_bps
 
-    path = (Port("p:up", 100e9, latency_s=10e-6, loss=0.01, mtu=9001), Port("d:down", 100e9, latency_s=10e-6))
+    path = (Port("p:up", 100e9, latency_s=10e-6, loss=0.01, mtu=9001), Port("d:down", 100e9, latency_s=10e-6, mtu=9001))
     times = {}
     for transport in ("srd", "tcp"):
         env = simpy.Environment()
