@@ -73,7 +73,8 @@ DEFAULT_RTO_MODEL_S = 50e-6              # model: SRD retransmits within tens of
 _SESSION_LABEL = b"pdsr-session"
 # congestion control (per transfer and peer): pace at the path rate; back off only on sustained loss
 LOSS_BACKOFF = 0.25     # fraction of an interval's packets that timed out: congestion, not random loss
-RTT_BACKOFF = 4.0       # smoothed RTT above this multiple of the smallest RTT seen: queues are building
+RTT_BACKOFF = 4.0       # smoothed RTT above this multiple of the smallest RTT seen (at least the timer
+                        # floor: this host's scheduling is not a queue): queues are building
 RATE_DECREASE = 0.75
 RATE_FLOOR = 1 / 64     # of the path rate
 
@@ -822,7 +823,9 @@ async def _pump(tx: _Sender, ready: list[int]) -> None:
         rto = tx.rto()
         paced = tx.rate_bps > 0
         if paced:
-            budget = min(budget + (now - last) * tx.rate_bps / 8, max(4 * pkt_wire, tx.rate_bps / 8 * RTO_FLOOR_S))
+            # a burst may make up for a late wake-up (epoll's 1 ms steps, a busy host) of up to
+            # two timer floors, so the rate holds; the emulated queue absorbs it
+            budget = min(budget + (now - last) * tx.rate_bps / 8, max(8 * pkt_wire, tx.rate_bps / 8 * 2 * RTO_FLOOR_S))
         last = now
         outstanding = (tx.sent_t > 0) & ~tx.acked
         expired = np.flatnonzero(outstanding & (now - tx.sent_t > rto))
@@ -846,7 +849,7 @@ async def _pump(tx: _Sender, ready: list[int]) -> None:
             next_new += 1
         if paced and now - interval_start > 8 * rto and interval_sent:
             if interval_lost > LOSS_BACKOFF * interval_sent or (tx.min_rtt and tx.srtt > RTT_BACKOFF * max(
-                    tx.min_rtt, RTO_FLOOR_S / 2)):
+                    tx.min_rtt, RTO_FLOOR_S)):
                 tx.rate_bps = max(tx.rate_max_bps * RATE_FLOOR, tx.rate_bps * RATE_DECREASE)
                 tx.stats.backoffs += 1
             else:
