@@ -189,3 +189,36 @@ async def test_prefill_to_decode_node(tmp_path, mode, transport):
         from nodes.srd import packet_table, payload_bytes_for_mtu
         offs, _, _ = packet_table(wire_bytes(pcfg, 3000), load_model(MODEL).layers, payload_bytes_for_mtu(9001))
         assert end["packets"] == len(offs) and end["retransmitted"] == 0
+
+
+async def test_srd_handoff_sprays_over_every_decode_address(tmp_path):
+    """decode.addrs (one KV address per rail) reaches the SRD sender, which uses every one; a
+    malformed list is refused with 400."""
+    from nodes.srd import SrdReceiver
+
+    hosts = ["127.0.0.1", "127.0.0.2"]
+    seen: dict[str, int] = {}
+    done: list[bool] = []
+    rx = SrdReceiver(bytes.fromhex(SECRET), max_transfer_bytes=1 << 34, on_complete=lambda b, ok: done.append(ok))
+    await rx.start(hosts, 0)
+    real = rx._handle
+
+    def count(data, addr, ep):
+        host = ep.transport.get_extra_info("sockname")[0]
+        seen[host] = seen.get(host, 0) + 1
+        return real(data, addr, ep)
+    rx._handle = count
+    cfg = config(tmp_path)
+    cfg = cfg.model_copy(update={"kv_bind": None, "kv_transfer": cfg.kv_transfer.model_copy(
+        update={"transport": "srd", "mtu": 9001})})
+    try:
+        async with running(PrefillNode, cfg) as (node, session):
+            peer = {"name": "d1", "host": hosts[0], "port": rx.port, "addrs": hosts}
+            r = await prefill(session, cfg, "r1", 4000, peer)
+            assert r == {"ok": True, "kv_bytes": wire_bytes(cfg, 4000)}
+            await prefill(session, cfg, "r2", 10, {**peer, "addrs": ["not an address!"]}, status=400)
+    finally:
+        await rx.close()
+    assert done == [True]
+    # 4000 tokens of qwen3-32b at byte scale 1e-3: ~1 MB, ~130 packets split evenly over both
+    assert seen[hosts[0]] > 30 and seen[hosts[1]] > 30
