@@ -21,7 +21,7 @@ from pydantic import BaseModel, BeforeValidator, Field, PrivateAttr, ValidationE
 
 from nodes.profiles.models import ProfileName
 from core.config import ConfigError, SafeName, StrictModel, problems_from_validation, read_yaml
-from core.vocab import NETWORKS, DecodePolicy, KvMode, PrefillPolicy
+from core.vocab import NETWORKS, DecodePolicy, KvMode, PrefillPolicy, Transport
 from core.units import Bandwidth, ByteSize, Duration, Ratio
 from testbed.runner.backend import BackendChoice
 
@@ -79,6 +79,10 @@ class KvTransferSpec(StrictModel):
     mode: KvMode = "whole"
     chunk_bytes: ByteSize = "256KiB" # on-wire chunk size of the handoff protocol
     timeout: Duration = "120s" # model time a decode node waits for a KV cache
+    # srd: SRD-like reliable datagrams sprayed over every path (EFA's transport, nodes/srd.py);
+    # tcp: one TCP connection per transfer (nodes/kvproto.py), kept for comparison
+    transport: Transport = "srd"
+    rto: Duration = "50us"  # SRD retransmission timer, model time (x TDF, floored at 2 ms wall)
 
     @field_validator("chunk_bytes")
     @classmethod

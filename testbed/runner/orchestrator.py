@@ -262,7 +262,8 @@ class Orchestrator:
     def _write_configs(self) -> None:
         sc = self.sc
         kv = KvSettings(mode=sc.kv_transfer.mode, secret_hex=self._secret, chunk_bytes=int(sc.kv_transfer.chunk_bytes),
-                        timeout_s=float(sc.kv_transfer.timeout))
+                        timeout_s=float(sc.kv_transfer.timeout), transport=sc.kv_transfer.transport,
+                        rto_s=float(sc.kv_transfer.rto))
         router_settings = RouterSettings(prefill_policy=sc.router.prefill_policy,
                                          decode_policy=sc.router.decode_policy,
                                          request_timeout_s=float(sc.router.request_timeout),
@@ -280,13 +281,26 @@ class Orchestrator:
             if p.role == "client":
                 continue
             prefill, decode = batching(self.sc, p.role)
+            node_common = dict(common, kv_transfer=self._kv_link_settings(kv, p))
             cfg = NodeConfig(name=p.name, role=p.role, hardware=p.hardware, http=http[p.name],
                              kv=kv_ep.get(p.name), prefill=prefill, decode=decode,
                              kv_bind=self._addr(p, "efa") if p.role == "prefill" else None,
                              peers=peers if p.role == "router" else [],
-                             mqtt=self.broker.mqtt_settings(p.name), **common)
+                             mqtt=self.broker.mqtt_settings(p.name), **node_common)
             cfg.save(self.rd.node_config(p.name))
             self.configs[p.name] = cfg
+
+    def _kv_link_settings(self, kv: KvSettings, plan: NodePlan) -> KvSettings:
+        """The node's EFA link, as the SRD transport paces and packetises by it: wire rate
+        (model rate x byte scale / TDF, on a backend that shapes links; 0 = unpaced otherwise)
+        and MTU."""
+        links = [lk for lk in self.topo.links if lk.cls == "efa" and plan.host in (lk.a, lk.b)]
+        if plan.role not in ("prefill", "decode") or not links:
+            return kv
+        params = links[0].params
+        bw = params.bandwidth_bps
+        rate = float(bw) * self.byte_scale / self.tdf if bw is not None and self.backend_name == "mininet" else 0.0
+        return kv.model_copy(update={"rate_bps": rate, "mtu": int(params.mtu)})
 
     def _client_config(self) -> NodeConfig:
         p = self.nodes[self.client_name]
