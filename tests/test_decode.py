@@ -268,7 +268,10 @@ async def test_kv_over_srd_on_the_same_port(tmp_path):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.sendto(b"PDSR\x01\x05" + bytes(60), (cfg.kv.host, cfg.kv.port))   # DATA of no session
         s.close()
-        await asyncio.sleep(0.1)
+        for _ in range(250):  # a loopback datagram is read within milliseconds; 5 s on a loaded machine
+            if node.srd_receiver.dropped["unknown_session"]:
+                break
+            await asyncio.sleep(0.02)
         assert node.srd_receiver.dropped["unknown_session"] == 1
     order = [e["event"] for e in events(cfg) if e["request_id"] == "r1"]
     assert order == ["kv_granted", "kv_recv_start", "kv_recv_end", "decode_queued", "decode_admitted",
