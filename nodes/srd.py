@@ -563,6 +563,7 @@ class _Sender:
         self.crcs = np.zeros(n, dtype=np.uint32)
         self.crc_known = np.zeros(n, dtype=bool)
         self.nacked = 0
+        self.acked_sent_t = 0.0   # send time of the latest-sent packet acknowledged so far
         self.rate_max_bps = rate_bps
         self.rate_bps = rate_bps
         self.rto_model_s = rto_s
@@ -634,12 +635,16 @@ class _Sender:
                 d["malformed"] += 1
                 return
             self.stats.sacks += 1
+            before = self.acked.copy()
             if not self.acked[:cum].all():
                 self.acked[:cum] = True
             if nb:
                 bits = np.unpackbits(np.frombuffer(body, np.uint8, nb, SACK_FIXED.size)).astype(bool)
                 bits = bits[:len(self.acked) - cum]
                 self.acked[cum:cum + len(bits)] |= bits
+            fresh = self.acked & ~before
+            if fresh.any():   # the latest send time now acknowledged: loss detection by SACK
+                self.acked_sent_t = max(self.acked_sent_t, float(self.sent_t[fresh].max()))
             self.nacked = int(np.count_nonzero(self.acked))
             self._rtt(((_now_us() - tsecr) & 0xFFFFFFFF) / 1e6)
             self.wake.set()
@@ -807,7 +812,7 @@ async def _handshake(tx: _Sender) -> None:
 
 async def _pump(tx: _Sender, ready: list[int]) -> None:
     """Send every packet until all are acknowledged: paced by a token bucket at the current rate,
-    timed-out packets first, at most ``cap`` packets in flight. Rate control per interval (about
+    lost packets first (timer expired, or overtaken by a later burst's SACK), at most ``cap`` packets in flight. Rate control per interval (about
     eight timer periods): down by RATE_DECREASE when more than LOSS_BACKOFF of the interval's
     packets timed out or the smoothed RTT grew past RTT_BACKOFF x the smallest, else back up by
     1/8 of the path rate. A few percent of random loss changes nothing: no slow start, no halving."""
@@ -828,7 +833,10 @@ async def _pump(tx: _Sender, ready: list[int]) -> None:
             budget = min(budget + (now - last) * tx.rate_bps / 8, max(8 * pkt_wire, tx.rate_bps / 8 * 2 * RTO_FLOOR_S))
         last = now
         outstanding = (tx.sent_t > 0) & ~tx.acked
-        expired = np.flatnonzero(outstanding & (now - tx.sent_t > rto))
+        # lost: its timer expired, or a packet sent in a later burst was acknowledged before it
+        # (SACK-based detection, about one RTT, not bound to the host's timer floor; packets of
+        # one burst share a send time, so reordering within a burst or across paths is not loss)
+        expired = np.flatnonzero(outstanding & ((now - tx.sent_t > rto) | (tx.sent_t < tx.acked_sent_t)))
         inflight = int(np.count_nonzero(outstanding)) - len(expired)
         rtt = max(tx.srtt, RTO_FLOOR_S)
         cap = max(64, int(4 * tx.rate_bps / 8 * rtt / pkt_wire)) if paced else 256

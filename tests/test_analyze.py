@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import time
@@ -349,7 +350,12 @@ async def _run_srd_transfers(run: Path, snaplen: int, monkeypatch) -> dict:
         await rx.close()
         tx_tl.close()
         rx_tl.close()
-    return {"port": rx.port, "stats": stats, "dups": shim["dups"], "dup_bytes": shim["dup_bytes"]}
+    # tcpdump's own count of packets it could not keep up with (a busy host): exact byte
+    # accounting against the sender holds only for a capture that lost nothing
+    tail = cap.stderr.read().decode(errors="replace")
+    m = re.search(r"(\d+) packets? dropped by kernel", tail)
+    return {"port": rx.port, "stats": stats, "dups": shim["dups"], "dup_bytes": shim["dup_bytes"],
+            "capture_dropped": int(m.group(1)) if m else 0}
 
 
 @needs_capture
@@ -360,6 +366,8 @@ def test_srd_transfers_rebuilt_byte_for_byte(tmp_path, monkeypatch, snaplen):
     srd_tr = [t for t in res["transfers"] if t["transport"] == "srd"]
     ok = sorted((t for t in srd_tr if t["status"] == "verified"), key=lambda t: t["request_id"])
     assert [t["request_id"] for t in ok] == ["r000000", "r000001"]
+    if info["capture_dropped"]:
+        pytest.skip(f"tcpdump dropped {info['capture_dropped']} packets on this busy host: no exact accounting")
     assert [t["status"] for t in srd_tr if t["request_id"] is None or t["request_id"] == "r-x"] == ["rejected"]
     for t, size, st in zip(ok, SRD_SIZES, info["stats"]):
         # every byte of the message covered by exactly the packets the sender made
