@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from mininet.examples.cluster import (MininetCluster, Placer, RemoteGRELink, RemoteHost, RemoteLink, RemoteSSHLink,
+from mininet.examples.cluster import (MininetCluster, Placer, RemoteGRELink, RemoteHost, RemoteSSHLink,
                                       SwitchBinPlacer)
 from mininet.node import Node
 
@@ -197,9 +197,9 @@ class ShapedSSHLink(ShapedLink, RemoteSSHLink):
                    addr1: str | None = None, addr2: str | None = None) -> Any:
         """Mininet's ``RemoteLink.makeTunnel`` steps (tap on each side, ``ssh -w``, move, rename)
         with a tap number of its own per tunnel and the run's ssh options."""
-        if node2.server == HEAD_SERVER:
+        if _server(node2) == HEAD_SERVER:
             return self.makeTunnel(node2, node1, intfname2, intfname1, addr2, addr1)
-        if node1.server != HEAD_SERVER:
+        if _server(node1) != HEAD_SERVER:
             raise FabricError(f"link {node1}-{node2}: tunnels between two remote servers are not supported; "
                               "place one end on localhost")
         assert self.cluster is not None
@@ -207,7 +207,7 @@ class ShapedSSHLink(ShapedLink, RemoteSSHLink):
         a, b = cls._next_tap, cls._next_tap + 1
         cls._next_tap += 2
         for node, tap in ((node1, a), (node2, b)):
-            out = node.rcmd(["ip", "tuntap", "add", "dev", f"tap{tap}", "mode", "tap"])
+            out = _root_cmd(node, ["ip", "tuntap", "add", "dev", f"tap{tap}", "mode", "tap"])
             if out.strip():
                 raise FabricError(f"creating tap{tap} on {node.server} failed: {out.strip()}")
         argv = tunnel_argv(self.cluster, node2.server, a, b)
@@ -219,15 +219,31 @@ class ShapedSSHLink(ShapedLink, RemoteSSHLink):
             tunnel.kill()
             err = tunnel.stderr.read().decode(errors="replace") if tunnel.stderr is not None else ""
             for node, tap in ((node1, a), (node2, b)):
-                node.rcmd(["ip", "link", "del", f"tap{tap}"])
+                _root_cmd(node, ["ip", "link", "del", f"tap{tap}"])
             raise FabricError(f"ssh tunnel to {node2.server} did not come up ({' '.join(argv)}): {err.strip()[:300]}")
         for node, tap, name, addr in ((node1, a, intfname1, addr1), (node2, b, intfname2, addr2)):
-            RemoteLink.moveIntf(f"tap{tap}", node)
+            if node.inNamespace:
+                out = _root_cmd(node, ["ip", "link", "set", f"tap{tap}", "netns", str(node.pid)])
+                if out.strip():
+                    raise FabricError(f"moving tap{tap} into {node.name} on {_server(node)} failed: {out.strip()}")
             cmd = f"ip link set tap{tap} name {name}" + (f" address {addr}" if addr else "")
             out = node.cmd(cmd)
             if out.strip():
                 raise FabricError(f"renaming tap{tap} to {name} on {node.server} failed: {out.strip()}")
         return tunnel
+
+
+def _server(node: Any) -> str:
+    """The server a Mininet node runs on (local node classes have no ``server``: localhost)."""
+    return getattr(node, "server", None) or HEAD_SERVER
+
+
+def _root_cmd(node: Any, argv: list[str]) -> str:
+    """``argv`` in the root namespace of ``node``'s server; its output (empty on success)."""
+    if getattr(node, "isRemote", False):
+        return node.rcmd(argv)
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    return proc.stdout + proc.stderr
 
 
 class ShapedGRELink(ShapedLink, RemoteGRELink):
