@@ -175,9 +175,25 @@ class PdtbRemoteHost(RemoteHost):
     def _popen(self, cmd: Any, sudo: bool = True, tt: bool = True, **params: Any) -> Any:
         if isinstance(cmd, str):
             cmd = cmd.split()
-        if getattr(self, "isRemote", False):
-            cmd = [shlex.quote(str(c)) for c in cmd]
+        if not getattr(self, "isRemote", False):
+            # a host on localhost starts processes as Mininet's Host does: RemoteMixin's setpgrp
+            # would make ``mnexec -d`` fork, and the Popen would track a parent that exits at once
+            return Node._popen(self, cmd, **params)
+        cmd = [shlex.quote(str(c)) for c in cmd]
         return super()._popen(cmd, sudo=sudo, tt=tt, **params)
+
+    def popen(self, *args: Any, **kwargs: Any) -> Any:
+        """Mininet's popen; on a remote server the process (a daemon, a delayer, tcpdump, iperf3)
+        is recorded in its registry there before it execs, and the environment it needs
+        (PYTHONPATH, PYTHONUNBUFFERED, PDTB_*) travels on its command line."""
+        if getattr(self, "isRemote", False) and len(args) == 1 and isinstance(args[0], (list, tuple)):
+            argv = [str(a) for a in args[0]]
+            env = kwargs.pop("env", None) or {}
+            keep = [f"{k}={v}" for k, v in env.items()
+                    if k in ("PYTHONPATH", "PYTHONUNBUFFERED") or k.startswith("PDTB_")]
+            args = (remote_record_argv(self.pdtb_prefix, ["env", *keep, *argv] if keep else argv,
+                                       f"{self.name}: {argv[0]}"),)
+        return super().popen(*args, **kwargs)
 
     def record_remote(self, pid: int, what: str) -> None:
         """Record a process of this host's server (a shell, a tunnel end) in its remote registry."""
@@ -342,16 +358,6 @@ class ClusterFabricNet(FabricNet, _ClusterBase):
             tunnel = getattr(link, "tunnel", None)
             if isinstance(tunnel, subprocess.Popen):
                 self.registry.record(tunnel.pid, f"ssh tunnel {getattr(link, 'name', '?')}")
-
-    def popen(self, host: str | Node, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
-        """As FabricNet.popen; on a remote host the process is recorded on its server, and the
-        environment it needs (PYTHONPATH, PYTHONUNBUFFERED, PDTB_*) travels on its command line."""
-        node = host if isinstance(host, Node) else self._node(host)
-        if getattr(node, "isRemote", False):
-            env = kw.pop("env", None) or {}
-            keep = [f"{k}={v}" for k, v in env.items() if k in ("PYTHONPATH", "PYTHONUNBUFFERED") or k.startswith("PDTB_")]
-            argv = remote_record_argv(self.prefix, ["env", *keep, *argv] if keep else argv, f"{node.name}: {argv[0]}")
-        return super().popen(node, argv, **kw)
 
     def settings(self) -> dict[str, Any]:
         out = super().settings()
