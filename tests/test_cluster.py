@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from core.config import ConfigError
 from testbed.config.scenario import ClusterSpec, EmulationSpec, scenario_from_data, topology_problems
 
-PREFIX = "pc"
+PREFIX = "pk"  # this file's own Mininet prefix
 SUBNETS = {"frontend": "10.241.0.0/16", "efa": "10.242.0.0/16", "mgmt": "10.243.0.0/16"}
 REMOTE = "127.0.0.2"
 
@@ -99,7 +100,7 @@ def test_ssh_commands_quote_every_word():
     assert "StrictHostKeyChecking=yes" in argv and "UserKnownHostsFile=/tmp/k/known" in argv
     tun = tunnel_argv(s, REMOTE, 4000, 4001)
     assert tun[tun.index("-w") + 1] == "4000:4001" and "Tunnel=ethernet" in tun
-    wrapped = remote_record_argv(PREFIX, ["python3", "-m", "nodes"], "pcd0: python3")
+    wrapped = remote_record_argv(PREFIX, ["python3", "-m", "nodes"], "pkd0: python3")
     assert wrapped[:2] == ["sh", "-c"] and wrapped[-3:] == ["python3", "-m", "nodes"]
     assert f"/run/pdtb/{PREFIX}/remote-pids" in wrapped[2] and 'exec "$@"' in wrapped[2]
     with pytest.raises(ValueError):
@@ -162,10 +163,14 @@ def sshd(tmp_path_factory):
     for name in ("host", "id"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
     (d / "authorized_keys").write_text((d / "id.pub").read_text())
-    (d / "known_hosts").write_text(f"{REMOTE} {(d / 'host.pub').read_text().split(' ', 2)[0]} "
-                                   f"{(d / 'host.pub').read_text().split(' ', 2)[1]}\n")
+    with socket.socket() as probe:  # a free port on the second "server"'s address
+        probe.bind((REMOTE, 0))
+        port = probe.getsockname()[1]
+    (d / "port").write_text(str(port))
+    kind, key = (d / "host.pub").read_text().split()[:2]
+    (d / "known_hosts").write_text(f"[{REMOTE}]:{port} {kind} {key}\n")
     (d / "sshd_config").write_text(
-        f"ListenAddress {REMOTE}:22\nHostKey {d / 'host'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+        f"ListenAddress {REMOTE}:{port}\nHostKey {d / 'host'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
         f"PermitTunnel ethernet\nUsePAM no\nStrictModes no\nUseDNS no\nPidFile {d / 'sshd.pid'}\n")
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
@@ -173,6 +178,8 @@ def sshd(tmp_path_factory):
     deadline = time.monotonic() + 10
     while not (d / "sshd.pid").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
+    if not (d / "sshd.pid").exists():
+        pytest.fail(f"sshd did not start: {(d / 'sshd.log').read_text()[-500:]}")
     pid = int((d / "sshd.pid").read_text())
     try:
         yield d
@@ -200,7 +207,8 @@ def test_fabric_across_two_servers(sshd, tmp_path):
                   {"name": "d0-fe", "a": "d0", "b": "fe", "class": "frontend"}]})
     cluster = ClusterSpec.model_validate({
         "servers": ["localhost", REMOTE], "placement": {"p0": "localhost", "d0": REMOTE},
-        "identity_file": str(sshd / "id"), "known_hosts_file": str(sshd / "known_hosts")})
+        "identity_file": str(sshd / "id"), "known_hosts_file": str(sshd / "known_hosts"),
+        "ssh_port": int((sshd / "port").read_text())})
     net = ClusterFabricNet(topo, cluster=cluster, prefix=PREFIX, subnets=SUBNETS, tdf=1.0)
     assert sorted(net.tunnel_links) == ["d0-efa", "d0-fe", "mgmt-d0"]  # every link of d0, mgmt included
     try:
@@ -208,7 +216,7 @@ def test_fabric_across_two_servers(sshd, tmp_path):
         d0 = net.host_node("d0")
         assert d0.isRemote and d0.server == REMOTE
         # the tunnel end inside d0 is shaped like a veth end: HTB at the link's 200 Mbit/s
-        qd = d0.cmd("tc -j qdisc show dev pcd0-e")
+        qd = d0.cmd("tc -j qdisc show dev pkd0-e")
         assert '"htb"' in qd.replace(" ", ""), qd
         monitor = ClusterFidelityMonitor(net, tmp_path, 0.5).start()
         bps = measure_tcp(net, "p0", "d0", "efa", 2.0)
@@ -216,10 +224,10 @@ def test_fabric_across_two_servers(sshd, tmp_path):
         # HTB never sends more than the rate (+ one 1 ms burst); the ssh tunnel carries well over
         # 200 Mbit/s here, so a 2 s transfer lands between 50 % and 101 % of the configured rate
         assert 0.5 * 200e6 < bps < 1.01 * 200e6, bps
-        assert "pcd0-e" in verdict["ports"], verdict["ports"].keys()  # sampled over ssh, remote netns
+        assert "pkd0-e" in verdict["ports"], verdict["ports"].keys()  # sampled over ssh, remote netns
         assert sorted(verdict["tunnels"]["links"]) == ["d0-efa", "d0-fe", "mgmt-d0"]
         remote_pids = Path(REMOTE_REGISTRY.format(prefix=PREFIX)).read_text().split("\n")
-        assert any("shell pcd0" in line for line in remote_pids)
+        assert any("shell pkd0" in line for line in remote_pids)
     finally:
         net.stop()
     assert our_links(PREFIX) == []
@@ -227,3 +235,56 @@ def test_fabric_across_two_servers(sshd, tmp_path):
     assert net.clean_reports and net.clean_reports[0]["left"] == []
     assert not any(name.startswith("tap4") for name in os.listdir("/sys/class/net"))
     assert json.loads(json.dumps(net.settings()["cluster"]))["placement"]["d0"] == REMOTE
+
+
+CLUSTER_SCENARIO = """
+name: mncluster
+topology: pair
+model: llama-3.1-8b
+emulation:
+  backend: mininet-cluster
+  tdf: 20
+  cluster:
+    servers: [localhost, {remote}]
+    placement: {{decode0: {remote}}}
+    identity_file: {key}
+    known_hosts_file: {known}
+    ssh_port: {port}
+workload:
+  arrival: {{process: fixed, rate: 10}}
+  requests: 6
+  prompt_tokens: 1024
+  output_tokens: 8
+slo: {{ttft_ms: 1000, tpot_ms: 100}}
+"""
+
+
+@pytest.mark.root
+def test_pdtb_run_on_two_servers(sshd, tmp_path):
+    """`pdtb run` on the mininet-cluster backend, decode0 and its daemon on the second server:
+    every request completes, the tunnel's measured capacity enters the choice of byte scale and
+    the fidelity verdict, and nothing is left on either server."""
+    import sys
+
+    from fabric.cleanup import our_links
+    from testbed.runner.cluster import REMOTE_REGISTRY
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text(CLUSTER_SCENARIO.format(remote=REMOTE, key=sshd / "id", known=sshd / "known_hosts",
+                                            port=(sshd / "port").read_text()))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "testbed.cli", "run", str(path), "--out", str(out), "--json",
+                           "--prefix", PREFIX], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["counts"]["completed"] == summary["counts"]["total"] == 6, summary["counts"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["backend"] == "mininet-cluster"
+    assert "tunnel to 127.0.0.2" in run["emulation_reason"], run["emulation_reason"]
+    fidelity = json.loads((out / "fidelity.json").read_text())
+    assert fidelity["tunnels"]["placement"]["decode0"] == REMOTE and fidelity["tunnels"]["capacity_bps"] > 0
+    assert "pkdecode0-e" in fidelity["ports"]  # the remote end was sampled over ssh
+    assert our_links(PREFIX) == [] and not Path(REMOTE_REGISTRY.format(prefix=PREFIX)).exists()
+    left = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(out) not in left, [line for line in left.splitlines() if str(out) in line]

@@ -353,7 +353,18 @@ class ClusterFabricNet(FabricNet, _ClusterBase):
         return node
 
     def start(self) -> None:
+        """Remove what a crashed run of this prefix left on the remote servers (their registries
+        and prefixed interfaces: the local leftovers were refused in the constructor), then build."""
+        if self._started:
+            return
+        for server in self.servers_used:
+            clean_server(self.cluster_spec, server, self.prefix)
         super().start()
+        if self.impairment_backend == "fallback" and self.servers_used:
+            self.fidelity_notes.append(
+                "fallback impairments on remote hosts: each delayer's control socket lives in a temp dir "
+                "on localhost, which a remote delayer reaches only when the servers share /tmp (one "
+                "machine); give real servers a kernel with sch_netem (docs/cluster.md)")
         for link in self.links:
             tunnel = getattr(link, "tunnel", None)
             if isinstance(tunnel, subprocess.Popen):
