@@ -444,6 +444,22 @@ def tunnel_bound(cluster: ClusterSpec, capacities: Mapping[str, float]) -> tuple
                  "every link that crosses servers")
 
 
+def check_hooks(scenario_path: str, prefix: str) -> tuple[Any, Any]:
+    """``pdtb fabric check --cluster SCENARIO``: a net factory placing hosts on the scenario's
+    servers, and a bound measuring its tunnels afresh (the cache is refreshed for runs)."""
+    from testbed.config.scenario import load_scenario
+
+    spec = _spec(load_scenario(scenario_path).emulation)
+
+    def factory(topology: Any, **kwargs: Any) -> ClusterFabricNet:
+        return ClusterFabricNet(topology, cluster=spec, **kwargs)
+
+    def bound() -> tuple[float, str] | None:
+        return tunnel_bound(spec, measure_tunnel_capacity(spec, prefix, use_cache=False))
+
+    return factory, bound
+
+
 # ------------------------------------------------------------------ the backend
 class ClusterBackend(MininetBackend):
     """Mininet's backend on a ``ClusterFabricNet``: the same addresses, spawners, link changes,
