@@ -447,13 +447,13 @@ def run_check(args: argparse.Namespace) -> int:
         print("error: pdtb fabric check needs root (it builds network namespaces)", file=sys.stderr)
         return 2
     try:
-        factory = bound = None
+        hooks: dict[str, Any] = {}
         if getattr(args, "cluster", None):
             from testbed.runner.cluster import check_hooks  # the CLI glue reaches up; fabric/ itself does not
 
-            factory, bound = check_hooks(args.cluster, args.prefix)
+            hooks["net_factory"], hooks["bound"] = check_hooks(args.cluster, args.prefix)
         report = check_topology(topology, args.tdf, args.byte_scale, args.prefix, args.impairment, args.duration,
-                                net_factory=factory, bound=bound)
+                                **hooks)
     except (ValueError, MeasureError, RuntimeError) as exc:
         print(f"error: fabric check of {args.topology}: {exc}", file=sys.stderr)
         return 2
