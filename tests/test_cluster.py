@@ -7,10 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -154,37 +151,19 @@ def _sshd_usable() -> str | None:
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
-    """An sshd on 127.0.0.2:22 with its own host key, the test's client key authorized, tunnels
-    permitted; stopped by its recorded PID."""
+    """An sshd on a free port of 127.0.0.2 with its own host key, the test's client key
+    authorized, tunnels permitted (testbed.runner.cluster.LoopbackServer); stopped by its PID."""
     why = _sshd_usable()
     if why:
         pytest.skip(why)
-    d = tmp_path_factory.mktemp("sshd")
-    for name in ("host", "id"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    (d / "authorized_keys").write_text((d / "id.pub").read_text())
-    with socket.socket() as probe:  # a free port on the second "server"'s address
-        probe.bind((REMOTE, 0))
-        port = probe.getsockname()[1]
-    (d / "port").write_text(str(port))
-    kind, key = (d / "host.pub").read_text().split()[:2]
-    (d / "known_hosts").write_text(f"[{REMOTE}]:{port} {kind} {key}\n")
-    (d / "sshd_config").write_text(
-        f"ListenAddress {REMOTE}:{port}\nHostKey {d / 'host'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
-        "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-        f"PermitTunnel ethernet\nUsePAM no\nStrictModes no\nUseDNS no\nPidFile {d / 'sshd.pid'}\n")
-    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
-    subprocess.run(["/usr/sbin/sshd", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")], check=True)
-    deadline = time.monotonic() + 10
-    while not (d / "sshd.pid").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if not (d / "sshd.pid").exists():
-        pytest.fail(f"sshd did not start: {(d / 'sshd.log').read_text()[-500:]}")
-    pid = int((d / "sshd.pid").read_text())
+    from testbed.runner.cluster import LoopbackServer
+
+    server = LoopbackServer(tmp_path_factory.mktemp("sshd"), REMOTE).start()
+    (server.dir / "port").write_text(str(server.port))
     try:
-        yield d
+        yield server.dir
     finally:
-        os.kill(pid, signal.SIGTERM)
+        server.stop()
 
 
 @pytest.mark.root
@@ -226,6 +205,7 @@ def test_fabric_across_two_servers(sshd, tmp_path):
         assert 0.5 * 200e6 < bps < 1.01 * 200e6, bps
         assert "pkd0-e" in verdict["ports"], verdict["ports"].keys()  # sampled over ssh, remote netns
         assert sorted(verdict["tunnels"]["links"]) == ["d0-efa", "d0-fe", "mgmt-d0"]
+        assert net.links_over(100e6, ("efa",)) == ["d0-efa"] and net.links_over(300e6, ("efa",)) == []
         remote_pids = Path(REMOTE_REGISTRY.format(prefix=PREFIX)).read_text().split("\n")
         assert any("shell pkd0" in line for line in remote_pids)
     finally:

@@ -395,6 +395,71 @@ class ClusterFabricNet(FabricNet, _ClusterBase):
             raise FabricError("; ".join(problems))
 
 
+# ------------------------------------------------------------------ a second server on this machine
+class LoopbackServer:
+    """An sshd on a loopback address (default 127.0.0.2, a free port) with its own host key and
+    an authorized client key in ``workdir``, tunnels permitted: a second "server" on one machine,
+    for the tests and benchmarks/cluster_tunnel.py. Stopped by its recorded PID. Needs root and
+    openssh-server (bootstrap.sh installs it)."""
+
+    def __init__(self, workdir: Path, address: str = "127.0.0.2") -> None:
+        self.dir, self.address = Path(workdir), address
+        self.pid: int | None = None
+        self.port = 0
+
+    def start(self) -> "LoopbackServer":
+        d = self.dir
+        d.mkdir(parents=True, exist_ok=True)
+        for name in ("host", "id"):
+            if not (d / name).exists():
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+        (d / "authorized_keys").write_text((d / "id.pub").read_text())
+        with socket.socket() as probe:
+            probe.bind((self.address, 0))
+            self.port = probe.getsockname()[1]
+        kind, key = (d / "host.pub").read_text().split()[:2]
+        (d / "known_hosts").write_text(f"[{self.address}]:{self.port} {kind} {key}\n")
+        (d / "sshd_config").write_text(
+            f"ListenAddress {self.address}:{self.port}\nHostKey {d / 'host'}\n"
+            f"AuthorizedKeysFile {d / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitTunnel ethernet\nUsePAM no\n"
+            f"StrictModes no\nUseDNS no\nPidFile {d / 'sshd.pid'}\n")
+        (d / "sshd.pid").unlink(missing_ok=True)
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+        subprocess.run(["/usr/sbin/sshd", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")], check=True)
+        deadline = time.monotonic() + 10
+        while not (d / "sshd.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not (d / "sshd.pid").exists():
+            raise FabricError(f"sshd on {self.address}:{self.port} did not start: "
+                              f"{(d / 'sshd.log').read_text()[-500:]}")
+        self.pid = int((d / "sshd.pid").read_text())
+        return self
+
+    def cluster(self, **extra: Any) -> ClusterSpec:
+        """A ClusterSpec of localhost and this server, with its key files."""
+        return ClusterSpec.model_validate({"servers": [HEAD_SERVER, self.address], "ssh_port": self.port,
+                                           "identity_file": str(self.dir / "id"),
+                                           "known_hosts_file": str(self.dir / "known_hosts"), **extra})
+
+    def stop(self) -> None:
+        if self.pid is not None:
+            import os
+            import signal
+
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            self.pid = None
+
+    def __enter__(self) -> "LoopbackServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
 # ------------------------------------------------------------------ tunnel capacity
 def measure_tunnel_capacity(cluster: ClusterSpec, prefix: str, duration_s: float = 2.0, runs: int = 2,
                             use_cache: bool = True, cache_path: Path = TUNNEL_CAPACITY_CACHE) -> dict[str, float]:
