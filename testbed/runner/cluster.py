@@ -18,6 +18,7 @@ those PIDs while their start time matches, and deletes only interfaces carrying 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import socket
 import subprocess
@@ -71,7 +72,7 @@ def place_hosts(cluster: ClusterSpec, hosts: Sequence[str]) -> dict[str, str]:
 
 def ssh_options(cluster: ClusterSpec) -> list[str]:
     """Options every ssh to a server gets (validated values only: see ``ClusterSpec``)."""
-    opts = ["-o", "BatchMode=yes", "-p", str(cluster.ssh_port)]
+    opts = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-p", str(cluster.ssh_port)]
     if cluster.identity_file:
         opts += ["-i", cluster.identity_file, "-o", "IdentitiesOnly=yes"]
     if cluster.known_hosts_file:
@@ -221,12 +222,15 @@ class ShapedSSHLink(ShapedLink, RemoteSSHLink):
                               "place one end on localhost")
         assert self.cluster is not None
         cls = type(self)
+        taken = set(os.listdir("/sys/class/net"))  # a tap another tunnel (or a crashed one) holds here
+        while {f"tap{cls._next_tap}", f"tap{cls._next_tap + 1}"} & taken:
+            cls._next_tap += 2
         a, b = cls._next_tap, cls._next_tap + 1
         cls._next_tap += 2
         for node, tap in ((node1, a), (node2, b)):
             out = _root_cmd(node, ["ip", "tuntap", "add", "dev", f"tap{tap}", "mode", "tap"])
             if out.strip():
-                raise FabricError(f"creating tap{tap} on {node.server} failed: {out.strip()}")
+                raise FabricError(f"creating tap{tap} on {_server(node)} failed: {out.strip()}")
         argv = tunnel_argv(self.cluster, node2.server, a, b)
         self.cmd = argv
         tunnel = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -246,7 +250,7 @@ class ShapedSSHLink(ShapedLink, RemoteSSHLink):
             cmd = f"ip link set tap{tap} name {name}" + (f" address {addr}" if addr else "")
             out = node.cmd(cmd)
             if out.strip():
-                raise FabricError(f"renaming tap{tap} to {name} on {node.server} failed: {out.strip()}")
+                raise FabricError(f"renaming tap{tap} to {name} on {_server(node)} failed: {out.strip()}")
         return tunnel
 
 
@@ -444,7 +448,6 @@ class LoopbackServer:
 
     def stop(self) -> None:
         if self.pid is not None:
-            import os
             import signal
 
             try:
