@@ -268,3 +268,15 @@ def test_pdtb_run_on_two_servers(sshd, tmp_path):
     assert our_links(PREFIX) == [] and not Path(REMOTE_REGISTRY.format(prefix=PREFIX)).exists()
     left = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(out) not in left, [line for line in left.splitlines() if str(out) in line]
+
+
+def test_gre_commands_pair_up_the_two_ends():
+    from testbed.runner.cluster import ShapedGRELink, gre_commands, link_class
+
+    a = gre_commands("pkd0-e", "10.0.0.1", "10.0.0.2", 7, "02:00:00:00:00:01")
+    b = gre_commands("pkefa-2", "10.0.0.2", "10.0.0.1", 7, None)
+    assert a[0] == ["ip", "link", "add", "name", "pkd0-e", "type", "gretap", "local", "10.0.0.1", "remote",
+                    "10.0.0.2", "ttl", "64", "key", "7"]
+    assert b[0][8:] == ["10.0.0.2", "remote", "10.0.0.1", "ttl", "64", "key", "7"]  # swapped, same key
+    assert ["ip", "link", "set", "pkd0-e", "address", "02:00:00:00:00:01"] in a and len(b) == 2
+    assert issubclass(link_class(spec(tunnel="gre")), ShapedGRELink)

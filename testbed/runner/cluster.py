@@ -267,10 +267,51 @@ def _root_cmd(node: Any, argv: list[str]) -> str:
     return proc.stdout + proc.stderr
 
 
+GRE_OVERHEAD_BYTES = 38
+"""gretap's encapsulation (outer IPv4 20 + GRE with key 8 + inner Ethernet 14 - 4 of the key-less
+header Mininet's 1450 assumes): the servers' network must carry the link's MTU plus this."""
+
+
+def gre_commands(name: str, local_ip: str, remote_ip: str, key: int, mac: str | None) -> list[list[str]]:
+    """The root-namespace commands that make one end of a gretap tunnel (Mininet's
+    ``RemoteGRELink.makeTunnel`` steps, as argv lists)."""
+    cmds = [["ip", "link", "add", "name", name, "type", "gretap", "local", local_ip, "remote", remote_ip,
+             "ttl", "64", "key", str(int(key))]]
+    if mac:
+        cmds.append(["ip", "link", "set", name, "address", mac])
+    cmds.append(["ip", "link", "set", "dev", name, "up"])
+    return cmds
+
+
 class ShapedGRELink(ShapedLink, RemoteGRELink):
-    """A shaped link; across servers, Mininet's gretap tunnel (needs the ip_gre module)."""
+    """A shaped link; across servers, Mininet's gretap tunnel (needs the ip_gre module). The
+    gretap devices keep the link's MTU (ShapedIntf sets it): the servers' network must carry
+    ``mtu + GRE_OVERHEAD_BYTES``, or large frames are fragmented or dropped there."""
 
     cluster: ClusterSpec | None = None
+
+    def makeTunnel(self, node1: Any, node2: Any, intfname1: str, intfname2: str,  # noqa: N802 (Mininet API)
+                   addr1: str | None = None, addr2: str | None = None) -> None:
+        """Mininet's steps (a gretap device on each server with a shared key, moved into its host),
+        run in each server's root namespace whatever the node class (bridges have no ``rcmd``)."""
+        if _server(node2) == HEAD_SERVER:
+            return self.makeTunnel(node2, node1, intfname2, intfname1, addr2, addr1)
+        ip2 = resolve_server(_server(node2))
+        route = subprocess.run(["ip", "-o", "route", "get", ip2], capture_output=True, text=True).stdout.split()
+        ip1 = route[route.index("src") + 1] if "src" in route else resolve_server(_server(node1))
+        RemoteGRELink.GRE_KEY += 1
+        key = RemoteGRELink.GRE_KEY
+        for node, name, addr, local, remote in ((node1, intfname1, addr1, ip1, ip2), (node2, intfname2, addr2, ip2, ip1)):
+            for argv in gre_commands(name, local, remote, key, addr):
+                out = _root_cmd(node, argv)
+                if out.strip():
+                    raise FabricError(f"{' '.join(argv)} on {_server(node)} failed: {out.strip()}")
+            if node.inNamespace:
+                out = _root_cmd(node, ["ip", "link", "set", name, "netns", str(node.pid)])
+                if out.strip():
+                    raise FabricError(f"moving {name} into {node.name} on {_server(node)} failed: {out.strip()}")
+        self.tunnel = None
+        return None
 
 
 def link_class(cluster: ClusterSpec) -> type[ShapedLink]:
