@@ -310,8 +310,7 @@ class ShapedGRELink(ShapedLink, RemoteGRELink):
                 out = _root_cmd(node, ["ip", "link", "set", name, "netns", str(node.pid)])
                 if out.strip():
                     raise FabricError(f"moving {name} into {node.name} on {_server(node)} failed: {out.strip()}")
-        self.tunnel = None
-        return None
+        return None  # Mininet's makeIntfPair marks the link as tunnelled (self.tunnel = 1)
 
 
 def link_class(cluster: ClusterSpec) -> type[ShapedLink]:
