@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from nodes.profiles.models import ProfileName
-from core.config import ConfigError, SafeName, StrictModel, problems_from_validation, read_yaml
+from core.config import ConfigError, NodeName, SafeName, StrictModel, problems_from_validation, read_yaml
 from core.vocab import NETWORKS, DecodePolicy, KvMode, PrefillPolicy
 from core.units import Bandwidth, ByteSize, Duration, Ratio
 from testbed.runner.backend import BackendChoice
@@ -173,7 +173,7 @@ class ClusterSpec(StrictModel):
     """
 
     servers: list[ServerName] = Field(min_length=1)
-    placement: dict[SafeName, ServerName] = {}
+    placement: dict[NodeName, ServerName] = {}
     tunnel: TunnelKind = "ssh"
     user: SafeName = "root"
     ssh_port: int = Field(default=22, ge=1, le=65535)
