@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,12 @@ def test_ssh_commands_quote_every_word():
     assert f"/run/pdtb/{PREFIX}/remote-pids" in wrapped[2] and 'exec "$@"' in wrapped[2]
     with pytest.raises(ValueError):
         remote_record_argv("bad prefix!", ["x"], "x")
+    with pytest.raises(ValueError):
+        remote_record_argv(PREFIX, ["x"], "x", token="; rm -rf /")
+    from testbed.runner.cluster import remote_signal_argv
+
+    kill = remote_signal_argv(PREFIX, "0123456789ab", 15)
+    assert kill[:2] == ["sh", "-c"] and "-v t=0123456789ab" in kill[2] and 'kill -15 "$1"' in kill[2]
 
 
 def test_tunnel_capacity_bounds_the_dilation():
@@ -208,6 +215,21 @@ def test_fabric_across_two_servers(sshd, tmp_path):
         assert net.links_over(100e6, ("efa",)) == ["d0-efa"] and net.links_over(300e6, ("efa",)) == []
         remote_pids = Path(REMOTE_REGISTRY.format(prefix=PREFIX)).read_text().split("\n")
         assert any("shell pkd0" in line for line in remote_pids)
+        # terminate() of a remote popen stops the process on its server, not just the ssh client
+        sleeper = net.popen("d0", ["sleep", "300"])
+        registry = Path(REMOTE_REGISTRY.format(prefix=PREFIX))
+        deadline = time.monotonic() + 10
+        while not any("pkd0: sleep" in line for line in registry.read_text().splitlines()):
+            assert time.monotonic() < deadline, registry.read_text()
+            time.sleep(0.05)
+        pid = int(next(line for line in registry.read_text().splitlines() if "pkd0: sleep" in line).split()[0])
+        assert Path(f"/proc/{pid}").exists()
+        sleeper.terminate()
+        sleeper.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]:
+            assert time.monotonic() < deadline, f"remote sleep {pid} outlived terminate()"
+            time.sleep(0.05)
     finally:
         net.stop()
     assert our_links(PREFIX) == []

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import shlex
 import socket
 import subprocess
@@ -94,13 +96,29 @@ def tunnel_argv(cluster: ClusterSpec, server: str, local_tap: int, remote_tap: i
             "-w", f"{local_tap}:{remote_tap}", dest, "echo @"]
 
 
-def remote_record_argv(prefix: str, argv: Sequence[str], name: str) -> list[str]:
-    """``argv`` wrapped so that, on its server, its PID and start time are appended to the
-    prefix's remote registry before it execs (the PID is the process's own: exec keeps it)."""
+_TOKEN = re.compile(r"^[0-9a-f]{12}$")
+
+
+def remote_record_argv(prefix: str, argv: Sequence[str], name: str, token: str = "-") -> list[str]:
+    """``argv`` wrapped so that, on its server, its PID, start time and ``token`` are appended to
+    the prefix's remote registry before it execs (the PID is the process's own: exec keeps it)."""
     path = REMOTE_REGISTRY.format(prefix=check_prefix(prefix))
+    if token != "-" and not _TOKEN.match(token):
+        raise ValueError(f"token must be 12 hex digits, got {token!r}")
     script = (f'mkdir -p "$(dirname {path})"; '
-              f'echo "$$ $(cut -d" " -f22 /proc/$$/stat) {shlex.quote(name)}" >> {path}; exec "$@"')
+              f'echo "$$ $(cut -d" " -f22 /proc/$$/stat) {token} {shlex.quote(name)}" >> {path}; exec "$@"')
     return ["sh", "-c", script, "pdtb", *[str(a) for a in argv]]
+
+
+def remote_signal_argv(prefix: str, token: str, sig: int) -> list[str]:
+    """The command that, on a server, signals the process recorded with ``token`` while its start
+    time still matches (what ``terminate()``/``kill()`` of a remote popen run there)."""
+    path = REMOTE_REGISTRY.format(prefix=check_prefix(prefix))
+    if not _TOKEN.match(token):
+        raise ValueError(f"token must be 12 hex digits, got {token!r}")
+    script = (f"set -- $(awk -v t={token} '$3 == t {{print $1, $2}}' {path} 2>/dev/null); "
+              f'[ -n "$1" ] && [ "$(cut -d" " -f22 /proc/$1/stat 2>/dev/null)" = "$2" ] && kill -{int(sig)} "$1"; true')
+    return ["sh", "-c", script]
 
 
 REMOTE_CLEAN = r'''
@@ -193,8 +211,23 @@ class PdtbRemoteHost(RemoteHost):
             env = kwargs.pop("env", None) or {}
             keep = [f"{k}={v}" for k, v in env.items()
                     if k in ("PYTHONPATH", "PYTHONUNBUFFERED") or k.startswith("PDTB_")]
+            token = secrets.token_hex(6)
             args = (remote_record_argv(self.pdtb_prefix, ["env", *keep, *argv] if keep else argv,
-                                       f"{self.name}: {argv[0]}"),)
+                                       f"{self.name}: {argv[0]}", token),)
+            proc = super().popen(*args, **kwargs)
+            local_send = proc.send_signal
+
+            def send_signal(sig: int) -> None:
+                """Signal the remote process (terminate() and kill() come here), then its ssh client."""
+                if proc.poll() is None:
+                    try:
+                        self.rcmd(remote_signal_argv(self.pdtb_prefix, token, int(sig)))
+                    except OSError:
+                        pass  # the ssh failed: teardown's registry clean still stops it
+                local_send(sig)
+
+            proc.send_signal = send_signal  # type: ignore[method-assign]
+            return proc
         return super().popen(*args, **kwargs)
 
     def record_remote(self, pid: int, what: str) -> None:
