@@ -77,7 +77,7 @@ async def read_body(request: web.Request, model: str) -> dict[str, Any]:
 
 
 def read_decode_peer(body: dict[str, Any]) -> dict[str, Any]:
-    """The ``decode`` target of a prefill request: ``{"name", "host", "port"}`` validated."""
+    """The ``decode`` target of a prefill request: ``{"name", "host", "port"[, "addrs"]}`` validated."""
     peer = body.get("decode")
     if not isinstance(peer, dict):
         raise BadRequest("decode: expected an object {name, host, port}")
@@ -86,7 +86,14 @@ def read_decode_peer(body: dict[str, Any]) -> dict[str, Any]:
     port = require_field(peer, "port", int, minimum=1)
     if not REQUEST_ID_RE.match(name) or not _HOST_RE.match(host) or port > 65535:
         raise BadRequest(f"decode: invalid peer {peer!r}")
-    return {"name": name, "host": host, "port": port}
+    out: dict[str, Any] = {"name": name, "host": host, "port": port}
+    addrs = peer.get("addrs")   # optional: one KV address per rail, which the SRD sender sprays over
+    if addrs is not None:
+        if (not isinstance(addrs, list) or not 1 <= len(addrs) <= 64
+                or not all(isinstance(a, str) and _HOST_RE.match(a) for a in addrs)):
+            raise BadRequest(f"decode.addrs: expected a list of 1..64 addresses, got {addrs!r}")
+        out["addrs"] = list(addrs)
+    return out
 
 
 def error_response(status: int, reason: str) -> web.Response:
@@ -563,6 +570,9 @@ def runnable_prefill(queue: Sequence[H], held_bytes: int, capacity_bytes: int) -
 # appearing without flooding the decode node with handshakes.
 KV_RETRY_MIN_S = 1e-3
 KV_RETRY_MAX_S = 16e-3
+# A last try is not started with less than this much time (wall) left before the handoff's
+# deadline: it could only time out, and the answer would say "timeout" where the truth is "refused".
+KV_LAST_TRY_MIN_WALL_S = 0.05
 
 
 def kv_retry_delay_s(refusals: int) -> float:

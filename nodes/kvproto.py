@@ -71,6 +71,7 @@ class Code(IntEnum):
     TIMEOUT = 12
     REFUSED = 13
     KV_FULL = 14  # the receiver has no KV room for this request now: the sender waits and retries
+    UNREACHABLE = 15  # sender side: no connection to the receiver (refused, no route): the sender retries
 
 
 # Fixed parts of the bodies (all big-endian); strings are u8-length-prefixed UTF-8.
@@ -94,6 +95,9 @@ class KvBegin:
 class KvResult:
     bytes_sent: int
     duration_s: float  # wall seconds, connect to verified ACK
+    transport: str = "tcp"
+    packets: int = 0  # SRD: data packets of the message (0 for TCP)
+    retransmitted: int = 0  # SRD: data packets sent again after their timer expired
 
 
 class KvTransferError(Exception):
@@ -248,10 +252,14 @@ def frame(ftype: FrameType, body: bytes, *, version: int = VERSION, magic: bytes
     return HEADER.pack(magic, version, int(ftype), flags, len(body)) + body
 
 
+def begin_body(begin: KvBegin) -> bytes:
+    """BEGIN's fields (also the tail of the SRD transport's BEGIN datagram)."""
+    return (_BEGIN_FIXED.pack(begin.layers, begin.tokens, begin.total_bytes)
+            + _str8(begin.request_id, "request id") + _str8(begin.model, "model") + _str8(begin.layout, "layout"))
+
+
 def encode_begin(begin: KvBegin) -> bytes:
-    return frame(FrameType.BEGIN, _BEGIN_FIXED.pack(begin.layers, begin.tokens, begin.total_bytes)
-                 + _str8(begin.request_id, "request id") + _str8(begin.model, "model")
-                 + _str8(begin.layout, "layout"))
+    return frame(FrameType.BEGIN, begin_body(begin))
 
 
 def chunk_header(request_id: str, layer: int, offset: int, data: bytes | memoryview,
@@ -271,10 +279,15 @@ def encode_end(end: KvEnd) -> bytes:
                  + _END_FIXED.pack(end.total_bytes, end.chunks, end.checksum))
 
 
-def encode_ack(ack: KvAck) -> bytes:
+def ack_body(ack: KvAck) -> bytes:
+    """ACK's fields (also the body of the SRD transport's ACK datagram)."""
     reason = ack.reason.encode()[:1024]
-    return frame(FrameType.ACK, _str8(ack.request_id, "request id")
-                 + _ACK_FIXED.pack(int(ack.verified), int(ack.code), ack.bytes_verified, len(reason)) + reason)
+    return (_str8(ack.request_id, "request id")
+            + _ACK_FIXED.pack(int(ack.verified), int(ack.code), ack.bytes_verified, len(reason)) + reason)
+
+
+def encode_ack(ack: KvAck) -> bytes:
+    return frame(FrameType.ACK, ack_body(ack))
 
 
 def client_mac(secret: bytes, nonce_s: bytes, nonce_c: bytes) -> bytes:
@@ -398,6 +411,17 @@ def decode_ack(body: bytes | memoryview) -> KvAck:
     return KvAck(rid, bool(verified), code, nbytes, reason)
 
 
+def check_begin(begin: KvBegin, max_transfer_bytes: int) -> None:
+    """The receiver's checks of a BEGIN before its callback sees it (both transports)."""
+    if begin.layers < 1:
+        raise KvTransferError("BEGIN with 0 layers", Code.MALFORMED)
+    if begin.layout not in LAYOUTS:
+        raise KvTransferError(f"unknown layout {begin.layout!r}", Code.MALFORMED)
+    if begin.total_bytes > max_transfer_bytes:
+        raise KvTransferError(f"oversized transfer: {begin.total_bytes} bytes > {max_transfer_bytes}",
+                              Code.OVERSIZED)
+
+
 async def _expect(reader: asyncio.StreamReader, want: FrameType, timeout_s: float,
                   max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
     try:
@@ -437,7 +461,7 @@ async def send_kv(host: str, port: int, secret: bytes, begin: KvBegin, *, chunk_
                 reader, writer = await asyncio.open_connection(
                     host, port, local_addr=(local_addr, 0) if local_addr else None)
             except OSError as exc:
-                raise KvTransferError(f"connect to {host}:{port} failed: {exc}", Code.REFUSED) from None
+                raise KvTransferError(f"connect to {host}:{port} failed: {exc}", Code.UNREACHABLE) from None
             nonce_s = await _expect(reader, FrameType.HELLO, timeout_s)
             if len(nonce_s) != NONCE_LEN:
                 raise KvTransferError("HELLO with a bad nonce length", Code.MALFORMED)
@@ -747,13 +771,7 @@ class KvReceiver:
         if ftype != FrameType.BEGIN:
             raise KvTransferError(f"expected BEGIN, got {ftype.name}", Code.OUT_OF_ORDER)
         begin = decode_begin(body)
-        if begin.layers < 1:
-            raise KvTransferError("BEGIN with 0 layers", Code.MALFORMED)
-        if begin.layout not in LAYOUTS:
-            raise KvTransferError(f"unknown layout {begin.layout!r}", Code.MALFORMED)
-        if begin.total_bytes > self.max_transfer_bytes:
-            raise KvTransferError(f"oversized transfer: {begin.total_bytes} bytes > {self.max_transfer_bytes}",
-                                  Code.OVERSIZED)
+        check_begin(begin, self.max_transfer_bytes)
         if self.on_begin is not None:
             self.on_begin(begin)   # may raise KvTransferError to refuse
         state["begin"] = begin
