@@ -213,6 +213,16 @@ def test_fabric_across_two_servers(sshd, tmp_path):
         assert "pkd0-e" in verdict["ports"], verdict["ports"].keys()  # sampled over ssh, remote netns
         assert sorted(verdict["tunnels"]["links"]) == ["d0-efa", "d0-fe", "mgmt-d0"]
         assert net.links_over(100e6, ("efa",)) == ["d0-efa"] and net.links_over(300e6, ("efa",)) == []
+        # a runtime link change reshapes both tunnel ends; a link down cuts the tunnelled path
+        net.set_link("d0-efa", bandwidth_bps=50e6)
+        bps = measure_tcp(net, "p0", "d0", "efa", 2.0)
+        assert 0.5 * 50e6 < bps < 1.01 * 50e6, bps  # the same HTB bound as above
+        net.set_link("d0-efa", up=False)
+        out = net.host_node("p0").cmd(f"ping -c 2 -W 1 {net.address('d0', 'efa')}")
+        assert " 0 received" in out, out
+        net.set_link("d0-efa", up=True)
+        out = net.host_node("p0").cmd(f"ping -c 2 -W 2 {net.address('d0', 'efa')}")
+        assert " 0 received" not in out, out
         remote_pids = Path(REMOTE_REGISTRY.format(prefix=PREFIX)).read_text().split("\n")
         assert any("shell pkd0" in line for line in remote_pids)
         # terminate() of a remote popen stops the process on its server, not just the ssh client
