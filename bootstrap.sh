@@ -15,6 +15,7 @@ fi
 PACKAGES=(
     mininet iproute2 iptables ethtool iputils-ping procps
     iperf3 tcpdump tshark mosquitto mosquitto-clients
+    openssh-server openssh-client sudo
     python3 python3-venv python3-dev python3-pip build-essential
     libnetfilter-queue-dev libnfnetlink-dev pkg-config
 )

@@ -373,24 +373,32 @@ def format_table(probes: list[Probe]) -> str:
 # -- the command --------------------------------------------------------------------------------
 
 def check_topology(topology: TopologyConfig, tdf: float | str = "auto", byte_scale: float | str = "auto",
-                   prefix: str = "pt", impairment: str = "auto", duration_s: float = 2.0) -> dict[str, Any]:
+                   prefix: str = "pt", impairment: str = "auto", duration_s: float = 2.0,
+                   net_factory: Any = None, bound: Any = None) -> dict[str, Any]:
     """Build ``topology`` (once per pass), measure every probe, tear down; the report as a dict.
     With ``auto``, the host capacity is measured afresh (and cached for runs): the check judges
     rates this host carries now, and past its capacity the delayers drop packets and TCP
-    collapses to a fraction of the rate, which says nothing about the shaping."""
+    collapses to a fraction of the rate, which says nothing about the shaping.
+    ``net_factory(topology, **FabricNet kwargs)`` builds the net (default FabricNet; the
+    mininet-cluster backend passes one spreading hosts over servers), and ``bound()`` returns a
+    capacity below the host's that bounds the links, with why (its tunnels, measured afresh)."""
     from fabric.dilation import choose_emulation, measure_host_capacity, rate_cap_bps
     from fabric.net import FabricNet
 
     started = time.monotonic()
     auto = "auto" in (tdf, byte_scale)
     capacity = measure_host_capacity(prefix, impairment=impairment, use_cache=False) if auto else None
+    limit = bound() if bound is not None else None
+    if limit is not None and auto and (capacity is None or limit[0] < capacity):
+        capacity = limit[0]
+    factory = net_factory or FabricNet
     choice = choose_emulation(topology, tdf, byte_scale, host_capacity=capacity)
     passes = plan_passes(topology, plan_routes(topology), choice.tdf, choice.byte_scale, rate_cap_bps(capacity),
                          extra=auto)
     backend = None
     for probes in passes:
-        net = FabricNet(topology, tdf=probes[0].tdf, byte_scale=probes[0].byte_scale, prefix=prefix,
-                        impairment=impairment)
+        net = factory(topology, tdf=probes[0].tdf, byte_scale=probes[0].byte_scale, prefix=prefix,
+                      impairment=impairment)
         try:
             net.start()
             backend = net.impairment_backend
@@ -400,7 +408,9 @@ def check_topology(topology: TopologyConfig, tdf: float | str = "auto", byte_sca
             net.stop()
     probes = [p for group in passes for p in group]
     return {"topology": topology.name, "tdf": choice.tdf, "byte_scale": choice.byte_scale,
-            "reason": choice.reason, "host_capacity_bps": capacity, "impairment_backend": backend,
+            "reason": choice.reason + (f"; {limit[1]}" if limit is not None else ""),
+            "host_capacity_bps": capacity, "impairment_backend": backend,
+            "capacity_bound": {"bps": limit[0], "reason": limit[1]} if limit is not None else None,
             "passes": [{"tdf": g[0].tdf, "byte_scale": g[0].byte_scale, "probes": len(g)} for g in passes],
             "ok": all(p.ok for p in probes), "duration_s": time.monotonic() - started,
             "probes": [asdict(p) | {"ok": p.ok} for p in probes]}
@@ -425,6 +435,9 @@ def register_check(fabric_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix", default="pt", help="name prefix of the namespaces and interfaces (default pt)")
     p.add_argument("--impairment", default="auto", choices=("auto", "netem", "fallback"))
     p.add_argument("--duration", type=float, default=2.0, help="seconds per iperf3 run (default 2)")
+    p.add_argument("--cluster", metavar="SCENARIO", default=None,
+                   help="check on the servers of SCENARIO's emulation.cluster (mininet-cluster backend): its "
+                        "tunnels are measured afresh and bound the chosen rates (docs/cluster.md)")
     p.set_defaults(func=run_check)
 
 
@@ -434,7 +447,13 @@ def run_check(args: argparse.Namespace) -> int:
         print("error: pdtb fabric check needs root (it builds network namespaces)", file=sys.stderr)
         return 2
     try:
-        report = check_topology(topology, args.tdf, args.byte_scale, args.prefix, args.impairment, args.duration)
+        hooks: dict[str, Any] = {}
+        if getattr(args, "cluster", None):
+            from testbed.runner.cluster import check_hooks  # the CLI glue reaches up; fabric/ itself does not
+
+            hooks["net_factory"], hooks["bound"] = check_hooks(args.cluster, args.prefix)
+        report = check_topology(topology, args.tdf, args.byte_scale, args.prefix, args.impairment, args.duration,
+                                **hooks)
     except (ValueError, MeasureError, RuntimeError) as exc:
         print(f"error: fabric check of {args.topology}: {exc}", file=sys.stderr)
         return 2
@@ -445,6 +464,8 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"topology {report['topology']}: tdf {report['tdf']:.4g}, byte scale {report['byte_scale']:.4g}, "
               f"impairment backend {report['impairment_backend']}")
         print(f"  ({report['reason']})")
+        if report.get("capacity_bound"):
+            print(f"  cross-server tunnels: {_fmt_rate(report['capacity_bound']['bps'])}bit/s (measured now)")
         if len(report["passes"]) > 1:
             print(f"  {len(report['passes']) - 1} more build(s) for paths outside the checked ranges at that "
                   f"dilation: " + ", ".join(f"tdf {p['tdf']:.4g} / byte scale {p['byte_scale']:.4g}"

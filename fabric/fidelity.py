@@ -103,11 +103,16 @@ def read_qdiscs(pid: int | None) -> dict[str, dict[str, int]]:
     if proc.returncode != 0:
         where = "the root namespace" if pid is None else f"the namespace of pid {pid}"
         raise OSError(f"tc qdisc show in {where} failed (exit {proc.returncode}): {proc.stderr.strip()[:200]}")
-    if not proc.stdout.strip():
+    return parse_qdiscs(proc.stdout)
+
+
+def parse_qdiscs(text: str) -> dict[str, dict[str, int]]:
+    """Root qdisc counters per device from ``tc -s -j qdisc show`` output (wherever it ran)."""
+    if not text.strip():
         return {}
     stats: dict[str, dict[str, int]] = {}
     children: dict[str, list[int]] = {}
-    for q in json.loads(proc.stdout):
+    for q in json.loads(text):
         dev = q.get("dev")
         if q.get("root"):
             stats[dev] = {"bytes": int(q.get("bytes", 0)), "backlog_bytes": int(q.get("backlog", 0)),

@@ -50,7 +50,30 @@ class SimNode:
                  settings: SimSettings):
         self.env, self.name, self.hardware, self.cost, self.timeline, self.s = env, name, hardware, cost, timeline, settings
         self._wake = env.event()
+        self.state = "up"      # "draining": the routing policies skip it (nodes.routing.SKIPPED_STATES)
+        self.slowdown = 1.0    # compute takes this many times the cost model's time (a slowdown fault)
         timeline.event("node_start", role=self.role, hardware=hardware)
+
+    def compute_s(self, model_s: float) -> float:
+        """A cost-model duration as this node runs it now (x the slowdown factor), as the daemon's
+        ``Engine.compute_s``."""
+        return model_s * self.slowdown
+
+    def command(self, cmd: str, factor: float | None = None) -> None:
+        """A control command at this virtual time, as the daemon's ``Engine.on_command`` applies it
+        (drain, resume, slowdown; a crash is not simulated)."""
+        self.timeline.event("control", cmd=cmd, factor=factor)
+        if cmd == "drain":
+            self.state = "draining"
+        elif cmd == "resume":
+            self.state = "up"
+        elif cmd == "slowdown":
+            if factor is None or not factor > 0:
+                raise ValueError(f"slowdown needs a factor > 0, got {factor!r}")
+            self.slowdown = float(factor)
+        else:
+            raise ValueError(f"the simulated node {self.name} cannot {cmd}")
+        self.notify()
 
     def notify(self) -> None:
         if not self._wake.triggered:
@@ -102,12 +125,15 @@ class SimPrefill(SimNode):
 
     def status(self) -> dict[str, Any]:
         used = self.held_bytes()
-        return {"state": "up", "queue_depth": len(self.queue), "batch_size": self.batch_size,
+        return {"state": self.state, "slowdown": self.slowdown, "queue_depth": len(self.queue),
+                "batch_size": self.batch_size,
                 "kv_used_bytes": used, "kv_free_bytes": max(0, self.capacity - used)}
 
     def submit(self, job: SimJob) -> str | None:
         """Queue the job, or refuse it as the daemon answers (507: larger than the node's KV
-        memory; 503: ``prefill.max_queue`` prompts already waiting). Returns the refusal."""
+        memory; 503: draining, or ``prefill.max_queue`` prompts already waiting). Returns the refusal."""
+        if self.state != "up":
+            return f"node {self.name} is {self.state}"
         if job.kv_model_bytes > self.capacity:
             return f"KV of {job.kv_model_bytes} bytes exceeds node capacity {self.capacity}"
         waiting = sum(1 for j in self.queue if not j.started)
@@ -132,6 +158,7 @@ class SimPrefill(SimNode):
                 continue
             batch = plan_prefill(runnable, self.s.token_budget, self.s.chunk_tokens)
             cost = self.cost.prefill([n for _, n in batch], [j.prefilled for j, _ in batch])
+            step_s = self.compute_s(cost.time_s)
             start = self.env.now
             self.batch_size = len(batch)
             tokens = sum(n for _, n in batch)
@@ -143,11 +170,11 @@ class SimPrefill(SimNode):
                     self.timeline.event("prefill_start", job.request_id, batch_size=len(batch), batch_tokens=tokens)
             if layerwise:
                 for job in finishing:
-                    self.env.process(self._transfer(job, start, cost.time_s))
-            yield from self.step(cost.time_s, len(batch), "prefill")
+                    self.env.process(self._transfer(job, start, step_s))
+            yield from self.step(step_s, len(batch), "prefill")
             for job, n in batch:
                 job.prefilled += n
-                job.compute_s += cost.time_s
+                job.compute_s += step_s
             for job in finishing:
                 self.queue.remove(job)
                 self.timeline.event("prefill_end", job.request_id, compute_s=job.compute_s)
@@ -195,7 +222,8 @@ class _Streaming(SimNode):
         self.on_token = on_token  # (request id, tokens so far, t, done): to the router and client
 
     def status(self) -> dict[str, Any]:
-        return {"state": "up", "queue_depth": len(self.waiting), "batch_size": len(self.running),
+        return {"state": self.state, "slowdown": self.slowdown, "queue_depth": len(self.waiting),
+                "batch_size": len(self.running),
                 "kv_used_bytes": self.kv.used, "kv_free_bytes": self.kv.free}
 
     def gen(self, rid: str, prompt_tokens: int, max_tokens: int) -> GenRequest:
@@ -208,7 +236,9 @@ class _Streaming(SimNode):
 
     def refusal(self, g: GenRequest, queued: int) -> str | None:
         """The daemon's answer to a request it will not take: 507 when its KV exceeds the node's
-        capacity, 503 beyond ``decode.max_queue`` requests waiting."""
+        capacity, 503 when draining or beyond ``decode.max_queue`` requests waiting."""
+        if self.state != "up":
+            return f"node {self.name} is {self.state}"
         if g.kv_bytes > self.kv.capacity:
             return f"KV of {g.kv_bytes} bytes exceeds node capacity {self.kv.capacity}"
         if queued >= self.s.decode_max_queue:
@@ -271,7 +301,8 @@ class SimDecode(_Streaming):
                 yield self.wait_for_work()
                 continue
             batch = list(self.running)
-            yield from self.step(self.cost.decode_step([g.context for g in batch]).time_s, len(batch), "decode")
+            yield from self.step(self.compute_s(self.cost.decode_step([g.context for g in batch]).time_s), len(batch),
+                                 "decode")
             for g in batch:
                 self.emit(g)
                 if g.finished:
@@ -308,7 +339,7 @@ class SimColocated(_Streaming):
                 yield self.wait_for_work()
                 continue
             step = ColocatedStep.plan(self.prefilling, self.running, self.s.token_budget, self.s.chunk_tokens)
-            duration = step.duration_s(self.cost)
+            duration = self.compute_s(step.duration_s(self.cost))
             step.start(self.timeline)
             yield from self.step(duration, step.size, step.kind)
             for g in step.finish(self.timeline, duration, self.prefilling, self.running, self.emit):
@@ -352,6 +383,12 @@ class SimRouter:
         decode = self.decode_policy.choose(self.decodes, self._status, tokens=prompt_tokens + max_tokens)
         prefill = None if self.colocated else self.prefill_policy.choose(self.prefills, self._status,
                                                                          tokens=prompt_tokens)
+        if decode is None or (prefill is None and not self.colocated):  # every node drained: the router's 503
+            reason = f"no available {'decode' if decode is None else 'prefill'} node"
+            req.ended = True
+            self.timeline.event("failed", rid, reason=reason, status=503)
+            self.client.failed(rid, reason)
+            return
         self.timeline.event("routed", rid, prefill=prefill.name if prefill else None, decode=decode.name)
         self.env.process(self._timeout(req))
         self.env.process(self._dispatch(req, prefill, decode))

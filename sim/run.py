@@ -24,6 +24,10 @@ from nodes.timeline import Timeline
 from sim.network import FlowNetwork, Port
 from sim.nodes import SimClient, SimColocated, SimDecode, SimPrefill, SimRouter, SimSettings
 
+SIM_FAULTS: tuple[str, ...] = ("drain", "resume", "slowdown")
+"""Faults the simulator applies (as the daemons' control commands); crash and the link actions
+are refused with the backends that run them named."""
+
 FRONTEND, EFA = "frontend", "efa"
 SIMULATED_VERDICT = {"verdict": "simulated", "trustworthy": False, "reasons": [
     "virtual-time simulation: no emulated network or host timing to judge; docs/simulation.md compares it "
@@ -69,10 +73,18 @@ def run_sim(sc: Any, rd: Any, *, scenario_path: str | None = None, log: Any = No
     from testbed.runner.rundir import utc_stamp
     from testbed.workload import generate_workload, write_workload
 
-    if sc.faults:
-        raise ConfigError(sc.source, [("faults", "the sim backend does not simulate faults yet: use the "
-                                                 "mininet or local backend")])
+    problems = [(f"faults[{i}].action", f"the sim backend simulates the node faults {', '.join(SIM_FAULTS)}; "
+                                        f"{f.action} needs the mininet or local backend")
+                for i, f in enumerate(sc.faults) if f.action not in SIM_FAULTS]
+    if problems:
+        raise ConfigError(sc.source, problems)
     topo, plans, client_name = plan_run(sc, "sim")
+    for i, f in enumerate(sc.faults):
+        if plans[f.target].role not in ("prefill", "decode", "colocated"):
+            problems.append((f"faults[{i}].target", f"the sim backend applies {f.action} to compute nodes; "
+                                                    f"{f.target} is the {plans[f.target].role}"))
+    if problems:
+        raise ConfigError(sc.source, problems)
     items = generate_workload(sc)
     write_workload(items, rd.workload)
     rd.scenario_yaml.write_text(yaml.safe_dump({"kind": "scenario", **sc.resolved_raw()}, sort_keys=False))
@@ -166,11 +178,29 @@ def run_sim(sc: Any, rd: Any, *, scenario_path: str | None = None, log: Any = No
         router.arrive(rid, prompt, output)
 
     env.process(replay())
+    compute = {n.name: n for n in (*prefills, *decodes)}
+    faults = [{"at": float(f.at), "action": f.action, "target": f.target,
+               "params": {"factor": f.factor} if f.factor else {}, "applied_t_model": None, "ok": None,
+               "error": None, "links": []} for f in sc.faults]
+
+    def fault(record: dict[str, Any]):
+        """At its model time, the command the orchestrator would send the node over MQTT."""
+        yield env.timeout(record["at"])
+        record["applied_t_model"] = env.now
+        try:
+            compute[record["target"]].command(record["action"], record["params"].get("factor"))
+            record["ok"] = True
+        except ValueError as exc:
+            record["ok"], record["error"] = False, f"ValueError: {exc}"
+
+    for record in faults:
+        env.process(fault(record))
     last_arrival = items[-1].arrival_s if items else 0.0
     env.run(until=last_arrival + float(sc.router.request_timeout) + 1.0)
     for tl in timelines:
         tl.event("node_stop", role=None, hardware=None)
         tl.close()
+    rd.update_run_json(faults=faults)
     rd.update_run_json(finished_wall=time.time(), finished=utc_stamp(), stop_reason="completed",
                        sim_wall_s=time.time() - wall0, sim_model_s=env.now)
     summary = compute_summary(rd.root)

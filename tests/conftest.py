@@ -35,7 +35,7 @@ def shared_trace() -> Path:
 
 
 # prefixes the tests give their runs (the default pt, test_runner_local's x7, test_fabric_net's pb, ...)
-TEST_PREFIXES = ("pt", "pb", "pc", "x7")
+TEST_PREFIXES = ("pt", "pb", "pc", "pk", "x7")
 LEAK_GRACE_S = 5.0  # a process killed in a module's last teardown may take a moment to be reaped
 
 

@@ -120,7 +120,7 @@ def test_sim_refuses_what_it_does_not_model(tmp_path):
         from sim.run import run_sim
         from testbed.runner.rundir import RunDir
 
-        sc = load_scenario(QUICKSTART, ["faults=[{at: 1s, action: slowdown, target: decode0, factor: 2}]"])
+        sc = load_scenario(QUICKSTART, ["faults=[{at: 1s, action: crash, target: decode0}]"])
         run_sim(sc, RunDir.create(sc.name, tmp_path / "x"))
     assert main(["up", str(QUICKSTART), "--backend", "sim"]) == 2
 
@@ -166,3 +166,52 @@ def test_kv_capacity_bound_makes_handoffs_wait_and_loses_nothing(tmp_path):
     header = rows[0].split(",")
     waits = [r.split(",")[header.index("kv_wait_ms")] for r in rows[1:]]
     assert sum(1 for w in waits if w) == bp["decode_refused"]
+
+
+def _sim(tmp_path: Path, name: str, *sets: str) -> tuple[dict, Path]:
+    out = tmp_path / name
+    args = ["run", str(QUICKSTART), "--backend", "sim", "--out", str(out), "--json"]
+    for item in sets:
+        args += ["--set", item]
+    assert main(args) == 0
+    return json.loads((out / "summary.json").read_text()), out
+
+
+def _events(out: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (out / "timeline" / f"{name}.jsonl").read_text().splitlines()]
+
+
+def test_slowdown_fault_stretches_the_node_s_steps_from_its_time_on(tmp_path):
+    """slowdown x2 on decode0 from 0 s: every decode step takes twice its cost-model time, so TPOT
+    doubles (virtual time is deterministic; the band allows for the larger batches that slower
+    steps gather, which lengthen a step by a few percent); prefill is untouched."""
+    base, _ = _sim(tmp_path, "base")
+    slow, out = _sim(tmp_path, "slow", "faults=[{at: 0s, action: slowdown, target: decode0, factor: 2}]")
+    assert slow["counts"]["completed"] == 20
+    assert 1.95 <= slow["tpot_ms"]["p50"] / base["tpot_ms"]["p50"] <= 2.2
+    control = [e for e in _events(out, "decode0") if e["event"] == "control"]
+    assert [(e["cmd"], e["factor"]) for e in control] == [("slowdown", 2.0)]
+    steps = [e for e in _events(out, "prefill0") if e["event"] == "step_timing"]
+    base_steps = [e for e in _events(tmp_path / "base", "prefill0") if e["event"] == "step_timing"]
+    assert sum(e["planned_s"] for e in steps) == pytest.approx(sum(e["planned_s"] for e in base_steps), rel=0.05)
+    run = json.loads((out / "run.json").read_text())
+    assert run["faults"][0]["ok"] is True and run["faults"][0]["applied_t_model"] == 0.0
+
+
+def test_drain_and_resume_steer_routing_and_draining_everything_fails_requests(tmp_path):
+    """Two decode nodes on the pod topology, routed round robin: decode1 drained at 0 s gets no
+    request until it is resumed at 0.4 s (11 of the 20 arrivals come later); with both drained,
+    every request fails with the router's 503 reason."""
+    pod = ["topology=pod", "pools.prefill.count=1", "pools.decode.count=2", "router.decode_policy=round_robin"]
+    summary, out = _sim(tmp_path, "drain", *pod, "faults=[{at: 0s, action: drain, target: decode1}, "
+                                                 "{at: 0.4s, action: resume, target: decode1}]")
+    assert summary["counts"]["completed"] == 20
+    routed = [(e["t_model"], e["decode"]) for e in _events(out, "router") if e["event"] == "routed"]
+    before = {d for t, d in routed if t < 0.4}
+    after = [d for t, d in routed if t > 0.4]
+    assert before == {"decode0"} and after.count("decode1") >= len(after) // 2, routed
+    summary, out = _sim(tmp_path, "none", *pod, "faults=[{at: 0s, action: drain, target: decode0}, "
+                                                "{at: 0s, action: drain, target: decode1}]")
+    assert summary["counts"]["completed"] == 0 and summary["counts"]["failed"] == 20
+    reasons = {e["reason"] for e in _events(out, "router") if e["event"] == "failed"}
+    assert reasons == {"no available decode node"}

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from nodes.profiles.models import ProfileName
-from core.config import ConfigError, SafeName, StrictModel, problems_from_validation, read_yaml
+from core.config import ConfigError, NodeName, SafeName, StrictModel, problems_from_validation, read_yaml
 from core.vocab import NETWORKS, DecodePolicy, KvMode, PrefillPolicy, Transport
 from core.units import Bandwidth, ByteSize, Duration, Ratio
 from testbed.runner.backend import BackendChoice
@@ -140,13 +140,82 @@ class FabricSpec(StrictModel):
 
 
 # ---------------------------------------------------------------- emulation
+_HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+HEAD_SERVER = "localhost"
+"""The server pdtb runs on, first in ``emulation.cluster.servers`` (Mininet's own name for it)."""
+TunnelKind = Literal["ssh", "gre"]
+
+
+def check_server(value: str) -> str:
+    """A server of ``emulation.cluster.servers``: ``localhost``, an IPv4/IPv6 address or a DNS
+    hostname (RFC 1123 labels). It reaches ssh's and ip's command lines, so nothing else passes."""
+    import ipaddress
+
+    if not isinstance(value, str) or not value:
+        raise ValueError("a server must be a non-empty hostname or address")
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    labels = value.rstrip(".").split(".")
+    if len(value) > 253 or not all(_HOSTNAME_LABEL.match(label) for label in labels) or value[0] == "-":
+        raise ValueError(f"{value!r} is neither an IP address nor a hostname (letters, digits, '-' and '.')")
+    return value
+
+
+ServerName = Annotated[str, BeforeValidator(check_server)]
+
+
+class ClusterSpec(StrictModel):
+    """Where a ``mininet-cluster`` run's hosts live (docs/cluster.md).
+
+    ``servers[0]`` is ``localhost``: the machine pdtb runs on, which holds every switch, the root
+    namespace (router URL, broker) and the hosts placed on it. ``placement`` maps topology hosts to
+    servers; hosts not named are spread in topology order into even bins over the servers
+    (Mininet's ``SwitchBinPlacer.bin``). ``tunnel`` is how a link reaches a host on another server:
+    Mininet's ssh Ethernet tunnels (``RemoteSSHLink``) or gretap (``RemoteGRELink``).
+    """
+
+    servers: list[ServerName] = Field(min_length=1)
+    placement: dict[NodeName, ServerName] = {}
+    tunnel: TunnelKind = "ssh"
+    user: SafeName = "root"
+    ssh_port: int = Field(default=22, ge=1, le=65535)
+    identity_file: str | None = None  # ssh -i; None: ssh's defaults for the user
+    known_hosts_file: str | None = None  # ssh UserKnownHostsFile; None: ssh's default
+    tunnel_capacity: Bandwidth | Literal["auto"] = "auto"  # measured by the fabric check when auto
+
+    @model_validator(mode="after")
+    def _servers(self) -> "ClusterSpec":
+        if self.servers[0] != HEAD_SERVER:
+            raise ValueError(f"servers[0] must be {HEAD_SERVER!r} (the machine pdtb runs on), got {self.servers[0]!r}")
+        if len(set(self.servers)) != len(self.servers):
+            raise ValueError(f"servers must be distinct, got {self.servers}")
+        for host, server in self.placement.items():
+            if server not in self.servers:
+                raise ValueError(f"placement.{host}: {server!r} is not one of servers {self.servers}")
+        for key in ("identity_file", "known_hosts_file"):
+            path = getattr(self, key)
+            if path is not None and (not path.startswith("/") or any(c.isspace() for c in path)):
+                raise ValueError(f"{key} must be an absolute path without spaces, got {path!r}")
+        return self
+
+
 class EmulationSpec(StrictModel):
     backend: BackendChoice = "auto"
+    cluster: ClusterSpec | None = None  # the mininet-cluster backend's servers and placement
     tdf: float | Literal["auto"] = "auto"
     byte_scale: float | Literal["auto"] = "auto"
     impairment: Literal["auto", "netem", "fallback"] = "auto"
     wall_budget: Duration | None = None  # stop a run that would take longer in wall time
     rto_min: Duration | Literal["auto"] = "auto"  # model time; TCP's minimum RTO on emulated links
+
+    @model_validator(mode="after")
+    def _cluster_needs_servers(self) -> "EmulationSpec":
+        if self.backend == "mininet-cluster" and self.cluster is None:
+            raise ValueError("backend 'mininet-cluster' needs emulation.cluster.servers (docs/cluster.md)")
+        return self
 
     @field_validator("tdf")
     @classmethod
@@ -719,6 +788,11 @@ def topology_problems(sc: ScenarioConfig, topo: Any) -> list[tuple[str, str]]:
                                       "other way round"))
     nodes = {h.name for h in topo.hosts}
     links = {link.name for link in topo.links}
+    if sc.emulation.cluster is not None:
+        for host in sc.emulation.cluster.placement:
+            if host not in nodes:
+                problems.append((f"emulation.cluster.placement.{host}",
+                                 f"{host!r} is not a host of topology {sc.topology!r} ({', '.join(sorted(nodes))})"))
     for i, f in enumerate(sc.faults):
         if f.action in LINK_ACTIONS:
             if f.target not in links and f.target not in NETWORKS:

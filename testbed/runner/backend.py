@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal, Mapping, Protocol, get_args
 from core.config import ConfigError
 from nodes.config import Endpoint
 
-BackendChoice = Literal["auto", "local", "mininet", "sim"]  # the scenario's emulation.backend, --backend
+BackendChoice = Literal["auto", "local", "mininet", "sim", "mininet-cluster"]  # the scenario's emulation.backend, --backend
 BACKEND_CHOICES: tuple[str, ...] = get_args(BackendChoice)
 BACKEND_NAMES = BACKEND_CHOICES[1:]
 ROOT = "root"  # a node that runs in the root namespace (no topology host)
@@ -47,6 +47,10 @@ class Backend(Protocol):
     def host_capacity(cls, prefix: str) -> float | None:
         """This host's measured fabric capacity (bit/s) when a backend can measure it, else None."""
 
+    @classmethod
+    def capacity_bound(cls, prefix: str, emulation: Any) -> tuple[float, str] | None:
+        """A capacity (bit/s) below the host's bounding every emulated link, with why; or None."""
+
     @property
     def impairment_backend(self) -> str: ...
 
@@ -73,6 +77,12 @@ class LiveBackend:
     live: ClassVar[bool] = True
 
     @classmethod
+    def capacity_bound(cls, prefix: str, emulation: Any) -> tuple[float, str] | None:
+        """A capacity (bit/s) below the host's that bounds every emulated link, with the reason
+        (the mininet-cluster backend's tunnel between servers); None: the host's capacity rules."""
+        return None
+
+    @classmethod
     def run(cls, sc: Any, rd: Any, *, scenario_path: str | None = None) -> dict[str, Any] | None:
         """One scenario (no sweep) into the run directory ``rd``; returns its summary."""
         from testbed.runner.orchestrator import Orchestrator
@@ -97,7 +107,7 @@ def pick_backend(requested: str | None, scenario_backend: str = "auto") -> str:
         raise ConfigError("--backend", [("", f"expected one of {', '.join(BACKEND_CHOICES)}, got {choice!r}")])
     if choice == "auto":
         return "mininet" if mininet_available() else "local"
-    if choice == "mininet" and not mininet_available():
+    if choice in ("mininet", "mininet-cluster") and not mininet_available():
         raise ConfigError("--backend", [("", "the mininet backend needs root and the mininet python module "
                                              "(run ./bootstrap.sh, then sudo); or use --backend local")])
     return choice
@@ -114,6 +124,9 @@ def backend_class(name: str) -> Any:
     if name == "sim":
         from sim.run import SimBackend
         return SimBackend
+    if name == "mininet-cluster":
+        from testbed.runner.cluster import ClusterBackend
+        return ClusterBackend
     raise ConfigError("--backend", [("", f"expected one of {', '.join(BACKEND_NAMES)}, got {name!r}")])
 
 

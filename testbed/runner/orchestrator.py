@@ -231,6 +231,10 @@ class Orchestrator:
             capacity = load_host_capacity()
             if capacity is None:
                 capacity = self.backend_cls.host_capacity(self.prefix)
+            bound = self.backend_cls.capacity_bound(self.prefix, em)  # e.g. a tunnel between servers
+            if bound is not None and (capacity is None or bound[0] < capacity):
+                capacity = bound[0]
+                notes.append(bound[1])
         span = self._workload_span_s()
         choice = choose_emulation(self.topo, tdf, em.byte_scale,
                                   wall_budget_s=float(em.wall_budget) if em.wall_budget is not None else None,
