@@ -317,8 +317,9 @@ class ComputeNode:
             os._exit(1)
         if cmd["cmd"] == "drain":
             self.state = "draining"
-        elif cmd["cmd"] == "resume":
+        elif cmd["cmd"] == "resume":  # ends a drain and a slowdown
             self.state = "up"
+            self.slowdown = 1.0
         elif cmd["cmd"] == "slowdown":
             self.slowdown = cmd["factor"]
         self.notify()

@@ -65,8 +65,9 @@ class SimNode:
         self.timeline.event("control", cmd=cmd, factor=factor)
         if cmd == "drain":
             self.state = "draining"
-        elif cmd == "resume":
+        elif cmd == "resume":  # ends a drain and a slowdown
             self.state = "up"
+            self.slowdown = 1.0
         elif cmd == "slowdown":
             if factor is None or not factor > 0:
                 raise ValueError(f"slowdown needs a factor > 0, got {factor!r}")

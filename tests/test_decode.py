@@ -217,11 +217,15 @@ async def test_commands_drain_resume_slowdown(tmp_path, broker):
         await ctl.send("d1", "slowdown", factor=3.0)
         assert await w.wait_for(lambda w: w.status("d1")["slowdown"] == 3.0, 5)
         check_stream(await generate_with_kv(session, cfg, "r2", 100, 3), "r2", 3)
+        await ctl.send("d1", "resume")  # ends the slowdown too
+        assert await w.wait_for(lambda w: w.status("d1")["slowdown"] == 1.0, 5)
+        check_stream(await generate_with_kv(session, cfg, "r3", 100, 3), "r3", 3)
     steps = events(cfg, "step_timing")
-    assert len(steps) == 6
+    assert len(steps) == 9
     assert steps[3]["planned_s"] == pytest.approx(3.0 * steps[0]["planned_s"], rel=1e-3)
+    assert steps[6]["planned_s"] == pytest.approx(steps[0]["planned_s"], rel=1e-3)
     assert [(e["cmd"], e["factor"]) for e in events(cfg, "control")] == [
-        ("drain", None), ("resume", None), ("slowdown", 3.0)]
+        ("drain", None), ("resume", None), ("slowdown", 3.0), ("resume", None)]
 
 
 async def test_crash_command_exits_and_last_will_fires(tmp_path, broker):
