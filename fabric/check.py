@@ -402,8 +402,8 @@ def measure_probes(net: Any, probes: list[Probe], duration_s: float = 3.0) -> No
 
 def rail_batches(probes: list[Probe], cap_bps: float, most: int = 16) -> list[list[Probe]]:
     """Probes grouped for :func:`measure_probes`: consecutive probes between the same two hosts
-    over rails, at most ``most`` and at most ``cap_bps`` of summed rate per group (what the
-    dilation keeps one host within); every other probe alone."""
+    over rails that share no link, at most ``most`` and at most ``cap_bps`` of summed rate per
+    group (what the dilation keeps one host within); every other probe alone."""
     def railed(p: Probe) -> bool:
         return any(re.search(r"-r\d+$", name) for name in p.links[:1] + p.links[-1:])
 
@@ -412,6 +412,7 @@ def rail_batches(probes: list[Probe], cap_bps: float, most: int = 16) -> list[li
         last = batches[-1] if batches else None
         if (last and railed(p) and railed(last[0]) and len(last) < most
                 and (last[0].src, last[0].dst, last[0].cls) == (p.src, p.dst, p.cls)
+                and not set(p.links).intersection(*[q.links for q in last])
                 and p.rate_bps is not None and all(q.rate_bps is not None for q in last)
                 and sum(q.rate_bps for q in last) + p.rate_bps <= cap_bps * 1.0001):  # type: ignore[misc]
             last.append(p)
