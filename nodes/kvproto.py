@@ -1,12 +1,22 @@
 """KV-cache handoff protocol: prefill pushes a request's KV cache to a decode node over TCP.
 
-Versioned binary frames (layout in docs/wire-format.md) on one authenticated connection per
-transfer: the receiver greets with a nonce, both sides prove knowledge of the run's secret
-(HMAC-SHA256 challenge-response, mutual), then the sender streams BEGIN, CHUNK..., END and
-waits for the receiver's ACK, sent only after every byte was checked. Payload bytes are a
-deterministic function of (request id, offset), so the receiver verifies each byte, not only
-CRCs. A receiver rejects a bad connection with a logged reason (and an ACK frame carrying the
-reason when the socket still allows it), closes that connection only, and keeps serving.
+Versioned binary frames (layout in docs/wire-format.md) on authenticated connections: the
+receiver greets with a nonce, both sides prove knowledge of the run's secret (HMAC-SHA256
+challenge-response, mutual), then the sender streams BEGIN, CHUNK..., END and waits for the
+receiver's ACK, sent only after every byte was checked. Payload bytes are a deterministic
+function of (request id, offset), so the receiver verifies each byte, not only CRCs.
+
+:class:`KvPeer` keeps one persistent connection per rail of a receiver, opened ahead of the
+transfers (no SYN, handshake or slow start from idle in a transfer's path), and stripes each
+transfer over them: chunk i goes to stripe i mod S, each stripe carries its own BEGIN (with
+``stripe``/``stripes``) and END (its chunk count and checksum), and the receiver places chunks
+by offset and acknowledges once, on stripe 0's connection, when every stripe has ended and
+every byte is there. :func:`send_kv` is the one-shot form (one connection, one transfer).
+
+A receiver refuses a transfer (no KV room: KV_FULL) with an ACK and keeps the connection; on
+a malformed or unauthenticated stream it answers with an ACK carrying the reason when the
+socket still allows it, closes that connection only (failing the transfers striped over it),
+and keeps serving.
 """
 from __future__ import annotations
 
@@ -21,7 +31,7 @@ import struct
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Awaitable, Callable
 
@@ -78,6 +88,8 @@ _BEGIN_FIXED = struct.Struct(">HIQ")      # layers, tokens, total_bytes
 _CHUNK_FIXED = struct.Struct(">HQII")     # layer, offset, payload_len, crc32
 _END_FIXED = struct.Struct(">QII")        # total_bytes, chunks, checksum (CRC-32 of the chunk CRCs)
 _ACK_FIXED = struct.Struct(">BHQH")       # verified, code, bytes_verified, reason_len
+_STRIPE = struct.Struct(">BB")            # optional BEGIN trailer: stripe, stripes (striped transfers)
+MAX_STRIPES = 32                           # fabric.topology.MAX_RAILS
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,12 @@ class KvBegin:
     tokens: int
     total_bytes: int
     layout: str = "layer-major"
+    stripe: int = 0     # which stripe this BEGIN opens (a striped transfer sends one per connection)
+    stripes: int = 1    # how many connections the transfer is striped over
+
+    def transfer(self) -> tuple:
+        """What every stripe's BEGIN of one transfer must agree on."""
+        return (self.request_id, self.model, self.layers, self.tokens, self.total_bytes, self.layout, self.stripes)
 
 
 @dataclass
@@ -249,9 +267,11 @@ def frame(ftype: FrameType, body: bytes, *, version: int = VERSION, magic: bytes
 
 
 def encode_begin(begin: KvBegin) -> bytes:
+    """A BEGIN frame; a striped transfer's (``stripes`` > 1) ends with the stripe trailer."""
+    trailer = _STRIPE.pack(begin.stripe, begin.stripes) if begin.stripes > 1 else b""
     return frame(FrameType.BEGIN, _BEGIN_FIXED.pack(begin.layers, begin.tokens, begin.total_bytes)
                  + _str8(begin.request_id, "request id") + _str8(begin.model, "model")
-                 + _str8(begin.layout, "layout"))
+                 + _str8(begin.layout, "layout") + trailer)
 
 
 def chunk_header(request_id: str, layer: int, offset: int, data: bytes | memoryview,
@@ -363,8 +383,11 @@ def decode_begin(body: bytes | memoryview) -> KvBegin:
     rid = b.request_id()
     model = b.str8("model")
     layout = b.str8("layout")
+    stripe, stripes = b.unpack(_STRIPE) if len(body) - b.pos == _STRIPE.size else (0, 1)
     b.done()
-    return KvBegin(rid, model, layers, tokens, total, layout)
+    if not (1 <= stripes <= MAX_STRIPES and stripe < stripes):
+        raise KvTransferError(f"BEGIN stripe {stripe} of {stripes}", Code.MALFORMED)
+    return KvBegin(rid, model, layers, tokens, total, layout, stripe, stripes)
 
 
 def decode_chunk(body: bytes | memoryview) -> KvChunk:
@@ -531,6 +554,7 @@ class _FrameConn(asyncio.BufferedProtocol):
         self.closed: BaseException | bool = False   # True on EOF, the exception on a lost connection
         self.paused = False
         self.task: asyncio.Task | None = None
+        self.stripes: dict[str, _Stripe] = {}   # request id -> the stripe open on this connection
 
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -561,8 +585,8 @@ class _FrameConn(asyncio.BufferedProtocol):
             self.waiter.set_result(None)
 
     # -- reading
-    async def read_exact(self, n: int, timeout_s: float) -> memoryview:
-        """The next n bytes; TIMEOUT when no byte arrives for ``timeout_s``."""
+    async def read_exact(self, n: int, timeout_s: float | None) -> memoryview:
+        """The next n bytes; TIMEOUT when no byte arrives for ``timeout_s`` (None: wait)."""
         if self.end - self.start < n:
             if len(self.buf) - self.start < n:   # make room: move the unread bytes to the front
                 left = self.end - self.start
@@ -592,10 +616,12 @@ class _FrameConn(asyncio.BufferedProtocol):
         self.start += n
         return view
 
-    async def read_frame(self) -> tuple[FrameType, memoryview]:
+    async def read_frame(self, idle: bool = False) -> tuple[FrameType, memoryview]:
+        """The next frame; ``idle``: between transfers, so the next header may take any time
+        (a persistent connection waits for the next transfer)."""
         rx = self.receiver
         try:
-            head = await self.read_exact(HEADER_LEN, rx.frame_timeout_s)
+            head = await self.read_exact(HEADER_LEN, None if idle else rx.frame_timeout_s)
         except asyncio.IncompleteReadError as exc:
             if not exc.partial:
                 raise KvTransferError("connection closed by peer", Code.TRUNCATED) from None
@@ -653,16 +679,21 @@ class KvReceiver:
         self.on_begin = on_begin
         self.on_complete = on_complete
         self.log = logger or log
-        self._server: asyncio.base_events.Server | None = None
+        self._servers: list[asyncio.base_events.Server] = []
         self._port: int | None = None
         self._conns: set[_FrameConn] = set()
+        self._inbound: dict[str, _Inbound] = {}
+        self._dead: dict[str, None] = {}   # request ids refused or failed lately, oldest first
         self.rejected = 0
         self.completed = 0
 
     async def start(self, host: str, port: int) -> None:
+        """Listen on ``host``:``port``; call again for each further rail address (same port)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _FrameConn(self), host, port)
-        self._port = self._server.sockets[0].getsockname()[1]
+        server = await loop.create_server(lambda: _FrameConn(self), host, port)
+        self._servers.append(server)
+        if self._port is None:
+            self._port = server.sockets[0].getsockname()[1]
 
     @property
     def port(self) -> int:
@@ -673,56 +704,82 @@ class KvReceiver:
 
     async def close(self) -> None:
         """Stop listening and abort the transfers in progress (their on_complete gets False)."""
-        server, self._server = self._server, None
-        if server is not None:
+        servers, self._servers = self._servers, []
+        for server in servers:
             server.close()
         tasks = [c.task for c in self._conns if c.task is not None]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if server is not None:
+        for server in servers:
             await server.wait_closed()
 
     async def _serve(self, conn: _FrameConn) -> None:
         self._conns.add(conn)
         peer = conn.transport.get_extra_info("peername")
         peer_s = f"{peer[0]}:{peer[1]}" if peer else "?"
-        state: dict = {"begin": None, "verified": 0}
         try:
-            await self._session(conn, state)
-            self.completed += 1
+            await self._session(conn)
         except KvTransferError as exc:
             self.rejected += 1
-            begin = state["begin"]
+            rid, verified = await self._fail_conn(conn)
             self.log.warning("kv: rejected connection from %s%s: %s [%s]", peer_s,
-                             f" (request {begin.request_id})" if begin else "", exc.reason, exc.code.name)
-            if begin is not None:
-                state["begin"] = None
-                await self._complete(begin, False)
-            conn.write(encode_ack(KvAck(begin.request_id if begin else "", False, exc.code,
-                                        state["verified"], exc.reason)))
+                             f" (request {rid})" if rid else "", exc.reason, exc.code.name)
+            conn.write(encode_ack(KvAck(rid, False, exc.code, verified, exc.reason)))
             await conn.discard(1.0)
         except (ConnectionError, OSError) as exc:
             self.rejected += 1
             self.log.warning("kv: connection from %s lost: %s", peer_s, exc)
-            if state["begin"] is not None:
-                await self._complete(state["begin"], False)
+            await self._fail_conn(conn)
         except asyncio.CancelledError:
-            if state["begin"] is not None:
-                await self._complete(state["begin"], False)
+            await self._fail_conn(conn)
             raise
         except Exception as exc:  # a bug in a callback must not leave the sender waiting
             self.rejected += 1
             self.log.exception("kv: error serving %s", peer_s)
-            begin, state["begin"] = state["begin"], None
-            conn.write(encode_ack(KvAck(begin.request_id if begin else "", False, Code.REFUSED, state["verified"],
+            rid, verified = await self._fail_conn(conn)
+            conn.write(encode_ack(KvAck(rid, False, Code.REFUSED, verified,
                                         f"receiver error: {type(exc).__name__}: {exc}")))
-            if begin is not None:
-                await self._complete(begin, False)
         finally:
             conn.transport.close()   # sends what is still buffered (the ACK), then FIN
             self._conns.discard(conn)
+
+    async def _fail_conn(self, conn: _FrameConn) -> tuple[str, int]:
+        """Fail every transfer with a stripe open on ``conn`` (the other stripes' frames are
+        dropped from now on); (request id, bytes verified) of one of them for the ACK."""
+        first = ("", 0)
+        for rid, stripe in list(conn.stripes.items()):
+            if first == ("", 0):
+                first = (rid, stripe.inbound.verified)
+            await self._fail(stripe.inbound)
+        conn.stripes.clear()
+        return first
+
+    async def _fail(self, inbound: _Inbound, notify: KvAck | None = None) -> None:
+        """Forget a transfer as failed: its connections drop its later frames; ``notify`` is
+        sent on its lead connection (the sender waits there) when given."""
+        if inbound.failed:
+            return
+        inbound.failed = True
+        rid = inbound.begin.request_id
+        if self._inbound.get(rid) is inbound:
+            del self._inbound[rid]
+        self._forget(rid)
+        for c in inbound.conns:
+            c.stripes.pop(rid, None)
+        if notify is not None:
+            lead = inbound.lead or next(iter(inbound.conns), None)
+            if lead is not None:
+                lead.write(encode_ack(notify))
+        await self._complete(inbound.begin, False)
+
+    def _forget(self, rid: str) -> None:
+        """Remember a refused or failed request id for a while: its other stripes' frames,
+        already on their way, are dropped instead of treated as strays."""
+        self._dead[rid] = None
+        while len(self._dead) > 4096:
+            self._dead.pop(next(iter(self._dead)))
 
     async def _complete(self, begin: KvBegin, ok: bool) -> None:
         if self.on_complete is not None:
@@ -730,7 +787,7 @@ class KvReceiver:
             if inspect.isawaitable(res):
                 await res
 
-    async def _session(self, conn: _FrameConn, state: dict) -> None:
+    async def _session(self, conn: _FrameConn) -> None:
         nonce_s = os.urandom(NONCE_LEN)
         conn.write(frame(FrameType.HELLO, nonce_s))
         ftype, body = await conn.read_frame()
@@ -742,63 +799,152 @@ class KvReceiver:
         if not hmac.compare_digest(mac, client_mac(self.secret, nonce_s, nonce_c)):
             raise KvTransferError("sender failed authentication (wrong HMAC)", Code.AUTH_FAILED)
         conn.write(frame(FrameType.AUTH_OK, server_mac(self.secret, nonce_c, nonce_s)))
-
-        ftype, body = await conn.read_frame()
-        if ftype != FrameType.BEGIN:
-            raise KvTransferError(f"expected BEGIN, got {ftype.name}", Code.OUT_OF_ORDER)
-        begin = decode_begin(body)
-        if begin.layers < 1:
-            raise KvTransferError("BEGIN with 0 layers", Code.MALFORMED)
-        if begin.layout not in LAYOUTS:
-            raise KvTransferError(f"unknown layout {begin.layout!r}", Code.MALFORMED)
-        if begin.total_bytes > self.max_transfer_bytes:
-            raise KvTransferError(f"oversized transfer: {begin.total_bytes} bytes > {self.max_transfer_bytes}",
-                                  Code.OVERSIZED)
-        if self.on_begin is not None:
-            self.on_begin(begin)   # may raise KvTransferError to refuse
-        state["begin"] = begin
-
-        rid, total, expected, running, chunks = begin.request_id, begin.total_bytes, 0, 0, 0
+        served = False
         while True:
-            ftype, body = await conn.read_frame()
-            if ftype == FrameType.CHUNK:
-                c = decode_chunk(body)
-                if c.request_id != rid:
-                    raise KvTransferError(f"CHUNK for {c.request_id!r} inside transfer {rid!r}", Code.OUT_OF_ORDER)
-                if c.offset != expected:
-                    raise KvTransferError(f"CHUNK at offset {c.offset}, expected {expected}", Code.OUT_OF_ORDER)
-                n = len(c.payload)
-                if n == 0 or expected + n > total:
-                    raise KvTransferError(f"CHUNK of {n} bytes at {c.offset} overruns {total}", Code.OUT_OF_ORDER)
-                if not 0 <= c.layer < begin.layers:
-                    raise KvTransferError(f"CHUNK layer {c.layer} outside 0..{begin.layers - 1}", Code.OUT_OF_ORDER)
-                lstart, llen = layer_span(total, begin.layers, c.layer)
-                if not (lstart <= c.offset and c.offset + n <= lstart + llen):
-                    raise KvTransferError(f"CHUNK [{c.offset}, {c.offset + n}) not inside layer {c.layer} "
-                                          f"[{lstart}, {lstart + llen})", Code.OUT_OF_ORDER)
-                crc = zlib.crc32(c.payload)
-                if crc != c.crc32:
-                    raise KvTransferError(f"CHUNK at offset {c.offset}: CRC {crc:08x} != {c.crc32:08x}", Code.BAD_CRC)
-                if not verify_payload(rid, c.offset, c.payload):
-                    raise KvTransferError(f"CHUNK at offset {c.offset}: payload differs from the request's "
-                                          f"KV bytes", Code.BAD_PAYLOAD)
-                running = zlib.crc32(crc.to_bytes(4, "big"), running)
-                expected += n
-                chunks += 1
-                state["verified"] = expected
+            try:
+                ftype, body = await conn.read_frame(idle=served and not conn.stripes)
+            except KvTransferError as exc:
+                if served and not conn.stripes and exc.code == Code.TRUNCATED and conn.start == conn.end:
+                    return   # the sender closed a persistent connection between transfers
+                raise
+            if ftype == FrameType.BEGIN:
+                await self._on_begin(conn, decode_begin(body))
+                served = True
+            elif ftype == FrameType.CHUNK:
+                self._on_chunk(conn, decode_chunk(body))
             elif ftype == FrameType.END:
-                end = decode_end(body)
-                if end.request_id != rid:
-                    raise KvTransferError(f"END for {end.request_id!r} inside transfer {rid!r}", Code.OUT_OF_ORDER)
-                if expected != total or end.total_bytes != total:
-                    raise KvTransferError(f"END after {expected} of {total} bytes (END says {end.total_bytes})",
-                                          Code.OUT_OF_ORDER)
-                if end.chunks != chunks or end.checksum != running:
-                    raise KvTransferError(f"END checksum {end.checksum:08x}/{end.chunks} chunks != "
-                                          f"{running:08x}/{chunks}", Code.BAD_CHECKSUM)
-                state["begin"] = None   # completion reported here
-                await self._complete(begin, True)
-                conn.write(encode_ack(KvAck(rid, True, Code.OK, total, "verified")))
-                return
+                await self._on_end(conn, decode_end(body))
             else:
-                raise KvTransferError(f"unexpected {ftype.name} frame during transfer", Code.OUT_OF_ORDER)
+                raise KvTransferError(f"unexpected {ftype.name} frame", Code.OUT_OF_ORDER)
+
+    async def _on_begin(self, conn: _FrameConn, begin: KvBegin) -> None:
+        rid = begin.request_id
+        if rid in conn.stripes:
+            raise KvTransferError(f"second BEGIN for {rid!r} on one connection", Code.OUT_OF_ORDER)
+        inbound = self._inbound.get(rid)
+        if inbound is None:
+            if begin.layers < 1:
+                raise KvTransferError("BEGIN with 0 layers", Code.MALFORMED)
+            if begin.layout not in LAYOUTS:
+                raise KvTransferError(f"unknown layout {begin.layout!r}", Code.MALFORMED)
+            if begin.total_bytes > self.max_transfer_bytes:
+                raise KvTransferError(f"oversized transfer: {begin.total_bytes} bytes > {self.max_transfer_bytes}",
+                                      Code.OVERSIZED)
+            if rid in self._dead and begin.stripe != 0:
+                return     # a later stripe of a transfer refused or failed on another connection
+            self._dead.pop(rid, None)
+            if self.on_begin is not None:
+                try:
+                    self.on_begin(begin)   # may raise KvTransferError to refuse
+                except KvTransferError as exc:
+                    # a refusal of this transfer, not of the connection: answer and keep serving
+                    self.rejected += 1
+                    self._forget(rid)
+                    self.log.info("kv: refused %s: %s [%s]", rid, exc.reason, exc.code.name)
+                    conn.write(encode_ack(KvAck(rid, False, exc.code, 0, exc.reason)))
+                    return
+            inbound = self._inbound[rid] = _Inbound(begin)
+        elif inbound.begin.transfer() != begin.transfer() or begin.stripe in inbound.opened:
+            raise KvTransferError(f"BEGIN of stripe {begin.stripe} does not match transfer {rid!r}", Code.OUT_OF_ORDER)
+        inbound.opened.add(begin.stripe)
+        inbound.conns.add(conn)
+        if begin.stripe == 0:
+            inbound.lead = conn
+        conn.stripes[rid] = _Stripe(inbound, begin.stripe)
+
+    def _on_chunk(self, conn: _FrameConn, c: KvChunk) -> None:
+        stripe = conn.stripes.get(c.request_id)
+        if stripe is None:
+            if c.request_id in self._dead:
+                return     # the rest of a refused or failed transfer's stripe
+            raise KvTransferError(f"CHUNK for {c.request_id!r} without its BEGIN on this connection", Code.OUT_OF_ORDER)
+        inbound = stripe.inbound
+        begin, total, n = inbound.begin, inbound.begin.total_bytes, len(c.payload)
+        if begin.stripes == 1 and c.offset != stripe.next_offset:
+            raise KvTransferError(f"CHUNK at offset {c.offset}, expected {stripe.next_offset}", Code.OUT_OF_ORDER)
+        if c.offset < stripe.next_offset:
+            raise KvTransferError(f"CHUNK at offset {c.offset} behind its stripe's {stripe.next_offset}",
+                                  Code.OUT_OF_ORDER)
+        if n == 0 or c.offset + n > total:
+            raise KvTransferError(f"CHUNK of {n} bytes at {c.offset} overruns {total}", Code.OUT_OF_ORDER)
+        if not 0 <= c.layer < begin.layers:
+            raise KvTransferError(f"CHUNK layer {c.layer} outside 0..{begin.layers - 1}", Code.OUT_OF_ORDER)
+        lstart, llen = layer_span(total, begin.layers, c.layer)
+        if not (lstart <= c.offset and c.offset + n <= lstart + llen):
+            raise KvTransferError(f"CHUNK [{c.offset}, {c.offset + n}) not inside layer {c.layer} "
+                                  f"[{lstart}, {lstart + llen})", Code.OUT_OF_ORDER)
+        if c.offset in inbound.spans:
+            raise KvTransferError(f"CHUNK at offset {c.offset} received twice", Code.OUT_OF_ORDER)
+        crc = zlib.crc32(c.payload)
+        if crc != c.crc32:
+            raise KvTransferError(f"CHUNK at offset {c.offset}: CRC {crc:08x} != {c.crc32:08x}", Code.BAD_CRC)
+        if not verify_payload(c.request_id, c.offset, c.payload):
+            raise KvTransferError(f"CHUNK at offset {c.offset}: payload differs from the request's "
+                                  f"KV bytes", Code.BAD_PAYLOAD)
+        stripe.running = zlib.crc32(crc.to_bytes(4, "big"), stripe.running)
+        stripe.chunks += 1
+        stripe.next_offset = c.offset + n
+        inbound.spans[c.offset] = n
+        inbound.verified += n
+
+    async def _on_end(self, conn: _FrameConn, end: KvEnd) -> None:
+        stripe = conn.stripes.get(end.request_id)
+        if stripe is None:
+            if end.request_id in self._dead:
+                return
+            raise KvTransferError(f"END for {end.request_id!r} without its BEGIN on this connection", Code.OUT_OF_ORDER)
+        inbound = stripe.inbound
+        begin, total = inbound.begin, inbound.begin.total_bytes
+        if end.total_bytes != total:
+            raise KvTransferError(f"END says {end.total_bytes} bytes, BEGIN {total}", Code.OUT_OF_ORDER)
+        if begin.stripes == 1 and stripe.next_offset != total:
+            raise KvTransferError(f"END after {stripe.next_offset} of {total} bytes (END says {end.total_bytes})",
+                                  Code.OUT_OF_ORDER)
+        if end.chunks != stripe.chunks or end.checksum != stripe.running:
+            raise KvTransferError(f"END checksum {end.checksum:08x}/{end.chunks} chunks != "
+                                  f"{stripe.running:08x}/{stripe.chunks}", Code.BAD_CHECKSUM)
+        del conn.stripes[end.request_id]
+        inbound.ended.add(stripe.stripe)
+        if len(inbound.ended) < begin.stripes:
+            return
+        rid = begin.request_id
+        pos = 0
+        for off in sorted(inbound.spans):      # every byte once: the spans tile [0, total)
+            if off != pos:
+                break
+            pos += inbound.spans[off]
+        if pos != total:
+            await self._fail(inbound, KvAck(rid, False, Code.OUT_OF_ORDER, inbound.verified,
+                                            f"every stripe ended with bytes [{pos}, {total}) missing"))
+            self.rejected += 1
+            return
+        del self._inbound[rid]
+        self.completed += 1
+        await self._complete(begin, True)
+        lead = inbound.lead if inbound.lead is not None and not inbound.lead.transport.is_closing() else conn
+        lead.write(encode_ack(KvAck(rid, True, Code.OK, total, "verified")))
+
+
+@dataclass(eq=False)
+class _Inbound:
+    """A transfer being received, over one connection or striped over several."""
+
+    begin: KvBegin
+    opened: set[int] = field(default_factory=set)
+    ended: set[int] = field(default_factory=set)
+    spans: dict[int, int] = field(default_factory=dict)     # offset -> length of each verified chunk
+    verified: int = 0
+    conns: set[_FrameConn] = field(default_factory=set)
+    lead: _FrameConn | None = None                            # stripe 0's connection: the ACK goes there
+    failed: bool = False
+
+
+@dataclass(eq=False)
+class _Stripe:
+    """One stripe of a transfer on one connection: its chunks arrive in increasing offset order."""
+
+    inbound: _Inbound
+    stripe: int
+    next_offset: int = 0
+    running: int = 0
+    chunks: int = 0
