@@ -21,6 +21,7 @@ and keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -88,7 +89,7 @@ _BEGIN_FIXED = struct.Struct(">HIQ")      # layers, tokens, total_bytes
 _CHUNK_FIXED = struct.Struct(">HQII")     # layer, offset, payload_len, crc32
 _END_FIXED = struct.Struct(">QII")        # total_bytes, chunks, checksum (CRC-32 of the chunk CRCs)
 _ACK_FIXED = struct.Struct(">BHQH")       # verified, code, bytes_verified, reason_len
-_STRIPE = struct.Struct(">BB")            # optional BEGIN trailer: stripe, stripes (striped transfers)
+_STRIPE = struct.Struct(">BBI")           # optional BEGIN trailer: stripe, stripes, attempt (striped transfers)
 MAX_STRIPES = 32                           # fabric.topology.MAX_RAILS
 
 
@@ -102,10 +103,17 @@ class KvBegin:
     layout: str = "layer-major"
     stripe: int = 0     # which stripe this BEGIN opens (a striped transfer sends one per connection)
     stripes: int = 1    # how many connections the transfer is striped over
+    attempt: int = 0    # the sender's number for this try of a striped transfer (a retry gets another)
 
     def transfer(self) -> tuple:
         """What every stripe's BEGIN of one transfer must agree on."""
-        return (self.request_id, self.model, self.layers, self.tokens, self.total_bytes, self.layout, self.stripes)
+        return (self.request_id, self.model, self.layers, self.tokens, self.total_bytes, self.layout, self.stripes,
+                self.attempt)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """A transfer attempt: stale stripes of a refused try never join its retry."""
+        return self.request_id, self.attempt
 
 
 @dataclass
@@ -268,7 +276,7 @@ def frame(ftype: FrameType, body: bytes, *, version: int = VERSION, magic: bytes
 
 def encode_begin(begin: KvBegin) -> bytes:
     """A BEGIN frame; a striped transfer's (``stripes`` > 1) ends with the stripe trailer."""
-    trailer = _STRIPE.pack(begin.stripe, begin.stripes) if begin.stripes > 1 else b""
+    trailer = _STRIPE.pack(begin.stripe, begin.stripes, begin.attempt) if begin.stripes > 1 else b""
     return frame(FrameType.BEGIN, _BEGIN_FIXED.pack(begin.layers, begin.tokens, begin.total_bytes)
                  + _str8(begin.request_id, "request id") + _str8(begin.model, "model")
                  + _str8(begin.layout, "layout") + trailer)
@@ -383,11 +391,11 @@ def decode_begin(body: bytes | memoryview) -> KvBegin:
     rid = b.request_id()
     model = b.str8("model")
     layout = b.str8("layout")
-    stripe, stripes = b.unpack(_STRIPE) if len(body) - b.pos == _STRIPE.size else (0, 1)
+    stripe, stripes, attempt = b.unpack(_STRIPE) if len(body) - b.pos == _STRIPE.size else (0, 1, 0)
     b.done()
     if not (1 <= stripes <= MAX_STRIPES and stripe < stripes):
         raise KvTransferError(f"BEGIN stripe {stripe} of {stripes}", Code.MALFORMED)
-    return KvBegin(rid, model, layers, tokens, total, layout, stripe, stripes)
+    return KvBegin(rid, model, layers, tokens, total, layout, stripe, stripes, attempt)
 
 
 def decode_chunk(body: bytes | memoryview) -> KvChunk:
@@ -532,6 +540,210 @@ async def _send_chunks(writer: asyncio.StreamWriter, begin: KvBegin, chunk_bytes
             except (ConnectionError, OSError):
                 return running, chunks
     return running, chunks
+
+
+# ---------------------------------------------------------------- persistent, striped sender
+
+class _OutConn:
+    """One authenticated connection of a :class:`KvPeer` (one rail); a reader task hands the
+    receiver's ACKs to the transfers waiting for them."""
+
+    def __init__(self, peer: "KvPeer", rail: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.peer, self.rail, self.reader, self.writer = peer, rail, reader, writer
+        self.task = asyncio.get_running_loop().create_task(self._read_acks(), name=f"kv-acks-{rail}")
+
+    @property
+    def alive(self) -> bool:
+        return not self.task.done() and not self.writer.is_closing()
+
+    async def _read_acks(self) -> None:
+        error: KvTransferError
+        try:
+            while True:
+                ftype, body = await read_frame(self.reader, self.peer.max_frame_bytes)
+                if ftype != FrameType.ACK:
+                    raise KvTransferError(f"expected ACK, got {ftype.name}", Code.OUT_OF_ORDER)
+                ack = decode_ack(body)
+                waiter = self.peer.pending.get(ack.request_id)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(ack)
+        except KvTransferError as exc:
+            error = KvTransferError(f"rail {self.rail} connection: {exc.reason}", exc.code)
+        except (ConnectionError, OSError, asyncio.IncompleteReadError) as exc:
+            error = KvTransferError(f"rail {self.rail} connection lost: {exc}", Code.TRUNCATED)
+        except asyncio.CancelledError:
+            error = KvTransferError(f"rail {self.rail} connection closed", Code.TRUNCATED)
+        self.writer.close()
+        # every transfer in flight is striped over this connection too: it cannot complete
+        for waiter in self.peer.pending.values():
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    async def close(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
+
+
+class KvPeer:
+    """Persistent connections to one KV receiver, one per rail address (``addrs``, rail
+    order), over which every transfer to it is striped (chunk i on stripe i mod S).
+
+    Connections are opened by :meth:`connect` ahead of the transfers (a node calls it at
+    start-up), so a transfer pays no TCP handshake (and no lost-SYN timeout), no
+    authentication round trips and no slow start from a cold connection; only the first
+    connection to a peer, and a reconnection after a failure, do. A broken connection fails the
+    transfers in flight (TRUNCATED) and is opened again by the next transfer. Stripe k's
+    connection is bound to ``binds[k % len(binds)]`` (the sender's rail addresses), so that it
+    leaves by that rail (the fabric's policy routes)."""
+
+    def __init__(self, addrs: list[str], port: int, secret: bytes, *, binds: list[str] | None = None,
+                 max_frame_bytes: int = MAX_FRAME_BYTES):
+        if not 1 <= len(addrs) <= MAX_STRIPES:
+            raise ValueError(f"a KV peer has 1..{MAX_STRIPES} rail addresses, got {len(addrs)}")
+        if not secret:
+            raise ValueError("the KV secret must not be empty")
+        self.addrs, self.port, self.secret = list(addrs), port, secret
+        self.binds = list(binds or [])
+        self.max_frame_bytes = max_frame_bytes
+        self.pending: dict[str, asyncio.Future] = {}
+        self._conns: list[_OutConn | None] = [None] * len(addrs)
+        self._lock = asyncio.Lock()
+        self.connects = 0     # connections opened (a test and the logs see reconnections)
+
+    @property
+    def connected(self) -> bool:
+        return all(c is not None and c.alive for c in self._conns)
+
+    async def connect(self, timeout_s: float = 10.0) -> None:
+        """Open (or reopen) every rail's connection that is not up, in parallel, with the HMAC
+        handshake; KvTransferError (REFUSED, AUTH_FAILED, TIMEOUT) when one cannot be."""
+        async with self._lock:
+            todo = [k for k, c in enumerate(self._conns) if c is None or not c.alive]
+            if not todo:
+                return
+            results = await asyncio.gather(*(self._open(k, timeout_s) for k in todo), return_exceptions=True)
+            errors = []
+            for k, res in zip(todo, results):
+                if isinstance(res, BaseException):
+                    errors.append(res)
+                else:
+                    old, self._conns[k] = self._conns[k], res
+                    if old is not None:
+                        await old.close()
+            if errors:
+                err = errors[0]
+                if isinstance(err, KvTransferError):
+                    raise err
+                raise KvTransferError(f"connect to {self.addrs}: {err}", Code.REFUSED)
+
+    async def _open(self, rail: int, timeout_s: float) -> _OutConn:
+        host = self.addrs[rail]
+        bind = self.binds[rail % len(self.binds)] if self.binds else None
+        try:
+            async with asyncio.timeout(timeout_s):
+                try:
+                    reader, writer = await asyncio.open_connection(host, self.port,
+                                                                   local_addr=(bind, 0) if bind else None)
+                except OSError as exc:
+                    raise KvTransferError(f"connect to {host}:{self.port} failed: {exc}", Code.REFUSED) from None
+                try:
+                    nonce_s = await _expect(reader, FrameType.HELLO, timeout_s)
+                    if len(nonce_s) != NONCE_LEN:
+                        raise KvTransferError("HELLO with a bad nonce length", Code.MALFORMED)
+                    nonce_c = os.urandom(NONCE_LEN)
+                    writer.write(frame(FrameType.AUTH, nonce_c + client_mac(self.secret, nonce_s, nonce_c)))
+                    mac = await _expect(reader, FrameType.AUTH_OK, timeout_s)
+                    if not hmac.compare_digest(mac, server_mac(self.secret, nonce_c, nonce_s)):
+                        raise KvTransferError("receiver failed authentication", Code.AUTH_FAILED)
+                except BaseException:
+                    writer.close()
+                    raise
+        except TimeoutError:
+            raise KvTransferError(f"connect to {host}:{self.port} timed out", Code.TIMEOUT) from None
+        except (ConnectionError, OSError) as exc:
+            raise KvTransferError(f"connect to {host}:{self.port}: {exc}", Code.REFUSED) from None
+        self.connects += 1
+        return _OutConn(self, rail, reader, writer)
+
+    async def send(self, begin: KvBegin, *, chunk_bytes: int,
+                   layer_ready: Callable[[int], Awaitable[None]] | None = None,
+                   timeout_s: float = 60.0) -> KvResult:
+        """Push one request's KV cache striped over the rails; returns once the receiver
+        verified every byte. Layer l's chunks wait for ``await layer_ready(l)``. Backpressure:
+        a chunk waits for its connection's socket buffer to drain before the next one."""
+        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
+        if begin.layers < 1 or begin.total_bytes < 0 or begin.layout not in LAYOUTS:
+            raise ValueError(f"bad KvBegin {begin}")
+        rid = begin.request_id
+        if not REQUEST_ID_RE.match(rid):
+            raise ValueError(f"bad request id {rid!r}")
+        if rid in self.pending:
+            raise ValueError(f"a transfer of {rid!r} to this peer is already in flight")
+        started = time.perf_counter()
+        waiter: asyncio.Future = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.connect(timeout_s)
+                conns = [c for c in self._conns if c is not None]
+                self.pending[rid] = waiter
+                n = len(conns)
+                attempt = int.from_bytes(os.urandom(4), "big")
+                for k, c in enumerate(conns):
+                    c.writer.write(encode_begin(replace(begin, stripe=k, stripes=n, attempt=attempt)))
+                running, chunks = [0] * n, [0] * n
+                i = 0
+                try:
+                    for layer in range(begin.layers):
+                        if layer_ready is not None and not waiter.done():
+                            # an ACK (a refusal) or a lost connection ends the wait for the layer
+                            ready = asyncio.ensure_future(layer_ready(layer))
+                            await asyncio.wait({ready, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                            if not ready.done():
+                                ready.cancel()
+                                await asyncio.gather(ready, return_exceptions=True)
+                            else:
+                                ready.result()
+                        start, length = layer_span(begin.total_bytes, begin.layers, layer)
+                        for off in range(start, start + length, chunk_bytes):
+                            if waiter.done():
+                                break
+                            k = i % n
+                            data = payload_view(rid, off, min(chunk_bytes, start + length - off))
+                            crc = zlib.crc32(data)
+                            running[k] = zlib.crc32(crc.to_bytes(4, "big"), running[k])
+                            conns[k].writer.write(chunk_header(rid, layer, off, data, crc))
+                            conns[k].writer.write(data)
+                            chunks[k] += 1
+                            i += 1
+                            await conns[k].writer.drain()
+                    # every stripe ends, a refused one too: its connection is clean for the next transfer
+                    for k, c in enumerate(conns):
+                        c.writer.write(encode_end(KvEnd(rid, begin.total_bytes, chunks[k], running[k])))
+                    await asyncio.gather(*(c.writer.drain() for c in conns))
+                except (ConnectionError, OSError):
+                    pass   # the connection's reader reports the loss to the waiter
+                ack: KvAck = await waiter
+        except TimeoutError:
+            raise KvTransferError(f"transfer not acknowledged within {timeout_s:g} s", Code.TIMEOUT) from None
+        finally:
+            if self.pending.get(rid) is waiter:
+                del self.pending[rid]
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()
+        if not ack.verified:
+            raise KvTransferError(f"rejected by receiver: {ack.reason}", ack.code)
+        if ack.bytes_verified != begin.total_bytes:
+            raise KvTransferError(f"ACK for {ack.request_id!r}/{ack.bytes_verified} B does not match "
+                                  f"{rid!r}/{begin.total_bytes} B", Code.MALFORMED)
+        return KvResult(bytes_sent=begin.total_bytes, duration_s=time.perf_counter() - started)
+
+    async def close(self) -> None:
+        conns, self._conns = self._conns, [None] * len(self.addrs)
+        await asyncio.gather(*(c.close() for c in conns if c is not None))
 
 
 # ---------------------------------------------------------------- receiver
@@ -682,8 +894,8 @@ class KvReceiver:
         self._servers: list[asyncio.base_events.Server] = []
         self._port: int | None = None
         self._conns: set[_FrameConn] = set()
-        self._inbound: dict[str, _Inbound] = {}
-        self._dead: dict[str, None] = {}   # request ids refused or failed lately, oldest first
+        self._inbound: dict[tuple[str, int], _Inbound] = {}
+        self._dead: dict[tuple[str, int], None] = {}   # transfer attempts refused or failed lately, oldest first
         self.rejected = 0
         self.completed = 0
 
@@ -750,6 +962,8 @@ class KvReceiver:
         dropped from now on); (request id, bytes verified) of one of them for the ACK."""
         first = ("", 0)
         for rid, stripe in list(conn.stripes.items()):
+            if stripe.inbound is None:
+                continue
             if first == ("", 0):
                 first = (rid, stripe.inbound.verified)
             await self._fail(stripe.inbound)
@@ -763,21 +977,22 @@ class KvReceiver:
             return
         inbound.failed = True
         rid = inbound.begin.request_id
-        if self._inbound.get(rid) is inbound:
-            del self._inbound[rid]
-        self._forget(rid)
+        if self._inbound.get(inbound.begin.key) is inbound:
+            del self._inbound[inbound.begin.key]
+        self._forget(inbound.begin.key)
         for c in inbound.conns:
-            c.stripes.pop(rid, None)
+            if rid in c.stripes:
+                c.stripes[rid] = _Stripe(None, c.stripes[rid].stripe)   # drop the rest of its stripe
         if notify is not None:
             lead = inbound.lead or next(iter(inbound.conns), None)
             if lead is not None:
                 lead.write(encode_ack(notify))
         await self._complete(inbound.begin, False)
 
-    def _forget(self, rid: str) -> None:
-        """Remember a refused or failed request id for a while: its other stripes' frames,
-        already on their way, are dropped instead of treated as strays."""
-        self._dead[rid] = None
+    def _forget(self, key: tuple[str, int]) -> None:
+        """Remember a refused or failed transfer attempt for a while: its other stripes, already
+        on their way, are dropped instead of starting it again."""
+        self._dead[key] = None
         while len(self._dead) > 4096:
             self._dead.pop(next(iter(self._dead)))
 
@@ -801,10 +1016,11 @@ class KvReceiver:
         conn.write(frame(FrameType.AUTH_OK, server_mac(self.secret, nonce_c, nonce_s)))
         served = False
         while True:
+            between = served and not any(st.inbound is not None for st in conn.stripes.values())
             try:
-                ftype, body = await conn.read_frame(idle=served and not conn.stripes)
+                ftype, body = await conn.read_frame(idle=between)
             except KvTransferError as exc:
-                if served and not conn.stripes and exc.code == Code.TRUNCATED and conn.start == conn.end:
+                if between and exc.code == Code.TRUNCATED and conn.start == conn.end:
                     return   # the sender closed a persistent connection between transfers
                 raise
             if ftype == FrameType.BEGIN:
@@ -819,9 +1035,17 @@ class KvReceiver:
 
     async def _on_begin(self, conn: _FrameConn, begin: KvBegin) -> None:
         rid = begin.request_id
-        if rid in conn.stripes:
-            raise KvTransferError(f"second BEGIN for {rid!r} on one connection", Code.OUT_OF_ORDER)
-        inbound = self._inbound.get(rid)
+        old = conn.stripes.get(rid)
+        if old is not None:
+            if old.inbound is not None and old.inbound.begin.key == begin.key:
+                raise KvTransferError(f"second BEGIN for {rid!r} on one connection", Code.OUT_OF_ORDER)
+            if old.inbound is not None:      # the sender gave up on that try without ending it
+                await self._fail(old.inbound)
+            del conn.stripes[rid]
+        if begin.stripes > 1 and begin.key in self._dead:
+            conn.stripes[rid] = _Stripe(None, begin.stripe)   # a stripe of a refused or failed try
+            return
+        inbound = self._inbound.get(begin.key)
         if inbound is None:
             if begin.layers < 1:
                 raise KvTransferError("BEGIN with 0 layers", Code.MALFORMED)
@@ -830,20 +1054,18 @@ class KvReceiver:
             if begin.total_bytes > self.max_transfer_bytes:
                 raise KvTransferError(f"oversized transfer: {begin.total_bytes} bytes > {self.max_transfer_bytes}",
                                       Code.OVERSIZED)
-            if rid in self._dead and begin.stripe != 0:
-                return     # a later stripe of a transfer refused or failed on another connection
-            self._dead.pop(rid, None)
             if self.on_begin is not None:
                 try:
                     self.on_begin(begin)   # may raise KvTransferError to refuse
                 except KvTransferError as exc:
                     # a refusal of this transfer, not of the connection: answer and keep serving
                     self.rejected += 1
-                    self._forget(rid)
+                    self._forget(begin.key)
                     self.log.info("kv: refused %s: %s [%s]", rid, exc.reason, exc.code.name)
                     conn.write(encode_ack(KvAck(rid, False, exc.code, 0, exc.reason)))
+                    conn.stripes[rid] = _Stripe(None, begin.stripe)
                     return
-            inbound = self._inbound[rid] = _Inbound(begin)
+            inbound = self._inbound[begin.key] = _Inbound(begin)
         elif inbound.begin.transfer() != begin.transfer() or begin.stripe in inbound.opened:
             raise KvTransferError(f"BEGIN of stripe {begin.stripe} does not match transfer {rid!r}", Code.OUT_OF_ORDER)
         inbound.opened.add(begin.stripe)
@@ -855,10 +1077,10 @@ class KvReceiver:
     def _on_chunk(self, conn: _FrameConn, c: KvChunk) -> None:
         stripe = conn.stripes.get(c.request_id)
         if stripe is None:
-            if c.request_id in self._dead:
-                return     # the rest of a refused or failed transfer's stripe
             raise KvTransferError(f"CHUNK for {c.request_id!r} without its BEGIN on this connection", Code.OUT_OF_ORDER)
         inbound = stripe.inbound
+        if inbound is None:
+            return         # the rest of a refused or failed transfer's stripe
         begin, total, n = inbound.begin, inbound.begin.total_bytes, len(c.payload)
         if begin.stripes == 1 and c.offset != stripe.next_offset:
             raise KvTransferError(f"CHUNK at offset {c.offset}, expected {stripe.next_offset}", Code.OUT_OF_ORDER)
@@ -890,10 +1112,11 @@ class KvReceiver:
     async def _on_end(self, conn: _FrameConn, end: KvEnd) -> None:
         stripe = conn.stripes.get(end.request_id)
         if stripe is None:
-            if end.request_id in self._dead:
-                return
             raise KvTransferError(f"END for {end.request_id!r} without its BEGIN on this connection", Code.OUT_OF_ORDER)
         inbound = stripe.inbound
+        if inbound is None:
+            del conn.stripes[end.request_id]
+            return
         begin, total = inbound.begin, inbound.begin.total_bytes
         if end.total_bytes != total:
             raise KvTransferError(f"END says {end.total_bytes} bytes, BEGIN {total}", Code.OUT_OF_ORDER)
@@ -918,7 +1141,7 @@ class KvReceiver:
                                             f"every stripe ended with bytes [{pos}, {total}) missing"))
             self.rejected += 1
             return
-        del self._inbound[rid]
+        del self._inbound[begin.key]
         self.completed += 1
         await self._complete(begin, True)
         lead = inbound.lead if inbound.lead is not None and not inbound.lead.transport.is_closing() else conn
@@ -943,7 +1166,7 @@ class _Inbound:
 class _Stripe:
     """One stripe of a transfer on one connection: its chunks arrive in increasing offset order."""
 
-    inbound: _Inbound
+    inbound: _Inbound | None   # None: a refused or failed transfer's stripe, dropped until its END
     stripe: int
     next_offset: int = 0
     running: int = 0
