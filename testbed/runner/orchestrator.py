@@ -284,7 +284,8 @@ class Orchestrator:
                              kv=kv_ep.get(p.name), prefill=prefill, decode=decode,
                              kv_bind=self._addr(p, "efa") if p.role == "prefill" else None,
                              kv_addrs=kv_addrs.get(p.name, []),
-                             peers=peers if p.role == "router" else [],
+                             peers=peers if p.role == "router" else
+                             [q for q in peers if q.role == "decode"] if p.role == "prefill" else [],
                              mqtt=self.broker.mqtt_settings(p.name), **common)
             cfg.save(self.rd.node_config(p.name))
             self.configs[p.name] = cfg
