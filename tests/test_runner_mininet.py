@@ -76,19 +76,25 @@ def test_pair_end_to_end_with_efa_capture(tmp_path: Path) -> None:
     assert run["backend"] == "mininet" and run["tdf"] == 20 and run["impairment_backend"] in ("netem", "fallback")
     assert run["nodes"]["router"]["addresses"]["frontend"].startswith("10.201.")
     assert run["nodes"]["decode0"]["addresses"]["efa"].startswith("10.202.")
-    assert sorted(Path(p).name for p in run["pcaps"]) == ["decode0-efa.pcap", "prefill0-efa.pcap"]
+    # one capture per rail: the trn2's 16, the CS-3's 12
+    assert sorted(Path(p).name for p in run["pcaps"]) == sorted(
+        [f"decode0-efa-r{k}.pcap" for k in range(12)] + [f"prefill0-efa-r{k}.pcap" for k in range(16)])
+    assert len(run["nodes"]["decode0"]["addresses"]["efa_rails"].split(",")) == 12
     assert (out / "fidelity.json").exists()
+
+    from collections import Counter
 
     from scapy.utils import rdpcap
 
     from fabric.kvlayer import PDKVBegin
 
-    begins = set()
-    for pkt in rdpcap(str(out / "pcap" / "decode0-efa.pcap")):
-        if pkt.haslayer(PDKVBegin):
-            begins.add(pkt[PDKVBegin].request_id.decode() if isinstance(pkt[PDKVBegin].request_id, bytes)
-                       else pkt[PDKVBegin].request_id)
-    assert begins == {f"r{i:06d}" for i in range(6)}, "one KV BEGIN frame per request on the EFA link"
+    begins: Counter = Counter()
+    for k in range(12):
+        for pkt in rdpcap(str(out / "pcap" / f"decode0-efa-r{k}.pcap")):
+            if pkt.haslayer(PDKVBegin) and pkt[PDKVBegin].getfieldval("stripes") == 12:
+                begins[(pkt[PDKVBegin].request_id.decode(), pkt[PDKVBegin].stripe, k)] += 1
+    # every request striped over the CS-3's 12 ports: stripe k's BEGIN on rail k
+    assert {(rid, s, k) for rid, s, k in begins} == {(f"r{i:06d}", k, k) for i in range(6) for k in range(12)}
     _assert_clean(out)
 
 
