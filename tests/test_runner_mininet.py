@@ -82,19 +82,16 @@ def test_pair_end_to_end_with_efa_capture(tmp_path: Path) -> None:
     assert len(run["nodes"]["decode0"]["addresses"]["efa_rails"].split(",")) == 12
     assert (out / "fidelity.json").exists()
 
-    from collections import Counter
+    from testbed.analyze import analyze_run
 
-    from scapy.utils import rdpcap
-
-    from fabric.kvlayer import PDKVBegin
-
-    begins: Counter = Counter()
-    for k in range(12):
-        for pkt in rdpcap(str(out / "pcap" / f"decode0-efa-r{k}.pcap")):
-            if pkt.haslayer(PDKVBegin) and pkt[PDKVBegin].getfieldval("stripes") == 12:
-                begins[(pkt[PDKVBegin].request_id.decode(), pkt[PDKVBegin].stripe, k)] += 1
-    # every request striped over the CS-3's 12 ports: stripe k's BEGIN on rail k
-    assert {(rid, s, k) for rid, s, k in begins} == {(f"r{i:06d}", k, k) for i in range(6) for k in range(12)}
+    # every request striped over the CS-3's 12 ports, rebuilt from the 12 rail captures
+    result = analyze_run(out, write=False)
+    seen = {t["request_id"]: t for t in result["transfers"]
+            if t["capture"] == "pcap/decode0-efa.pcap" and t["status"] == "verified"}
+    assert set(seen) == {f"r{i:06d}" for i in range(6)}, [(t["request_id"], t["capture"], t["status"])
+                                                         for t in result["transfers"]]
+    for t in seen.values():
+        assert t["stripes"] == t["stripes_seen"] == 12 and len(t["rails"]) == 12, t
     _assert_clean(out)
 
 
