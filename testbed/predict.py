@@ -22,7 +22,10 @@ from core.config import ConfigError
 from testbed.config.scenario import ScenarioConfig, selected_hosts
 from testbed.workload import generate_workload
 
-KV_SETUP_RTTS = 2  # a KV handoff opens a TCP connection (1 RTT) and authenticates (1 RTT) before data
+KV_SETUP_RTTS = 0
+"""Round trips a KV handoff waits before its data: none, the prefill node's connections to each
+decode node are opened and authenticated at start-up (nodes.kvproto.KvPeer); BEGIN and the first
+chunks leave together. (A one-shot connection would pay 2: TCP handshake and HMAC.)"""
 TPOT_SAMPLES = 256  # decode steps averaged for TPOT (evenly spaced over the output)
 
 
