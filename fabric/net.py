@@ -167,14 +167,17 @@ class FabricNet(Mininet):
         if self._rto_min_s is not None:
             return self._rto_min_s * self.dilation.tdf
         efa_hosts = [h.name for h in self.topology.hosts if self.plan.rails(h.name, "efa")]
-        worst = 0.0
-        for i, a in enumerate(efa_hosts):
-            for b in efa_hosts[i + 1:]:
-                path = self._path(a, b, "efa")
-                lat = sum(self._model(lk.name).latency_s for lk in path)
-                jit = sum(self._model(lk.name).jitter_s for lk in path)
-                worst = max(worst, 2 * (lat + jit))
-        return max(RTO_MIN_FLOOR_S, RTO_MIN_RTT_FACTOR * self.dilation.time(worst))
+        pairs = [(a, b) for i, a in enumerate(efa_hosts) for b in efa_hosts[i + 1:]]
+        return max([RTO_MIN_FLOOR_S] + [self.route_rto_min_wall_s(a, b) for a, b in pairs])
+
+    def route_rto_min_wall_s(self, a: str, b: str) -> float:
+        """The rto_min of the EFA routes between hosts ``a`` and ``b`` (wall seconds): the knob x
+        TDF, or 3 x their dilated round trip (with jitter), at least 5 ms."""
+        if self._rto_min_s is not None:
+            return self._rto_min_s * self.dilation.tdf
+        path = self._path(a, b, "efa")
+        rtt = 2 * sum(self._model(lk.name).latency_s + self._model(lk.name).jitter_s for lk in path)
+        return max(RTO_MIN_FLOOR_S, RTO_MIN_RTT_FACTOR * self.dilation.time(rtt))
 
     def efa_route_lines(self, host: str) -> list[str]:
         """``ip -batch`` lines for ``host``'s EFA routes. Every route carries rto_min and quickack
@@ -201,6 +204,19 @@ class FabricNet(Mininet):
                 table = RAIL_TABLE_BASE + k
                 lines += [f"rule add from {addr[k]} lookup {table} pref {table}",
                           f"route replace {efa} dev {intf[k]} scope link src {addr[k]} table {table} {knobs}"]
+        # per peer: a host route with that route's own rto_min (3 x its dilated round trip);
+        # the subnet routes above carry the largest, for addresses of no host
+        for peer in (h.name for h in self.topology.hosts if h.name != host and self.plan.rails(h.name, "efa")):
+            pms = max(1, math.ceil(self.route_rto_min_wall_s(host, peer) * 1000))
+            if pms == ms:
+                continue
+            pknobs = f"rto_min {pms}ms quickack 1"
+            for r, paddr in enumerate(self.plan.addresses(peer, "efa")):
+                k = r if r < n else r % n
+                lines.append(f"route replace {paddr}/32 dev {intf[k]} scope link src {addr[k]} {pknobs}")
+                if top > 1:
+                    lines += [f"route replace {paddr}/32 dev {intf[j]} scope link src {addr[j]} "
+                              f"table {RAIL_TABLE_BASE + j} {pknobs}" for j in range(n)]
         return lines
 
     def _set_efa_routes(self) -> None:

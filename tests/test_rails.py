@@ -151,3 +151,29 @@ def test_sim_stripes_over_the_receivers_rails() -> None:
     few = kv_stripes(up[:4], down)                  # 4 sender rails: stripe k leaves by rail k mod 4
     assert [s[0].name for s in few] == [f"p-r{k % 4}:up" for k in range(12)]
     assert kv_stripes([], down[:1]) == [(down[0],)] and kv_stripes(up[:1], []) == [(up[0],)]
+
+
+def test_routes_per_rail_and_rto_min_per_route(tmp_path: Path) -> None:
+    """The EFA routes a host gets (not applied: FabricNet is not started): each rail's subnet on
+    its rail, the subnets it lacks on rail r mod n, a policy table per rail, and per peer a host
+    route whose rto_min is 3 x that route's dilated round trip."""
+    from fabric.net import FabricNet
+
+    data = copy.deepcopy(BASE)
+    data["hosts"].append({"name": "d1", "role": "decode", "hardware": "cs3"})
+    data["links"].append({"name": "d1-efa", "a": "d1", "b": "efa", "class": "efa", "rails": 2,
+                          "params": {"latency": "500us"}})             # a far decode host
+    net = FabricNet(load(tmp_path, data), tdf=10, byte_scale=0.01, prefix="rz", root_access=False)
+    lines = net.efa_route_lines("d0")
+    # d0 has 12 rails: its own subnets, then rails 12..15 of the 16-rail p0 on rails 0..3
+    assert "route replace 10.202.0.0/21 dev rzd0-e0 proto kernel scope link src 10.202.0.12" in lines[0]
+    assert any(line.startswith("route replace 10.202.96.0/21 dev rzd0-e0 ") for line in lines)   # rail 12
+    assert "rule add from 10.202.88.12 lookup 111 pref 111" in lines
+    # the largest round trip (d0 <-> d1: 2 x 507.5 us x TDF 10 = 10.15 ms) sets the subnet routes: 31 ms
+    assert net.rto_min_wall_s == pytest.approx(3 * 2 * 507.5e-6 * 10)
+    assert "rto_min 31ms quickack 1" in lines[0]
+    # d0 <-> p0 (2 x 15 us x 10 = 0.3 ms) is floored at 5 ms, on host routes to each p0 rail
+    assert net.route_rto_min_wall_s("d0", "p0") == pytest.approx(0.005)
+    host_routes = [line for line in lines if line.startswith("route replace 10.202.") and "/32" in line]
+    assert len(host_routes) == 16 * (1 + 12) and all("rto_min 5ms quickack 1" in line for line in host_routes)
+    assert net.efa_route_lines("r") == []                           # the router is not on efa
