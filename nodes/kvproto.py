@@ -720,6 +720,9 @@ class KvPeer:
                             chunks[k] += 1
                             i += 1
                             await conns[k].writer.drain()
+                            # drain() does not yield below its high-water mark: let the ACK
+                            # readers run, so that a refusal stops the stream at once
+                            await asyncio.sleep(0)
                     # every stripe ends, a refused one too: its connection is clean for the next transfer
                     for k, c in enumerate(conns):
                         c.writer.write(encode_end(KvEnd(rid, begin.total_bytes, chunks[k], running[k])))
