@@ -134,7 +134,7 @@ class FabricNet(Mininet):
             self._links = {lk.name: lk for lk in self.links if getattr(lk, "name", None)}
             super().start()
             self._quiet_ipv6()
-            self._set_efa_routes()
+            self._set_rto_min()
             if self.impairment_backend == "fallback":
                 for net in NETWORKS:
                     self._apply_fallback(net)
@@ -219,7 +219,7 @@ class FabricNet(Mininet):
                               f"table {RAIL_TABLE_BASE + j} {pknobs}" for j in range(n)]
         return lines
 
-    def _set_efa_routes(self) -> None:
+    def _set_rto_min(self) -> None:
         """Routes (and, with rails, the ARP and reverse-path settings several interfaces on one
         bridge need: answer ARP only for the interface's own address, loose rp_filter)."""
         multi = self.plan.max_rails["efa"] > 1
