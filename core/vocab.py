@@ -20,6 +20,8 @@ SCALED_NETWORKS: tuple[str, ...] = ("efa",)  # carries KV caches: byte scale app
 PrefillPolicy = Literal["round_robin", "least_loaded"]
 DecodePolicy = Literal["round_robin", "least_loaded", "kv_aware"]
 KvMode = Literal["whole", "layerwise"]
+Transport = Literal["srd", "tcp"]  # KV handoff: SRD-like datagrams (nodes/srd.py) or TCP (nodes/kvproto.py)
+TRANSPORTS: tuple[str, ...] = get_args(Transport)
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 """A request id (client header ``x-request-id``, timeline, KV frames): safe in file names and logs."""

@@ -5,6 +5,9 @@ header's type byte, so ``PDKV(raw)`` parses a byte stream of back-to-back frames
 (each frame's scapy payload is the next frame). Bound to TCP port ``DEFAULT_KV_PORT`` both
 ways; a segment that does not start with the magic (the middle of a frame) stays ``Raw``.
 Truncated input (a snaplen-limited capture) parses as far as the bytes go.
+
+The SRD-like transport (nodes/srd.py) has one datagram per UDP packet: ``PDSR`` dispatches on
+its type byte likewise and is bound to UDP port ``DEFAULT_KV_PORT`` both ways.
 """
 from __future__ import annotations
 
@@ -13,11 +16,13 @@ from typing import Iterator
 
 from scapy.config import conf
 from scapy.fields import (ByteEnumField, ByteField, ConditionalField, FieldLenField, IntField, LongField,
-                          ShortEnumField, ShortField, StrFixedLenField, StrLenField, XIntField, XShortField)
-from scapy.layers.inet import TCP
+                          ShortEnumField, ShortField, StrField, StrFixedLenField, StrLenField, XIntField,
+                          XLongField, XShortField)
+from scapy.layers.inet import TCP, UDP
 from scapy.packet import Packet, bind_layers
 
 from nodes.kvproto import DEFAULT_KV_PORT, HEADER_LEN, MAGIC, Code, FrameType
+from nodes.srd import SRD_MAGIC, SRD_VERSION, TAG_LEN, SrdType
 
 FRAME_TYPES = {t.value: t.name for t in FrameType}
 CODES = {c.value: c.name for c in Code}
@@ -181,3 +186,135 @@ def iter_frames(pkt: Packet) -> Iterator[PDKV]:
 
 bind_layers(TCP, PDKV, dport=DEFAULT_KV_PORT)
 bind_layers(TCP, PDKV, sport=DEFAULT_KV_PORT)
+
+
+# ---------------------------------------------------------------- SRD-like datagrams
+
+SRD_TYPES = {t.value: t.name for t in SrdType}
+
+
+def _srd_header(ftype: int = 0) -> list:
+    return [
+        StrFixedLenField("magic", SRD_MAGIC, 4),
+        ByteField("version", SRD_VERSION),
+        ByteEnumField("type", ftype, SRD_TYPES),
+        XShortField("flags", 0),
+        XLongField("session", 0),
+    ]
+
+
+def _tag() -> list:
+    return [StrFixedLenField("tag", b"\0" * TAG_LEN, TAG_LEN)]
+
+
+class PDSR(Packet):
+    """An SRD datagram of unknown type (header, opaque rest); the dispatcher for all types."""
+    name = "PDSR"
+    fields_desc = _srd_header() + [StrField("body", b"")]
+    srd_type: int | None = None
+
+    @classmethod
+    def dispatch_hook(cls, _pkt: bytes | None = None, *args, **kargs):
+        if not _pkt or len(_pkt) < 6 or _pkt[:4] != SRD_MAGIC:
+            return conf.raw_layer if _pkt else cls
+        return _SRD_BY_TYPE.get(_pkt[5], PDSR)
+
+
+class PDSRReq(PDSR):
+    name = "PDSR REQ"
+    srd_type = SrdType.REQ
+    fields_desc = _srd_header(SrdType.REQ)
+
+
+class PDSRHello(PDSR):
+    name = "PDSR HELLO"
+    srd_type = SrdType.HELLO
+    fields_desc = _srd_header(SrdType.HELLO) + [StrFixedLenField("nonce", b"\0" * 32, 32)]
+
+
+class PDSRBegin(PDSR):
+    name = "PDSR BEGIN"
+    srd_type = SrdType.BEGIN
+    fields_desc = _srd_header(SrdType.BEGIN) + [
+        StrFixedLenField("nonce", b"\0" * 32, 32),
+        StrFixedLenField("mac", b"\0" * 32, 32),
+        IntField("packet_bytes", 8927),
+        ShortField("num_layers", 0),
+        IntField("tokens", 0),
+        LongField("total_bytes", 0),
+        *_request_id(),
+        FieldLenField("model_len", None, length_of="model", fmt="B"),
+        StrLenField("model", b"", length_from=lambda p: p.model_len),
+        FieldLenField("layout_len", None, length_of="layout", fmt="B"),
+        StrLenField("layout", b"layer-major", length_from=lambda p: p.layout_len),
+    ] + _tag()
+
+
+class PDSRGrant(PDSR):
+    name = "PDSR GRANT"
+    srd_type = SrdType.GRANT
+    fields_desc = _srd_header(SrdType.GRANT) + [StrFixedLenField("mac", b"\0" * 32, 32),
+                                                 LongField("rate_bps", 0)] + _tag()
+
+
+class PDSRData(PDSR):
+    name = "PDSR DATA"
+    srd_type = SrdType.DATA
+    fields_desc = _srd_header(SrdType.DATA) + [
+        IntField("psn", 0),
+        IntField("tsval", 0),
+        ShortField("layer", 0),
+        LongField("offset", 0),
+        XIntField("crc32", 0),
+    ] + _tag() + [StrField("data", b"")]
+
+
+class PDSRSack(PDSR):
+    name = "PDSR SACK"
+    srd_type = SrdType.SACK
+    fields_desc = _srd_header(SrdType.SACK) + [
+        IntField("cum", 0),
+        IntField("tsecr", 0),
+        FieldLenField("bitmap_len", None, length_of="bitmap", fmt="H"),
+        StrLenField("bitmap", b"", length_from=lambda p: p.bitmap_len),
+    ] + _tag()
+
+
+class PDSREnd(PDSR):
+    name = "PDSR END"
+    srd_type = SrdType.END
+    fields_desc = _srd_header(SrdType.END) + [LongField("total_bytes", 0), IntField("packets", 0),
+                                               XIntField("checksum", 0)] + _tag()
+
+
+class PDSRAck(PDSR):
+    name = "PDSR ACK"
+    srd_type = SrdType.ACK
+    fields_desc = _srd_header(SrdType.ACK) + [
+        *_request_id(),
+        ByteField("verified", 0),
+        ShortEnumField("code", 0, CODES),
+        LongField("bytes_verified", 0),
+        FieldLenField("reason_len", None, length_of="reason", fmt="H"),
+        StrLenField("reason", b"", length_from=lambda p: p.reason_len),
+    ] + _tag()
+
+
+_SRD_BY_TYPE: dict[int, type[PDSR]] = {int(c.srd_type): c for c in
+                                       (PDSRReq, PDSRHello, PDSRBegin, PDSRGrant, PDSRData, PDSRSack, PDSREnd,
+                                        PDSRAck)}
+
+
+def parse_datagram(raw: bytes) -> PDSR | None:
+    """One SRD datagram (possibly cut by the snaplen: parses as far as the bytes go); None when
+    ``raw`` does not start with the SRD magic and a known type."""
+    if len(raw) < 16 or raw[:4] != SRD_MAGIC or raw[5] not in _SRD_BY_TYPE:
+        return None
+    try:
+        return _SRD_BY_TYPE[raw[5]](raw)
+    except (struct.error, ValueError, IndexError):
+        return None
+
+
+bind_layers(UDP, PDSR, dport=DEFAULT_KV_PORT)
+bind_layers(UDP, PDSR, sport=DEFAULT_KV_PORT)

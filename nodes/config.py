@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nodes.profiles.models import ProfileName
 from core.config import NodeName, SafeName
-from core.vocab import COMPUTE_ROLES, DecodePolicy, KvMode, PrefillPolicy, Role
+from core.vocab import COMPUTE_ROLES, DecodePolicy, KvMode, PrefillPolicy, Role, Transport
 
 
 
@@ -55,6 +55,10 @@ class KvSettings(_Strict):
     secret_hex: str = Field(min_length=32)  # per-run HMAC key for the handoff handshake
     chunk_bytes: int = Field(default=256 * 1024, gt=0, le=16 * 1024 * 1024)
     timeout_s: float = Field(default=120.0, gt=0)  # model seconds a decode node waits for a KV cache
+    transport: Transport = "tcp"  # how this node sends KV; a decode node receives both on its KV port
+    rate_bps: float = Field(default=0.0, ge=0)  # this node's EFA wire rate per rail (dilated); 0 = unshaped
+    mtu: int = Field(default=1500, ge=576, le=65535)  # EFA link MTU: SRD packet size
+    rto_s: float = Field(default=50e-6, gt=0)  # SRD retransmission timer, model seconds (x TDF, floored)
 
 
 class RouterSettings(_Strict):

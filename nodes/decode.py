@@ -22,6 +22,7 @@ from aiohttp import web
 from nodes.config import NodeConfig
 from nodes.engine import GenRequest, KvGate, StreamingNode, admit_fifo, kv_wire_bytes
 from nodes.kvproto import Code, KvBegin, KvReceiver, KvTransferError
+from nodes.srd import SrdReceiver
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,11 @@ class DecodeNode(StreamingNode):
             bytes.fromhex(config.kv_transfer.secret_hex),
             max_transfer_bytes=kv_wire_bytes(1, max(1, self.kv.capacity), config.byte_scale),
             on_begin=self._kv_begin, on_complete=self._kv_complete, logger=log)
+        # the same port over UDP: SRD-like transfers (nodes/srd.py), same grant and verification
+        self.srd_receiver = SrdReceiver(
+            bytes.fromhex(config.kv_transfer.secret_hex), max_transfer_bytes=self.receiver.max_transfer_bytes,
+            on_begin=self._kv_begin, on_complete=self._kv_complete, on_drop=self._kv_dropped, logger=log,
+            rate_bps=config.kv_transfer.rate_bps)
 
     def load(self) -> dict[str, Any]:
         return {"queue_depth": len(self.requests) - len(self.running), "batch_size": len(self.running),
@@ -74,6 +80,9 @@ class DecodeNode(StreamingNode):
         gen.reserved = True
         self.timeline.event("kv_granted", rid, kv_model_bytes=gen.kv_bytes, free_bytes=self.kv.free)
         self.timeline.event("kv_recv_start", rid, bytes=begin.total_bytes)
+
+    def _kv_dropped(self, reason: str, count: int, peer: str) -> None:
+        self.timeline.event("kv_dropped", None, reason=reason, count=count, peer=peer)
 
     def _kv_complete(self, begin: KvBegin, ok: bool) -> None:
         self.timeline.event("kv_recv_end", begin.request_id, bytes=begin.total_bytes, verified=ok)
@@ -132,8 +141,12 @@ class DecodeNode(StreamingNode):
             if addr != self.config.kv.host:
                 await self.receiver.start(addr, self.receiver.port if port == 0 else port)
         try:
+            # SRD sprays a message over every rail: a socket bound to each rail's address
+            rails = [self.config.kv.host] + [a for a in self.config.kv_addrs if a != self.config.kv.host]
+            await self.srd_receiver.start(rails, self.receiver.port)
             await self._scheduler()
         finally:
+            await self.srd_receiver.close()
             await self.receiver.close()
 
     async def _scheduler(self) -> None:

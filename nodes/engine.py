@@ -82,7 +82,8 @@ MAX_PEER_RAILS = 32
 
 def read_decode_peer(body: dict[str, Any]) -> dict[str, Any]:
     """The ``decode`` target of a prefill request: ``{"name", "host", "port"[, "addrs"]}``
-    validated; ``addrs`` (the receiver's address per rail, rail order) defaults to ``[host]``."""
+    validated; ``addrs`` (the receiver's address per rail, rail order, which the TCP transport
+    stripes and the SRD sender sprays over) defaults to ``[host]``."""
     peer = body.get("decode")
     if not isinstance(peer, dict):
         raise BadRequest("decode: expected an object {name, host, port, addrs}")
@@ -94,7 +95,7 @@ def read_decode_peer(body: dict[str, Any]) -> dict[str, Any]:
     addrs = peer.get("addrs", [host])
     if (not isinstance(addrs, list) or not 1 <= len(addrs) <= MAX_PEER_RAILS
             or not all(isinstance(a, str) and _HOST_RE.match(a) for a in addrs)):
-        raise BadRequest(f"decode.addrs: expected 1..{MAX_PEER_RAILS} addresses, got {addrs!r}")
+        raise BadRequest(f"decode.addrs: expected a list of 1..{MAX_PEER_RAILS} addresses, got {addrs!r}")
     return {"name": name, "host": host, "port": port, "addrs": list(addrs)}
 
 
@@ -572,6 +573,9 @@ def runnable_prefill(queue: Sequence[H], held_bytes: int, capacity_bytes: int) -
 # appearing without flooding the decode node with handshakes.
 KV_RETRY_MIN_S = 1e-3
 KV_RETRY_MAX_S = 16e-3
+# A last try is not started with less than this much time (wall) left before the handoff's
+# deadline: it could only time out, and the answer would say "timeout" where the truth is "refused".
+KV_LAST_TRY_MIN_WALL_S = 0.05
 
 
 def kv_retry_delay_s(refusals: int) -> float:

@@ -82,6 +82,7 @@ class Code(IntEnum):
     TIMEOUT = 12
     REFUSED = 13
     KV_FULL = 14  # the receiver has no KV room for this request now: the sender waits and retries
+    UNREACHABLE = 15  # sender side: no connection to the receiver (refused, no route): the sender retries
 
 
 # Fixed parts of the bodies (all big-endian); strings are u8-length-prefixed UTF-8.
@@ -120,6 +121,9 @@ class KvBegin:
 class KvResult:
     bytes_sent: int
     duration_s: float  # wall seconds, connect to verified ACK
+    transport: str = "tcp"
+    packets: int = 0  # SRD: data packets of the message (0 for TCP)
+    retransmitted: int = 0  # SRD: data packets sent again after their timer expired
 
 
 class KvTransferError(Exception):
@@ -274,12 +278,16 @@ def frame(ftype: FrameType, body: bytes, *, version: int = VERSION, magic: bytes
     return HEADER.pack(magic, version, int(ftype), flags, len(body)) + body
 
 
+def begin_body(begin: KvBegin) -> bytes:
+    """BEGIN's fields (also the tail of the SRD transport's BEGIN datagram)."""
+    return (_BEGIN_FIXED.pack(begin.layers, begin.tokens, begin.total_bytes)
+            + _str8(begin.request_id, "request id") + _str8(begin.model, "model") + _str8(begin.layout, "layout"))
+
+
 def encode_begin(begin: KvBegin) -> bytes:
     """A BEGIN frame; a striped transfer's (``stripes`` > 1) ends with the stripe trailer."""
     trailer = _STRIPE.pack(begin.stripe, begin.stripes, begin.attempt) if begin.stripes > 1 else b""
-    return frame(FrameType.BEGIN, _BEGIN_FIXED.pack(begin.layers, begin.tokens, begin.total_bytes)
-                 + _str8(begin.request_id, "request id") + _str8(begin.model, "model")
-                 + _str8(begin.layout, "layout") + trailer)
+    return frame(FrameType.BEGIN, begin_body(begin) + trailer)
 
 
 def chunk_header(request_id: str, layer: int, offset: int, data: bytes | memoryview,
@@ -299,10 +307,15 @@ def encode_end(end: KvEnd) -> bytes:
                  + _END_FIXED.pack(end.total_bytes, end.chunks, end.checksum))
 
 
-def encode_ack(ack: KvAck) -> bytes:
+def ack_body(ack: KvAck) -> bytes:
+    """ACK's fields (also the body of the SRD transport's ACK datagram)."""
     reason = ack.reason.encode()[:1024]
-    return frame(FrameType.ACK, _str8(ack.request_id, "request id")
-                 + _ACK_FIXED.pack(int(ack.verified), int(ack.code), ack.bytes_verified, len(reason)) + reason)
+    return (_str8(ack.request_id, "request id")
+            + _ACK_FIXED.pack(int(ack.verified), int(ack.code), ack.bytes_verified, len(reason)) + reason)
+
+
+def encode_ack(ack: KvAck) -> bytes:
+    return frame(FrameType.ACK, ack_body(ack))
 
 
 def client_mac(secret: bytes, nonce_s: bytes, nonce_c: bytes) -> bytes:
@@ -429,6 +442,17 @@ def decode_ack(body: bytes | memoryview) -> KvAck:
     return KvAck(rid, bool(verified), code, nbytes, reason)
 
 
+def check_begin(begin: KvBegin, max_transfer_bytes: int) -> None:
+    """The receiver's checks of a BEGIN before its callback sees it (both transports)."""
+    if begin.layers < 1:
+        raise KvTransferError("BEGIN with 0 layers", Code.MALFORMED)
+    if begin.layout not in LAYOUTS:
+        raise KvTransferError(f"unknown layout {begin.layout!r}", Code.MALFORMED)
+    if begin.total_bytes > max_transfer_bytes:
+        raise KvTransferError(f"oversized transfer: {begin.total_bytes} bytes > {max_transfer_bytes}",
+                              Code.OVERSIZED)
+
+
 async def _expect(reader: asyncio.StreamReader, want: FrameType, timeout_s: float,
                   max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
     try:
@@ -468,7 +492,7 @@ async def send_kv(host: str, port: int, secret: bytes, begin: KvBegin, *, chunk_
                 reader, writer = await asyncio.open_connection(
                     host, port, local_addr=(local_addr, 0) if local_addr else None)
             except OSError as exc:
-                raise KvTransferError(f"connect to {host}:{port} failed: {exc}", Code.REFUSED) from None
+                raise KvTransferError(f"connect to {host}:{port} failed: {exc}", Code.UNREACHABLE) from None
             nonce_s = await _expect(reader, FrameType.HELLO, timeout_s)
             if len(nonce_s) != NONCE_LEN:
                 raise KvTransferError("HELLO with a bad nonce length", Code.MALFORMED)
@@ -637,7 +661,7 @@ class KvPeer:
                 err = errors[0]
                 if isinstance(err, KvTransferError):
                     raise err
-                raise KvTransferError(f"connect to {self.addrs}: {err}", Code.REFUSED)
+                raise KvTransferError(f"connect to {self.addrs}: {err}", Code.UNREACHABLE)
 
     async def _open(self, rail: int, timeout_s: float) -> _OutConn:
         host = self.addrs[rail]
@@ -647,8 +671,8 @@ class KvPeer:
                 try:
                     reader, writer = await asyncio.open_connection(host, self.port,
                                                                    local_addr=(bind, 0) if bind else None)
-                except OSError as exc:
-                    raise KvTransferError(f"connect to {host}:{self.port} failed: {exc}", Code.REFUSED) from None
+                except OSError as exc:   # no listener, no route: the sender asks again (UNREACHABLE)
+                    raise KvTransferError(f"connect to {host}:{self.port} failed: {exc}", Code.UNREACHABLE) from None
                 try:
                     nonce_s = await _expect(reader, FrameType.HELLO, timeout_s)
                     if len(nonce_s) != NONCE_LEN:
@@ -664,7 +688,7 @@ class KvPeer:
         except TimeoutError:
             raise KvTransferError(f"connect to {host}:{self.port} timed out", Code.TIMEOUT) from None
         except (ConnectionError, OSError) as exc:
-            raise KvTransferError(f"connect to {host}:{self.port}: {exc}", Code.REFUSED) from None
+            raise KvTransferError(f"connect to {host}:{self.port}: {exc}", Code.UNREACHABLE) from None
         self.connects += 1
         return _OutConn(self, rail, reader, writer)
 
@@ -1050,13 +1074,7 @@ class KvReceiver:
             return
         inbound = self._inbound.get(begin.key)
         if inbound is None:
-            if begin.layers < 1:
-                raise KvTransferError("BEGIN with 0 layers", Code.MALFORMED)
-            if begin.layout not in LAYOUTS:
-                raise KvTransferError(f"unknown layout {begin.layout!r}", Code.MALFORMED)
-            if begin.total_bytes > self.max_transfer_bytes:
-                raise KvTransferError(f"oversized transfer: {begin.total_bytes} bytes > {self.max_transfer_bytes}",
-                                      Code.OVERSIZED)
+            check_begin(begin, self.max_transfer_bytes)
             if self.on_begin is not None:
                 try:
                     self.on_begin(begin)   # may raise KvTransferError to refuse

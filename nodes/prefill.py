@@ -26,9 +26,10 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from nodes.config import NodeConfig
-from nodes.engine import (BadRequest, ComputeNode, StepTimer, error_response, kv_retry_delay_s, kv_wire_bytes,
-                          plan_prefill, read_body, read_decode_peer, runnable_prefill)
+from nodes.engine import (KV_LAST_TRY_MIN_WALL_S, BadRequest, ComputeNode, StepTimer, error_response,
+                          kv_retry_delay_s, kv_wire_bytes, plan_prefill, read_body, read_decode_peer, runnable_prefill)
 from nodes.kvproto import Code, KvBegin, KvPeer, KvResult, KvTransferError
+from nodes.srd import send_kv_srd
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ class PrefillNode(ComputeNode):
         """Open the connections to every decode node this run knows at start-up, so that no
         transfer pays a TCP handshake (a lost SYN costs a 1 s timeout that rto_min does not
         lower) or the HMAC round trips. A decode node not listening yet is tried again."""
+        if self.config.kv_transfer.transport != "tcp":
+            return
         peers = [p for p in self.config.peers if p.role == "decode" and p.kv is not None]
 
         async def warm(p: Any) -> None:
@@ -200,6 +203,24 @@ class PrefillNode(ComputeNode):
         self.transfers.add(task)
         task.add_done_callback(self.transfers.discard)
 
+    async def _send(self, job: PrefillJob, begin: KvBegin, layer_ready: Callable[[int], Awaitable[None]] | None,
+                    timeout_s: float) -> KvResult:
+        """One try of the handoff over the configured transport. SRD sprays over every KV
+        address the decode node has (one per rail: ``addrs`` when the router gives them)."""
+        cfg, kv = self.config, self.config.kv_transfer
+        secret = bytes.fromhex(kv.secret_hex)
+        addrs = job.decode.get("addrs") or [job.decode["host"]]
+        if kv.transport == "srd":
+            # rail k of the receiver from this node's rail k mod n (its bound address picks the rail)
+            binds = list(cfg.kv_addrs) or ([cfg.kv_bind] if cfg.kv_bind else [])
+            return await send_kv_srd([(a, job.decode["port"]) for a in addrs], secret, begin, mtu=kv.mtu,
+                                     rate_bps=kv.rate_bps, tdf=cfg.tdf, rto_model_s=kv.rto_s, layer_ready=layer_ready,
+                                     local_addrs=[binds[k % len(binds)] for k in range(len(addrs))] if binds else None,
+                                     timeout_s=timeout_s)
+        # TCP: striped over persistent connections, one per receiver rail, opened at start-up
+        peer = self.kv_peer(addrs, job.decode["port"])
+        return await peer.send(begin, chunk_bytes=kv.chunk_bytes, layer_ready=layer_ready, timeout_s=timeout_s)
+
     async def _transfer(self, job: PrefillJob, layer_ready: Callable[[int], Awaitable[None]] | None) -> None:
         cfg = self.config
         kv = cfg.kv_transfer
@@ -207,29 +228,35 @@ class PrefillNode(ComputeNode):
                         tokens=job.prompt_tokens,
                         total_bytes=kv_wire_bytes(self.model.kv_bytes_per_token, job.prompt_tokens, cfg.byte_scale))
         self.timeline.event("kv_start", job.request_id, decode=job.decode["name"], mode=kv.mode,
-                            bytes=begin.total_bytes, model_bytes=job.kv_model_bytes)
+                            bytes=begin.total_bytes, model_bytes=job.kv_model_bytes, transport=kv.transport)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + kv.timeout_s * cfg.tdf
-        refusals = 0
+        refusals = tries = 0
         try:
             while True:
                 try:
-                    peer = self.kv_peer(job.decode.get("addrs") or [job.decode["host"]], job.decode["port"])
-                    job.result = await peer.send(begin, chunk_bytes=kv.chunk_bytes, layer_ready=layer_ready,
-                                                 timeout_s=max(0.0, deadline - loop.time()))
+                    job.result = await self._send(job, begin, layer_ready, max(0.0, deadline - loop.time()))
                     break
                 except KvTransferError as e:
-                    if e.code != Code.KV_FULL:
+                    if e.code not in (Code.KV_FULL, Code.UNREACHABLE):
                         raise
-                    if refusals == 0:
-                        self.timeline.event("kv_wait_start", job.request_id, decode=job.decode["name"], reason=e.reason)
-                    refusals += 1
-                    retry_s = kv_retry_delay_s(refusals) * cfg.tdf
-                    if loop.time() + retry_s >= deadline:
-                        raise KvTransferError(f"{e.reason}; still refused after {refusals} tries within "
-                                              f"{kv.timeout_s:g} s", Code.KV_FULL) from None
+                    tries += 1
+                    if e.code == Code.KV_FULL:
+                        if refusals == 0:
+                            self.timeline.event("kv_wait_start", job.request_id, decode=job.decode["name"],
+                                                reason=e.reason)
+                        refusals += 1
+                    else:  # the path is down (a link fault): ask again, as a transport would
+                        self.timeline.event("kv_retry", job.request_id, decode=job.decode["name"], reason=e.reason)
+                    retry_s = kv_retry_delay_s(tries) * cfg.tdf
+                    if loop.time() + retry_s + KV_LAST_TRY_MIN_WALL_S >= deadline:
+                        raise KvTransferError(f"{e.reason}; still refused after {tries} tries within "
+                                              f"{kv.timeout_s:g} s", e.code) from None
                     await asyncio.sleep(retry_s)
-            self.timeline.event("kv_end", job.request_id, bytes=job.result.bytes_sent, ok=True, refusals=refusals)
+            extra = ({"packets": job.result.packets, "retransmitted": job.result.retransmitted}
+                     if job.result.transport == "srd" else {})
+            self.timeline.event("kv_end", job.request_id, bytes=job.result.bytes_sent, ok=True, refusals=refusals,
+                                transport=job.result.transport, **extra)
         except KvTransferError as e:
             job.error = e.reason
         except Exception as e:  # a bug must still answer the router, not leave it waiting

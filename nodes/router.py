@@ -450,9 +450,9 @@ class Router:
             async with asyncio.timeout(self.timeout_wall_s):
                 async for batch in tokens:
                     timing.relayed(len(batch))
-                    if not resp.prepared:  # the decode node took the request: start the SSE stream
-                        await resp.prepare(request)
                     if batch:
+                        if not resp.prepared:  # the first token: start the SSE stream (a refusal
+                            await resp.prepare(request)  # or failure before it is an HTTP error)
                         out = []
                         for text in batch:
                             out.append(fmt.chunk(sent, text))

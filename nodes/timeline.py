@@ -19,9 +19,9 @@ EVENTS = frozenset({
     "arrival", "routed", "retried", "done", "failed",
     # prefill (and colocated)
     "prefill_queued", "prefill_start", "prefill_end", "kv_start", "kv_end",
-    "kv_hold_wait", "kv_wait_start",
+    "kv_hold_wait", "kv_wait_start", "kv_retry",
     # decode (and colocated)
-    "kv_refused", "kv_granted", "kv_recv_start", "kv_recv_end", "decode_queued", "decode_admitted", "first_token", "decode_done",
+    "kv_refused", "kv_granted", "kv_recv_start", "kv_recv_end", "kv_dropped", "decode_queued", "decode_admitted", "first_token", "decode_done",
     # client (load generator)
     "client_sent", "client_first_token", "client_done", "client_failed",
     # node-level, request_id null

@@ -5,10 +5,18 @@ switch, in one direction; one port per rail of a host with rails). A KV transfer
 one flow per rail pair, its bytes split evenly (:meth:`FlowNetwork.transfer_striped`). Whenever a flow starts or ends, the rates of all flows are
 recomputed by progressive filling (every unfrozen flow grows at the same pace until a port it
 crosses is full; those flows freeze; repeat), the max-min fair allocation. A flow is done when
-its bytes are delivered, plus the path's one-way latency. Loss on a port stretches its flows by
-1 / (1 - p): the expected bytes sent per byte delivered by a reliable transport that resends
-each lost packet once per loss (SRD-like, no window collapse); TCP's extra time under loss
-(RTOs, halving) is not modelled and makes emulated TCP transfers slower than this.
+its bytes are delivered, plus the path's one-way latency.
+
+Loss follows the scenario's ``kv_transfer.transport``:
+
+- ``srd``: a flow over ports with loss p_i is stretched by 1 / prod(1 - p_i), the expected
+  packets sent per packet delivered when each lost packet is resent (SRD: selective resends on
+  a short timer, no window collapse, so loss costs only the resent bytes).
+- ``tcp``: the same stretch, and the flow's rate is capped by the Mathis et al. (1997) bound
+  of loss-limited TCP throughput, MSS x 8 / RTT x sqrt(3 / (2 p)), with p = 1 - prod(1 - p_i),
+  MSS = MTU - 40 and RTT = twice the path's one-way latency. It leaves out retransmission
+  timeouts (RTO floors, the 1 s initial-SYN timeout), which emulated TCP also pays: for TCP
+  the simulator is a lower bound on the transfer time under loss.
 """
 from __future__ import annotations
 
@@ -26,6 +34,22 @@ class Port:
     rate_bps: float
     latency_s: float = 0.0
     loss: float = 0.0
+    mtu: int = 1500
+
+
+def mathis_rate_bps(mtu: int, rtt_s: float, loss: float) -> float:
+    """Loss-limited TCP throughput (Mathis, Semke, Mahdavi, Ott 1997): MSS/RTT x sqrt(3/(2p))."""
+    if loss <= 0 or rtt_s <= 0:
+        return float("inf")
+    return (mtu - 40) * 8 / rtt_s * (1.5 / loss) ** 0.5
+
+
+def srd_stretch(losses: Iterable[float]) -> float:
+    """Expected packets sent per packet delivered with selective resends: 1 / prod(1 - p)."""
+    stretch = 1.0
+    for p in losses:
+        stretch /= max(1e-9, 1.0 - p)
+    return stretch
 
 
 @dataclass(eq=False)
@@ -65,8 +89,11 @@ def max_min_rates(flows: Iterable[Flow]) -> None:
 class FlowNetwork:
     """The flows in progress on one simulated fabric."""
 
-    def __init__(self, env: simpy.Environment):
+    def __init__(self, env: simpy.Environment, transport: str = "srd"):
+        if transport not in ("srd", "tcp"):
+            raise ValueError(f"transport must be srd or tcp, got {transport!r}")
         self.env = env
+        self.transport = transport
         self.flows: list[Flow] = []
         self._last = 0.0
         self._wake: simpy.Event | None = None
@@ -75,10 +102,12 @@ class FlowNetwork:
     def transfer(self, ports: tuple[Port, ...], nbytes: float) -> simpy.Event:
         """An event that fires when ``nbytes`` have crossed ``ports`` (plus their latency)."""
         done = self.env.event()
-        stretch = 1.0
-        for p in ports:
-            stretch /= max(1e-9, 1.0 - p.loss)
-        flow = Flow(ports, nbytes * 8.0 * stretch, done, latency_s=sum(p.latency_s for p in ports))
+        stretch = srd_stretch(p.loss for p in ports)
+        latency = sum(p.latency_s for p in ports)
+        if self.transport == "tcp" and stretch > 1.0 and ports:
+            cap = mathis_rate_bps(min(p.mtu for p in ports), 2 * latency, 1.0 - 1.0 / stretch)
+            ports = (*ports, Port(f"tcp-loss-cap:{id(done)}", cap))   # a private port: this flow's cap
+        flow = Flow(ports, nbytes * 8.0 * stretch, done, latency_s=latency)
         self._advance()
         if flow.remaining_bits <= 0 or not ports:
             self.env.process(self._deliver(flow))

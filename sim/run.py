@@ -36,7 +36,7 @@ def _port(topo: Any, host: str, cls: str, direction: str) -> Port | None:
         return None
     p = link.params
     rate = float(p.bandwidth_bps) if p.bandwidth_bps else float("inf")
-    return Port(f"{link.name}:{direction}", rate, float(p.latency_s), float(p.loss))
+    return Port(f"{link.name}:{direction}", rate, float(p.latency_s), float(p.loss), int(p.mtu))
 
 
 def _rail_ports(topo: Any, host: str, cls: str, direction: str) -> list[Port]:
@@ -127,7 +127,7 @@ def run_sim(sc: Any, rd: Any, *, scenario_path: str | None = None, log: Any = No
             request_timeout_s=float(sc.router.request_timeout), prefill_max_queue=prefill.max_queue,
             decode_max_queue=decode.max_queue)
 
-    net = FlowNetwork(env)
+    net = FlowNetwork(env, kvt.transport)
     router_plan = next(p for p in plans.values() if p.role == "router")
     router_host = router_plan.host if router_plan.host != "root" else None
 

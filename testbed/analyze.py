@@ -14,6 +14,13 @@ striped over one connection per rail, each rail in its own capture (``<link>-r<k
 frames of every persistent connection are cut into stripes (BEGIN .. END of one request id)
 and the stripes of one transfer attempt are joined across the rails of a host's link
 (:func:`striped_transfers`): bytes per rail, the chunks' offsets tiling the transfer, the ACK.
+
+SRD-like transfers (nodes/srd.py, UDP) are rebuilt per session id from their datagrams: every
+DATA header (46 bytes, inside any snaplen the testbed uses) gives the packet number, offset and
+layer, the UDP length the payload length, so the byte coverage of the message, its
+retransmissions (a packet number seen again), reordering (a packet number below one already
+seen, first copies only) and the bytes per destination (rail) are exact; payload bytes are
+checked against the request's deterministic KV bytes and CRC where the capture holds them.
 """
 from __future__ import annotations
 
@@ -23,6 +30,9 @@ import math
 import re
 import socket
 import struct
+import subprocess
+import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple
@@ -32,7 +42,10 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.utils import PcapReader, RawPcapReader
 
-from fabric.kvlayer import MAX_FIELDS_LEN, PDKVAck, PDKVBegin, PDKVChunk, PDKVEnd, parse_frame
+from fabric.kvlayer import (MAX_FIELDS_LEN, PDKVAck, PDKVBegin, PDKVChunk, PDKVEnd, PDSRAck, PDSRBegin, PDSREnd,
+                            parse_datagram, parse_frame)
+from nodes.kvproto import verify_payload
+from nodes.srd import DATA_FIXED, DATA_HEADER_LEN, SRD_MAGIC, COMMON, SrdType
 from nodes.kvproto import DEFAULT_KV_PORT, HEADER, HEADER_LEN, MAGIC, MAX_FRAME_BYTES, FrameType
 from nodes.timeline import read_run_timeline
 from core.config import ConfigError
@@ -358,6 +371,184 @@ def read_connections(pcap: Path, *, engine: str = "fast") -> tuple[list[_Conn], 
     return conns, stats
 
 
+class _Datagram(NamedTuple):
+    t: float
+    src: tuple[str, int]
+    dst: tuple[str, int]
+    length: int      # UDP payload length from the UDP header (exact even when truncated)
+    data: bytes      # the captured part
+
+
+def read_datagrams(pcap: Path) -> Iterator[_Datagram]:
+    """The SRD datagrams (UDP payloads starting with the SRD magic) of a capture, IPv4 and IPv6."""
+    with RawPcapReader(str(pcap)) as reader:
+        for data, meta in reader:
+            if hasattr(meta, "tshigh"):
+                t, linktype = ((meta.tshigh << 32) | meta.tslow) / meta.tsresol, meta.linktype
+            else:
+                t, linktype = meta.sec + meta.usec / (1e9 if reader.nano else 1e6), reader.linktype
+            off = _ip_offset(linktype, data)
+            if off is None or len(data) < off + 1:
+                continue
+            version = data[off] >> 4
+            if version == 4 and len(data) >= off + 20:
+                ihl = (data[off] & 0x0F) * 4
+                frag, proto = struct.unpack_from(">HxB", data, off + 6)
+                if proto != 17 or frag & 0x3FFF:
+                    continue
+                fam, sa, da, udp = socket.AF_INET, data[off + 12:off + 16], data[off + 16:off + 20], off + ihl
+            elif version == 6 and len(data) >= off + 40 and data[off + 6] == 17:
+                fam, sa, da, udp = socket.AF_INET6, data[off + 8:off + 24], data[off + 24:off + 40], off + 40
+            else:
+                continue
+            if len(data) < udp + 8 + 4 or data[udp + 8:udp + 12] != SRD_MAGIC:
+                continue
+            sport, dport, ulen = struct.unpack_from(">HHH", data, udp)
+            yield _Datagram(t, (socket.inet_ntop(fam, sa), sport), (socket.inet_ntop(fam, da), dport),
+                            ulen - 8, bytes(data[udp + 8:udp + ulen]))
+
+
+class _Samples:
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, int]] = []
+
+
+def _srd_transfers(pcap: Path, run: dict[str, float], bin_s: float) -> tuple[list[dict[str, Any]], int]:
+    """One entry per SRD session of a capture; and the number of SRD datagrams seen."""
+    sessions: dict[int, list[_Datagram]] = {}
+    n = 0
+    for d in read_datagrams(pcap):
+        if len(d.data) < COMMON.size:
+            continue
+        n += 1
+        sessions.setdefault(COMMON.unpack_from(d.data)[4], []).append(d)
+    return [_srd_transfer(sid, dgs, run, bin_s) for sid, dgs in sessions.items()], n
+
+
+def _srd_transfer(sid: int, dgs: list[_Datagram], run: dict[str, float], bin_s: float) -> dict[str, Any]:
+    t0, tdf, scale = run["t0_wall"], run["tdf"], run["byte_scale"]
+    begin = ack = end = None
+    start_t = begin_t = ack_t = first_t = last_t = None
+    seen: dict[int, tuple[int, int]] = {}        # psn -> (offset, length)
+    per_dest: dict[str, dict[str, int]] = {}
+    counts = {t.name: 0 for t in SrdType}
+    retx = retx_bytes = reordered = wire = captured = 0
+    crc_bad = payload_bad = 0
+    max_psn = -1
+    client = server = None
+    series = _Samples()
+    for d in dgs:
+        ftype = d.data[5]
+        name = SrdType(ftype).name if ftype in SrdType._value2member_map_ else None
+        if name is None:
+            continue
+        counts[name] += 1
+        if ftype == SrdType.REQ:
+            start_t = d.t if start_t is None else start_t
+            client = client or d.src
+        elif ftype == SrdType.BEGIN:
+            p = parse_datagram(d.data)
+            if isinstance(p, PDSRBegin) and begin is None:
+                begin, begin_t = p, d.t
+            client, server = client or d.src, server or d.dst
+        elif ftype == SrdType.END:
+            p = parse_datagram(d.data)
+            end = p if isinstance(p, PDSREnd) else end
+        elif ftype == SrdType.ACK:
+            p = parse_datagram(d.data)
+            if isinstance(p, PDSRAck) and ack is None:
+                ack, ack_t = p, d.t
+        elif ftype == SrdType.DATA and len(d.data) >= DATA_HEADER_LEN - 8:
+            psn, _ts, _layer, off, crc = DATA_FIXED.unpack_from(d.data, COMMON.size)
+            nbytes = max(0, d.length - DATA_HEADER_LEN)
+            client, server = client or d.src, server or d.dst
+            dest = per_dest.setdefault(f"{d.dst[0]}:{d.dst[1]}", {"bytes": 0, "packets": 0})
+            dest["bytes"] += nbytes
+            dest["packets"] += 1
+            wire += nbytes
+            series.samples.append((d.t, nbytes))
+            first_t = d.t if first_t is None else first_t
+            if psn in seen:
+                retx += 1
+                retx_bytes += nbytes
+                continue
+            seen[psn] = (off, nbytes)
+            last_t = d.t
+            if psn < max_psn:
+                reordered += 1
+            max_psn = max(max_psn, psn)
+            body = d.data[DATA_HEADER_LEN:]
+            if begin is not None and len(body) == nbytes:      # the whole payload was captured
+                captured += nbytes
+                if zlib.crc32(body) != crc:
+                    crc_bad += 1
+                elif not verify_payload(_text(begin.request_id), off, body):
+                    payload_bad += 1
+    # byte-for-byte coverage of the message: the union of every packet's [offset, offset + length)
+    spans = sorted(seen.values())
+    covered, reach = 0, 0
+    for off, nbytes in spans:
+        lo = max(off, reach)
+        if off + nbytes > lo:
+            covered += off + nbytes - lo
+            reach = off + nbytes
+    total = begin.total_bytes if begin is not None else None
+    if ack is None:
+        status, reason = "incomplete", None
+    elif ack.verified:
+        status, reason = "verified", None
+    else:
+        status, reason = "rejected", f"{ack.sprintf('%code%')}: {_text(ack.reason)}"
+    rid = _text(begin.request_id) if begin is not None else (_text(ack.request_id) or None if ack else None)
+    start = start_t if start_t is not None else (begin_t if begin_t is not None else first_t)
+    duration = (last_t - begin_t) if last_t is not None and begin_t is not None else None
+    session = (ack_t - start) if ack_t is not None and start is not None else None
+    rate = covered * 8 / duration if duration else None
+    model = lambda t: None if t is None else (t - t0) / tdf   # noqa: E731
+    return {
+        "transport": "srd",
+        "session": f"{sid:016x}",
+        "request_id": rid,
+        "client": f"{client[0]}:{client[1]}" if client else None,
+        "server": f"{server[0]}:{server[1]}" if server else None,
+        "status": status,
+        "reason": reason,
+        "model": _text(begin.model) if begin is not None else None,
+        "layers": begin.num_layers if begin is not None else None,
+        "tokens": begin.tokens if begin is not None else None,
+        "announced_bytes": total,
+        "packet_bytes": begin.packet_bytes if begin is not None else None,
+        "end_packets": end.packets if end is not None else None,
+        "datagrams_seen": counts,
+        "packets": len(seen),
+        "data_payload_bytes": covered,
+        "data_payload_bytes_wire": wire,
+        "complete": total is not None and covered == total,
+        "retransmissions": retx,
+        "retransmitted_bytes": retx_bytes,
+        "reordered": reordered,
+        "per_destination": per_dest,
+        "payload_captured_bytes": captured,
+        "payload_verified": (crc_bad == 0 and payload_bad == 0) if captured else None,
+        "bad_crc_packets": crc_bad,
+        "bad_payload_packets": payload_bad,
+        "syn_t_wall": start,
+        "first_byte_t_wall": first_t,
+        "begin_t_wall": begin_t,
+        "last_byte_t_wall": last_t,
+        "ack_t_wall": ack_t,
+        "first_byte_t_model": model(first_t),
+        "last_byte_t_model": model(last_t),
+        "duration_s": duration,
+        "duration_model_s": duration / tdf if duration is not None else None,
+        "session_s": session,
+        "session_model_s": session / tdf if session is not None else None,
+        "throughput_bps": rate,
+        "throughput_model_bps": rate * tdf / scale if rate is not None else None,
+        "series": _series(series, t0, tdf, scale, bin_s),
+    }
+
+
 def _text(value: bytes) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
@@ -548,7 +739,7 @@ def striped_transfers(stripes: list[_StripeSeen], acks: dict[str, list[_Frame]],
         rate = nbytes * 8 / duration if duration else None
         model = lambda t: None if t is None else (t - t0) / tdf   # noqa: E731
         out.append({
-            "request_id": rid, "attempt": attempt, "capture": capture, "stripes": n,
+            "request_id": rid, "transport": "tcp", "attempt": attempt, "capture": capture, "stripes": n,
             "stripes_seen": len(group), "stripes_ended": len(ended),
             "connections": sorted({st.conn for st in group}),
             "rails": {st.rail_capture: st.bytes for st in group},
@@ -643,6 +834,9 @@ def analyze_run(run_dir: str | Path, *, bin_s: float = 0.01, kv_ports: Iterable[
     captures, transfers = [], []
     stripes: list[_StripeSeen] = []
     acks: dict[str, list[_Frame]] = {}
+    groups: dict[str, list[Path]] = {}
+    for pcap in pcaps:
+        groups.setdefault(re.sub(r"-r\d+(\.pcap(ng)?)$", r"\1", str(pcap.relative_to(run_dir))), []).append(pcap)
     for pcap in pcaps:
         try:
             conns, stats = read_connections(pcap)
@@ -662,10 +856,41 @@ def analyze_run(run_dir: str | Path, *, bin_s: float = 0.01, kv_ports: Iterable[
                 for rid, frames in conn_acks.items():
                     acks.setdefault(rid, []).extend(frames)
                 continue
-            tr = {"capture": rel, **_transfer(conn, *roles, run, bin_s)}
+            tr = {"capture": rel, "transport": "tcp", **_transfer(conn, *roles, run, bin_s)}
             tr["timeline"] = _match_timeline(tr, events, run["tdf"])
             transfers.append(tr)
-        captures.append({"file": str(pcap.relative_to(run_dir)), **stats, "kv_connections": n})
+        if len(groups[group]) > 1:     # a rail: its SRD datagrams are read with its group's below
+            captures.append({"file": rel, **stats, "kv_connections": n, "group": group})
+            continue
+        try:
+            srd, n_dgrams = _srd_transfers(pcap, run, bin_s)
+        except (OSError, ValueError, EOFError) as exc:
+            raise ConfigError(str(pcap), [("", f"cannot read capture: {exc}")]) from None
+        for tr in srd:
+            tr = {"capture": rel, **tr}
+            tr["timeline"] = _match_timeline(tr, events, run["tdf"])
+            transfers.append(tr)
+        captures.append({"file": rel, **stats, "kv_connections": n,
+                         "srd_datagrams": n_dgrams, "srd_sessions": len(srd)})
+    # SRD sprays a message over every rail: a host link's rail captures are merged (mergecap,
+    # by timestamp) and its sessions rebuilt whole, ``per_destination`` naming each rail
+    for group, files in groups.items():
+        if len(files) < 2:
+            continue
+        with tempfile.TemporaryDirectory(prefix="pdtb-analyze-") as tmp:
+            merged = Path(tmp) / "rails.pcap"
+            proc = subprocess.run(["mergecap", "-F", "pcap", "-w", str(merged), *map(str, files)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise ConfigError(group, [("", f"cannot merge the rail captures: {proc.stderr.strip()[:200]}")])
+            try:
+                srd, n_dgrams = _srd_transfers(merged, run, bin_s)
+            except (OSError, ValueError, EOFError) as exc:
+                raise ConfigError(group, [("", f"cannot read the rail captures: {exc}")]) from None
+        for tr in srd:
+            tr = {"capture": group, **tr}
+            tr["timeline"] = _match_timeline(tr, events, run["tdf"])
+            transfers.append(tr)
     for tr in striped_transfers(stripes, acks, run):
         tr["timeline"] = _match_timeline(tr, events, run["tdf"])
         transfers.append(tr)
@@ -679,9 +904,12 @@ def analyze_run(run_dir: str | Path, *, bin_s: float = 0.01, kv_ports: Iterable[
             "verified": sum(t["status"] == "verified" for t in transfers),
             "rejected": sum(t["status"] == "rejected" for t in transfers),
             "incomplete": sum(t["status"] == "incomplete" for t in transfers),
-            "tcp_payload_bytes": sum(t["tcp_payload_bytes"] for t in transfers),
+            "tcp_payload_bytes": sum(t.get("tcp_payload_bytes", 0) for t in transfers),
+            "srd_data_payload_bytes": sum(t.get("data_payload_bytes", 0) for t in transfers),
+            "srd_transfers": sum(t["transport"] == "srd" for t in transfers),
             "retransmissions": sum(t["retransmissions"] for t in transfers),
-            "uncaptured_bytes": sum(t["uncaptured_bytes"] for t in transfers),
+            "reordered": sum(t.get("reordered", 0) for t in transfers),
+            "uncaptured_bytes": sum(t.get("uncaptured_bytes", 0) for t in transfers),
             "timeline_matched": len(diffs),
             "max_abs_diff_pct": max(diffs) if diffs else None,
         },
@@ -696,15 +924,16 @@ def format_table(result: dict[str, Any]) -> str:
     def f(v: Any, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    head = (f"{'request':<14} {'capture':<18} {'status':<10} {'KV bytes':>12} {'TCP bytes':>12} {'retx':>5} "
+    head = (f"{'request':<14} {'capture':<18} {'via':<4} {'status':<10} {'KV bytes':>12} {'wire bytes':>12} {'retx':>5} "
             f"{'xfer ms':>9} {'Gbit/s':>8} {'session ms':>10} {'timeline ms':>11} {'diff %':>7}")
     lines = [f"run {result['run_dir']}: tdf {result['tdf']:g}, byte scale {result['byte_scale']:g} "
              f"(times and rates in model units)", head, "-" * len(head)]
     for t in result["transfers"]:
         tl = t["timeline"] or {}
         lines.append(
-            f"{(t['request_id'] or '?'):<14.14} {t['capture']:<18.18} {t['status']:<10} "
-            f"{f(t['announced_bytes'], 'd'):>12} {t['tcp_payload_bytes']:>12d} {t['retransmissions']:>5d} "
+            f"{(t['request_id'] or '?'):<14.14} {t['capture']:<18.18} {t['transport']:<4} {t['status']:<10} "
+            f"{f(t['announced_bytes'], 'd'):>12} {t.get('tcp_payload_bytes', t.get('data_payload_bytes', 0)):>12d} "
+            f"{t['retransmissions']:>5d} "
             f"{f(t['duration_model_s'] and t['duration_model_s'] * 1e3, '.2f'):>9} "
             f"{f(t['throughput_model_bps'] and t['throughput_model_bps'] / 1e9, '.3f'):>8} "
             f"{f(t['session_model_s'] and t['session_model_s'] * 1e3, '.2f'):>10} "
@@ -712,7 +941,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{f(tl.get('diff_pct'), '+.1f'):>7}")
     s = result["summary"]
     lines.append(f"{s['transfers']} transfers: {s['verified']} verified, {s['rejected']} rejected, "
-                 f"{s['incomplete']} incomplete; {s['retransmissions']} retransmitted segments; "
+                 f"{s['incomplete']} incomplete; {s['retransmissions']} retransmitted segments/packets; "
                  f"max |diff| vs timeline {f(s['max_abs_diff_pct'], '.1f')} %")
     if s["uncaptured_bytes"]:
         lines.append(f"the captures missed {s['uncaptured_bytes']} stream bytes (tcpdump dropped packets): "

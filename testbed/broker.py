@@ -187,6 +187,14 @@ class Broker:
         self.pid_path.unlink(missing_ok=True)
         return False
 
+    def restart(self, timeout_s: float = 10.0) -> None:
+        """Stop and start again on the same address and port with the same users and passwords:
+        a broker restart the nodes must ride out (they reconnect and publish their status again)."""
+        self.stop()
+        if not self._launch(timeout_s):
+            tail = self.log_path.read_text()[-2000:] if self.log_path.exists() else ""
+            raise RuntimeError(f"mosquitto did not restart on {self.host}:{self._port}; log {self.log_path}:\n{tail}")
+
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop our mosquitto by its recorded PID (idempotent)."""
         proc, self._proc = self._proc, None

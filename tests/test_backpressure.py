@@ -9,6 +9,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from nodes.config import Endpoint, KvSettings, NodeConfig, PrefillSettings
 from nodes.costmodel import CostModel
 from nodes.decode import DecodeNode
@@ -23,12 +25,13 @@ HW = "cs3"  # both roles: a CS-3 pair holds ~86k tokens of this model's KV, so a
 SECRET = "ab" * 32
 
 
-def node_config(tmp_path: Path, role: str, name: str, t0: float) -> NodeConfig:
+def node_config(tmp_path: Path, role: str, name: str, t0: float, transport: str = "tcp") -> NodeConfig:
     extra = ({"kv": Endpoint(host="127.0.0.1", port=free_port())} if role == "decode" else
              {"kv_bind": "127.0.0.1", "prefill": PrefillSettings(token_budget=16384, chunk_tokens=0)})
     return NodeConfig(run_id="t1", name=name, role=role, model=MODEL, hardware=HW, tdf=1.0, byte_scale=1e-6,
                       t0_wall=t0, run_dir=str(tmp_path), http=Endpoint(host="127.0.0.1", port=free_port()),
-                      kv_transfer=KvSettings(secret_hex=SECRET, timeout_s=30.0), internal_secret_hex=SECRET, **extra)
+                      kv_transfer=KvSettings(secret_hex=SECRET, timeout_s=30.0, transport=transport, mtu=9001),
+                      internal_secret_hex=SECRET, **extra)
 
 
 async def generate(session, cfg: NodeConfig, rid: str, prompt: int, max_tokens: int) -> list[dict]:
@@ -46,14 +49,15 @@ def first_times(evs: list[dict]) -> dict[tuple[str, str], float]:
     return first
 
 
-async def test_transfers_wait_for_decode_room_and_prefill_holds_back(tmp_path):
+@pytest.mark.parametrize("transport", ["tcp", "srd"])
+async def test_transfers_wait_for_decode_room_and_prefill_holds_back(tmp_path, transport):
     cost = CostModel(load_hardware(HW), load_model(MODEL))
     cap_tokens = cost.max_kv_tokens()
     prompt = int(0.44 * cap_tokens)  # two requests' KV fit on either node, three do not
     long_out, short_out = 1500, 5
     t0 = time.time()
     dcfg = node_config(tmp_path, "decode", "d1", t0)
-    pcfg = node_config(tmp_path, "prefill", "p1", t0)
+    pcfg = node_config(tmp_path, "prefill", "p1", t0, transport)
     peer = {"name": "d1", "host": "127.0.0.1", "port": dcfg.kv.port}
     async with running(DecodeNode, dcfg) as (decode, dsession), running(PrefillNode, pcfg) as (prefill, psession):
         peak = [0]

@@ -202,3 +202,21 @@ def test_broker_goes_away_when_its_parent_is_killed(tmp_path):
             parent.wait(5)
         if pid is not None and same_process(pid, ticks):  # only the PID we saw start, never by name
             os.kill(pid, signal.SIGKILL)
+
+
+async def test_nodes_ride_out_a_broker_restart(broker):
+    """The broker restarts on its port: the node reconnects and its status resumes; a command
+    sent after the restart reaches it."""
+    got: list[dict] = []
+    async with StatusWatcher(settings(broker, "router")) as w:
+        async with NodeControl(settings(broker, "d1"), "d1", "decode", load, got.append):
+            assert await w.wait_for(lambda w: w.is_up("d1"), 5)
+            await asyncio.to_thread(broker.restart)
+            restarted = time.time()
+            assert await w.wait_for(lambda w: w.is_up("d1") and w.status("d1")["t_wall"] > restarted, 15)
+            await Controller(settings(broker, "controller")).send("d1", "drain")
+            for _ in range(100):
+                if got:
+                    break
+                await asyncio.sleep(0.05)
+            assert got == [{"cmd": "drain", "factor": None}]

@@ -243,3 +243,38 @@ async def test_crash_command_exits_and_last_will_fires(tmp_path, broker):
     ev = events(cfg)
     assert [e["event"] for e in ev] == ["node_start", "control"]  # no node_stop: it crashed
     assert ev[-1]["cmd"] == "crash"
+
+
+async def test_kv_over_srd_on_the_same_port(tmp_path):
+    """The decode node takes SRD transfers on its KV port over UDP, with the same grant,
+    refusal and verification as TCP; hostile datagrams become kv_dropped events."""
+    import socket
+
+    from nodes.srd import send_kv_srd
+
+    cfg = config(tmp_path)
+    async with running(DecodeNode, cfg) as (node, session):
+        gen = asyncio.create_task(generate(session, cfg, "r1", 300, 8))
+        await asyncio.sleep(0.1)
+        begin = KvBegin(request_id="r1", model=MODEL, layers=load_model(MODEL).layers, tokens=300,
+                        total_bytes=wire_bytes(cfg, 300))
+        res = await send_kv_srd([(cfg.kv.host, cfg.kv.port)], bytes.fromhex(SECRET), begin, mtu=9001, timeout_s=10)
+        assert res.transport == "srd" and res.bytes_sent == wire_bytes(cfg, 300)
+        check_stream(await gen, "r1", 8)
+        with pytest.raises(KvTransferError, match="not registered") as refused:
+            await send_kv_srd([(cfg.kv.host, cfg.kv.port)], bytes.fromhex(SECRET),
+                              KvBegin("r2", MODEL, begin.layers, 200, wire_bytes(cfg, 200)), mtu=9001, timeout_s=10)
+        assert refused.value.code == Code.REFUSED
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.sendto(b"PDSR\x01\x05" + bytes(60), (cfg.kv.host, cfg.kv.port))   # DATA of no session
+        s.close()
+        for _ in range(250):  # a loopback datagram is read within milliseconds; 5 s on a loaded machine
+            if node.srd_receiver.dropped["unknown_session"]:
+                break
+            await asyncio.sleep(0.02)
+        assert node.srd_receiver.dropped["unknown_session"] == 1
+    order = [e["event"] for e in events(cfg) if e["request_id"] == "r1"]
+    assert order == ["kv_granted", "kv_recv_start", "kv_recv_end", "decode_queued", "decode_admitted",
+                     "first_token", "decode_done"]
+    dropped = events(cfg, "kv_dropped")
+    assert [(e["reason"], e["count"]) for e in dropped] == [("unknown_session", 1)]

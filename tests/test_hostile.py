@@ -181,7 +181,8 @@ async def test_decode_and_prefill_queues_are_bounded(tmp_path):
         for task in waiting:
             task.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)
-    pcfg = prefill_config(tmp_path / "p").model_copy(update={"prefill": PrefillSettings(token_budget=30000, max_queue=1)})
+    pcfg = prefill_config(tmp_path / "p", timeout_s=0.2).model_copy(
+        update={"prefill": PrefillSettings(token_budget=30000, max_queue=1)})
     dead = {"name": "d9", "host": "127.0.0.1", "port": 9}  # the handoffs fail; only the queue matters here
     async with running(PrefillNode, pcfg) as (node, session):
         # each 30k-token prompt computes for ~1 s on trn2; the first starts, the second waits

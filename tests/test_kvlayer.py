@@ -129,3 +129,36 @@ def test_lua_dissector_decodes_fields(tmp_path, port):
     assert any("r000007" in r[1] and "2684354560" in r[2] for r in flat), out.stdout
     assert any("4096" in r[3] for r in flat)
     assert any("9" in r[4] for r in flat)   # the ACK's BAD_CRC code
+
+
+def test_srd_datagrams_parse_and_bind_to_udp():
+    """Each SRD datagram type (built by nodes/srd.py's own encoders) parses to its class with
+    its fields; on UDP port 7470 scapy dissects it; a truncated DATA still gives its header."""
+    from scapy.layers.inet import IP, UDP
+
+    from fabric.kvlayer import PDSRAck, PDSRBegin, PDSRData, PDSRSack, parse_datagram
+    from nodes import srd
+    from nodes.kvproto import KvAck, ack_body, begin_body
+
+    key = b"k" * 32
+    begin = kp.KvBegin("r000003", "llama-3.1-8b", 32, 900, 123456)
+    raw_begin = srd.tagged(key, srd.header(srd.SrdType.BEGIN, 77) + bytes(64) + srd.PACKET_FIXED.pack(8927)
+                           + begin_body(begin))
+    p = parse_datagram(raw_begin)
+    assert isinstance(p, PDSRBegin) and p.session == 77 and p.request_id == b"r000003"
+    assert (p.num_layers, p.tokens, p.total_bytes, p.packet_bytes) == (32, 900, 123456, 8927)
+    assert p.tag == raw_begin[-8:]
+    data = srd.data_header(key, 77, 5, 1000, 3, 44627, 0xDEADBEEF, srd.FLAG_RETRANSMIT) + b"x" * 100
+    d = parse_datagram(data)
+    assert isinstance(d, PDSRData) and (d.psn, d.layer, d.offset, d.crc32, d.flags) == (5, 3, 44627, 0xDEADBEEF, 1)
+    assert d.data == b"x" * 100
+    cut = parse_datagram(data[:50])
+    assert isinstance(cut, PDSRData) and cut.offset == 44627
+    sack = parse_datagram(srd.tagged(key, srd.header(srd.SrdType.SACK, 77) + srd.SACK_FIXED.pack(9, 1, 2) + b"\xf0\x01"))
+    assert isinstance(sack, PDSRSack) and (sack.cum, sack.bitmap) == (9, b"\xf0\x01")
+    ack = parse_datagram(srd.tagged(key, srd.header(srd.SrdType.ACK, 77)
+                                    + ack_body(KvAck("r000003", False, kp.Code.KV_FULL, 0, "no room"))))
+    assert isinstance(ack, PDSRAck) and ack.sprintf("%code%") == "KV_FULL" and ack.reason == b"no room"
+    assert parse_datagram(b"PDKV" + bytes(20)) is None
+    pkt = IP(bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=40000, dport=kp.DEFAULT_KV_PORT) / data))
+    assert PDSRData in pkt and pkt[PDSRData].psn == 5

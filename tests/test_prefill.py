@@ -24,11 +24,11 @@ SECRET = "ab" * 32
 
 
 def config(tmp_path: Path, *, tdf: float = 1.0, mode: str = "whole", budget: int = 16384, chunk: int = 0,
-           byte_scale: float = 1e-3) -> NodeConfig:
+           byte_scale: float = 1e-3, timeout_s: float = 10.0) -> NodeConfig:
     return NodeConfig(run_id="t1", name="p1", role="prefill", model=MODEL, hardware=HW, tdf=tdf,
                       byte_scale=byte_scale, t0_wall=time.time(), run_dir=str(tmp_path),
                       http=Endpoint(host="127.0.0.1", port=free_port()), kv_bind="127.0.0.1",
-                      kv_transfer=KvSettings(mode=mode, secret_hex=SECRET, timeout_s=10.0),
+                      kv_transfer=KvSettings(mode=mode, secret_hex=SECRET, timeout_s=timeout_s),
                       prefill=PrefillSettings(token_budget=budget, chunk_tokens=chunk), internal_secret_hex=SECRET)
 
 
@@ -134,11 +134,14 @@ async def test_layerwise_overlaps_transfer_with_compute(tmp_path):
 
 
 async def test_handoff_failure_and_drain(tmp_path):
-    cfg = config(tmp_path)
+    """A decode node that cannot be reached is asked again (kv_retry) until the transfer
+    timeout, then the handoff fails with the reason."""
+    cfg = config(tmp_path, timeout_s=0.5)
     dead = {"name": "d9", "host": "127.0.0.1", "port": free_port()}
     async with running(PrefillNode, cfg) as (node, session):
         r = await prefill(session, cfg, "r1", 100, dead, status=502)
-        assert r["ok"] is False and "d9" in r["reason"]
+        assert r["ok"] is False and "d9" in r["reason"] and "tries within 0.5 s" in r["reason"]
+        assert len(events(cfg, "kv_retry")) >= 3  # 1, 2, 4, 8, 16, 16 ... ms apart within 0.5 s
         node.on_command({"cmd": "drain", "factor": None})
         r = await prefill(session, cfg, "r2", 100, dead, status=503)
         assert "draining" in r["reason"]
@@ -150,13 +153,16 @@ async def test_handoff_failure_and_drain(tmp_path):
     assert end["ok"] is False and end["bytes"] == 0 and end["reason"]
 
 
-@pytest.mark.parametrize("mode", ["whole", "layerwise"])
-async def test_prefill_to_decode_node(tmp_path, mode):
+@pytest.mark.parametrize("mode,transport", [("whole", "tcp"), ("layerwise", "tcp"), ("whole", "srd"),
+                                            ("layerwise", "srd")])
+async def test_prefill_to_decode_node(tmp_path, mode, transport):
     """The router's flow against real daemons: generate on decode, then prefill hands off."""
     from nodes.decode import DecodeNode
     from nodes.tokenizer import token_text
 
     pcfg = config(tmp_path, mode=mode, tdf=5.0)
+    pcfg = pcfg.model_copy(update={"kv_transfer": pcfg.kv_transfer.model_copy(
+        update={"transport": transport, "mtu": 9001, "rate_bps": 2e9})})
     dcfg = NodeConfig(run_id="t1", name="d1", role="decode", model=MODEL, hardware="cs3", tdf=5.0,
                       byte_scale=pcfg.byte_scale, t0_wall=pcfg.t0_wall, run_dir=str(tmp_path),
                       http=Endpoint(host="127.0.0.1", port=free_port()),
@@ -180,3 +186,42 @@ async def test_prefill_to_decode_node(tmp_path, mode):
     assert lines[-1] == {"type": "done", "output_tokens": 5}
     recv = [e for e in read_timeline(dcfg.timeline_path) if e["event"] == "kv_recv_end"]
     assert recv[0]["verified"] is True and recv[0]["bytes"] == wire_bytes(pcfg, 3000)
+    end = [e for e in read_timeline(pcfg.timeline_path) if e["event"] == "kv_end"][0]
+    assert end["ok"] is True and end["transport"] == transport
+    if transport == "srd":
+        from nodes.srd import packet_table, payload_bytes_for_mtu
+        offs, _, _ = packet_table(wire_bytes(pcfg, 3000), load_model(MODEL).layers, payload_bytes_for_mtu(9001))
+        assert end["packets"] == len(offs) and end["retransmitted"] == 0
+
+
+async def test_srd_handoff_sprays_over_every_decode_address(tmp_path):
+    """decode.addrs (one KV address per rail) reaches the SRD sender, which uses every one; a
+    malformed list is refused with 400."""
+    from nodes.srd import SrdReceiver
+
+    hosts = ["127.0.0.1", "127.0.0.2"]
+    seen: dict[str, int] = {}
+    done: list[bool] = []
+    rx = SrdReceiver(bytes.fromhex(SECRET), max_transfer_bytes=1 << 34, on_complete=lambda b, ok: done.append(ok))
+    await rx.start(hosts, 0)
+    real = rx._handle
+
+    def count(data, addr, ep):
+        host = ep.transport.get_extra_info("sockname")[0]
+        seen[host] = seen.get(host, 0) + 1
+        return real(data, addr, ep)
+    rx._handle = count
+    cfg = config(tmp_path)
+    cfg = cfg.model_copy(update={"kv_bind": None, "kv_transfer": cfg.kv_transfer.model_copy(
+        update={"transport": "srd", "mtu": 9001})})
+    try:
+        async with running(PrefillNode, cfg) as (node, session):
+            peer = {"name": "d1", "host": hosts[0], "port": rx.port, "addrs": hosts}
+            r = await prefill(session, cfg, "r1", 4000, peer)
+            assert r == {"ok": True, "kv_bytes": wire_bytes(cfg, 4000)}
+            await prefill(session, cfg, "r2", 10, {**peer, "addrs": ["not an address!"]}, status=400)
+    finally:
+        await rx.close()
+    assert done == [True]
+    # 4000 tokens of qwen3-32b at byte scale 1e-3: ~1 MB, ~130 packets split evenly over both
+    assert seen[hosts[0]] > 30 and seen[hosts[1]] > 30

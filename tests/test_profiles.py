@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from pathlib import Path
 
 from nodes.profiles import hardware_names, load_hardware, load_model, model_names
 
@@ -125,3 +126,46 @@ def test_profiles_are_immutable() -> None:
     hw = load_hardware("trn2")
     with pytest.raises(Exception):
         hw.chips = 3  # type: ignore[misc]
+
+
+def test_every_fitted_constant_says_so_and_every_profile_constant_has_a_source() -> None:
+    """A constant listed under ``fitted:`` is described as fitted in ``sources`` (its own key or
+    the nearest enclosing one); the calibrated blocks of every profile name a source."""
+    for name in hardware_names():
+        hw = load_hardware(name)
+        for key in hw.fitted:
+            parts = key.split(".")
+            text = next((hw.sources[".".join(parts[:i])] for i in range(len(parts), 0, -1)
+                         if ".".join(parts[:i]) in hw.sources), "")
+            assert "fitted" in text, (name, key)
+        for key in ("efficiency", "prefill", "decode"):
+            assert hw.sources.get(key), (name, key)
+
+
+def test_family_and_instance_configuration_are_profile_data() -> None:
+    assert load_hardware("trn2").family == "trainium" and load_hardware("cs3").family == "wafer"
+    assert load_hardware("h200").family == "gpu"
+    trn2 = load_hardware("trn2")
+    assert trn2.chips == 16 and trn2.interconnect is not None and trn2.efficiency.tokens_half == 128
+    cs3 = load_hardware("cs3")
+    assert cs3.wafer is not None and cs3.wafer.cores == 900_000 and cs3.multi_system is not None
+    spec = load_hardware("trn2-spec").decode.speculative
+    assert spec is not None and spec.draft_model == "llama-3.2-1b" and spec.tokens_per_step == 7
+
+
+def test_bad_speculative_and_wafer_sections_are_refused(tmp_path) -> None:
+    from core.config import ConfigError
+    text = (Path(__file__).resolve().parents[1] / "nodes/profiles/data/hardware/cs3-spec.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("acceptance_rate: 0.9333", "acceptance_rate: 1.5"))
+    with pytest.raises(ConfigError) as err:
+        load_hardware(bad)
+    assert "acceptance_rate" in str(err.value)
+    bad.write_text(text.replace("  kv_memory: sram\n", "  kv_memory: external\n"))
+    with pytest.raises(ConfigError) as err:
+        load_hardware(bad)
+    assert "kv_external" in str(err.value)
+    bad.write_text(text.replace("  wafer.utilisation: [", "  wafer.speed: ["))
+    with pytest.raises(ConfigError) as err:
+        load_hardware(bad)
+    assert "wafer.speed" in str(err.value)

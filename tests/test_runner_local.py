@@ -122,6 +122,12 @@ def test_local_run_completes_every_request(tmp_path: Path) -> None:
         assert oct((out / "nodes" / f"{node}.json").stat().st_mode & 0o777) == "0o600"
     assert len((out / "workload.jsonl").read_text().splitlines()) == 6
     assert (out / "summary.json").exists()
+    # the default KV transport is SRD; on loopback (no shaped links) the sender is not paced
+    kv = json.loads((out / "nodes" / "p1.json").read_text())["kv_transfer"]
+    assert (kv["transport"], kv["rate_bps"]) == ("srd", 0.0) and kv["rto_s"] == pytest.approx(50e-6)
+    ends = [json.loads(line) for line in (out / "timeline" / "p1.jsonl").read_text().splitlines()
+            if '"kv_end"' in line]
+    assert len(ends) == 6 and all(e["ok"] and e["transport"] == "srd" and e["packets"] > 0 for e in ends)
     no_leftovers(out)
 
 

@@ -23,6 +23,7 @@ name: mnpair
 topology: pair
 model: llama-3.1-8b
 emulation: {{backend: mininet, tdf: {tdf}}}
+kv_transfer: {{transport: {transport}}}
 workload:
   arrival: {{process: fixed, rate: {rate}}}
   requests: {requests}
@@ -32,9 +33,10 @@ slo: {{ttft_ms: 1000, tpot_ms: 100}}
 """
 
 
-def write_scenario(tmp_path: Path, requests: int = 6, rate: float = 10.0, output: int = 8, tdf: float = 20) -> Path:
+def write_scenario(tmp_path: Path, requests: int = 6, rate: float = 10.0, output: int = 8, tdf: float = 20,
+                   transport: str = "srd") -> Path:
     path = tmp_path / "mnpair.yaml"
-    path.write_text(SCENARIO.format(requests=requests, rate=rate, output=output, tdf=tdf))
+    path.write_text(SCENARIO.format(requests=requests, rate=rate, output=output, tdf=tdf, transport=transport))
     return path
 
 
@@ -64,10 +66,13 @@ def _pdtb(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_pair_end_to_end_with_efa_capture(tmp_path: Path) -> None:
-    """Every request completes on the pair topology; the EFA pcaps carry the KV handoffs."""
+@pytest.mark.parametrize("transport", ["srd", "tcp"])
+def test_pair_end_to_end_with_efa_capture(tmp_path: Path, transport: str) -> None:
+    """Every request completes on the pair topology over either KV transport; the EFA pcaps
+    carry the KV handoffs and ``pdtb analyze`` rebuilds every one of them."""
     out = tmp_path / "run"
-    proc = _pdtb("run", str(write_scenario(tmp_path)), "--out", str(out), "--pcap", "efa", "--json")
+    proc = _pdtb("run", str(write_scenario(tmp_path, transport=transport)), "--out", str(out), "--pcap", "efa",
+                 "--json")
     stdout, stderr = proc.communicate(timeout=110)
     assert proc.returncode == 0, stderr[-3000:]
     summary = json.loads(stdout)
@@ -84,14 +89,21 @@ def test_pair_end_to_end_with_efa_capture(tmp_path: Path) -> None:
 
     from testbed.analyze import analyze_run
 
-    # every request striped over the CS-3's 12 ports, rebuilt from the 12 rail captures
-    result = analyze_run(out, write=False)
-    seen = {t["request_id"]: t for t in result["transfers"]
-            if t["capture"] == "pcap/decode0-efa.pcap" and t["status"] == "verified"}
-    assert set(seen) == {f"r{i:06d}" for i in range(6)}, [(t["request_id"], t["capture"], t["status"])
-                                                         for t in result["transfers"]]
-    for t in seen.values():
-        assert t["stripes"] == t["stripes_seen"] == 12 and len(t["rails"]) == 12, t
+    # every request striped (TCP: one connection per CS-3 port) or sprayed (SRD) over the
+    # CS-3's 12 rails, rebuilt from the rail captures of each side
+    res = analyze_run(out)
+    for capture in ("pcap/decode0-efa.pcap", "pcap/prefill0-efa.pcap"):
+        verified = [t for t in res["transfers"] if t["capture"] == capture and t["status"] == "verified"]
+        assert sorted(t["request_id"] for t in verified) == [f"r{i:06d}" for i in range(6)], \
+            (capture, [(t["request_id"], t["capture"], t["status"]) for t in res["transfers"]])
+        assert {t["transport"] for t in verified} == {transport}
+        for t in verified:
+            if transport == "srd":   # every byte of every message covered, over the decode node's 12 rails
+                assert t["complete"] and t["data_payload_bytes"] == t["announced_bytes"] > 0
+                assert len(t["per_destination"]) == 12, t["per_destination"]
+            else:
+                assert t["stripes"] == t["stripes_seen"] == 12 and len(t["rails"]) == 12, t
+            assert t["timeline"] and t["timeline"]["verified"] is True
     _assert_clean(out)
 
 

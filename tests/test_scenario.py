@@ -340,3 +340,25 @@ def test_pool_batching_keys_are_checked_against_the_role(tmp_path):
     ok = load_scenario(SCENARIOS / "quickstart.yaml",
                        ["pools.prefill.token_budget=4096", "pools.decode.max_batch=8", "workload.stream=false"])
     assert ok.pools.prefill.token_budget == 4096 and ok.pools.decode.max_batch == 8 and ok.workload.stream is False
+
+
+def test_kv_link_settings_pace_srd_at_the_dilated_efa_rate() -> None:
+    """The orchestrator gives each KV node its EFA link's wire rate (model rate x S / TDF, only
+    where links are shaped) and MTU; kv_transfer.transport defaults to srd."""
+    from fabric.topology import load_topology
+    from nodes.config import KvSettings
+    from testbed.config.scenario import KvTransferSpec
+    from testbed.runner.backend import NodePlan
+    from testbed.runner.orchestrator import Orchestrator
+
+    assert KvTransferSpec().transport == "srd"
+    orch = Orchestrator.__new__(Orchestrator)
+    orch.topo, orch.tdf, orch.byte_scale, orch.backend_name = load_topology("pair"), 10.0, 1 / 256, "mininet"
+    kv = KvSettings(secret_hex="ab" * 32, transport="srd")
+    dec = orch._kv_link_settings(kv, NodePlan("decode0", "decode", "decode0", "cs3"))
+    pre = orch._kv_link_settings(kv, NodePlan("prefill0", "prefill", "prefill0", "trn2"))
+    assert (dec.rate_bps, dec.mtu) == (pytest.approx(1.2e12 / 256 / 10), 9001)
+    assert (pre.rate_bps, pre.mtu) == (pytest.approx(3.2e12 / 256 / 10), 9001)
+    assert orch._kv_link_settings(kv, NodePlan("router", "router", "router")) is kv
+    orch.backend_name = "local"
+    assert orch._kv_link_settings(kv, NodePlan("decode0", "decode", "decode0", "cs3")).rate_bps == 0.0

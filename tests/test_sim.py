@@ -60,6 +60,26 @@ def test_loss_stretches_a_transfer_by_the_resent_bytes():
     assert env.now == pytest.approx(1.0 / 0.8)
 
 
+def test_tcp_under_loss_is_capped_by_the_mathis_bound_srd_is_not():
+    """kv_transfer.transport picks the loss formula: SRD pays only the resent bytes, TCP is also
+    held to MSS x 8 / RTT x sqrt(3 / 2p)."""
+    from sim.network import mathis_rate_bps
+
+    path = (Port("p:up", 100e9, latency_s=10e-6, loss=0.01, mtu=9001), Port("d:down", 100e9, latency_s=10e-6, mtu=9001))
+    times = {}
+    for transport in ("srd", "tcp"):
+        env = simpy.Environment()
+        done = FlowNetwork(env, transport).transfer(path, 1e9)
+        env.run(done)
+        times[transport] = env.now
+    assert times["srd"] == pytest.approx(8.0 / 100 / 0.99 + 20e-6)
+    cap = mathis_rate_bps(9001, 40e-6, 0.01)      # 8961 x 8 / 40 us x sqrt(150) = 21.9 Gbit/s
+    assert cap == pytest.approx(8961 * 8 / 40e-6 * 150 ** 0.5)
+    assert times["tcp"] == pytest.approx(8e9 / 0.99 / cap + 20e-6)
+    with pytest.raises(ValueError):
+        FlowNetwork(simpy.Environment(), "udp")
+
+
 def test_quickstart_runs_in_virtual_time_into_a_normal_run_directory(tmp_path):
     out = tmp_path / "run"
     assert main(["run", str(QUICKSTART), "--backend", "sim", "--out", str(out), "--json"]) == 0

@@ -95,6 +95,7 @@ class ModelProfile(StrictModel):
     tie_embeddings: bool = False
     context_length: int = Field(gt=0)  # longest context the model supports
     dtype: Dtype = "bf16"  # weights as served
+    compute_dtype: Dtype | None = None  # matmul precision where it differs from the weights' (fp8 weights, bf16 compute); None = dtype
     kv_dtype: Dtype = "bf16"
     moe: MoeSpec | None = None
     mla: MlaSpec | None = None

@@ -9,7 +9,7 @@ from typing import Any
 from core.config import ConfigError, read_yaml
 from core.units import format_byte_rate, format_bytes, format_flops
 
-from nodes.calibration import calibration_csv, check
+from nodes.calibration import FIT_GROUPS, PUBLISHED_CSV, calibration_csv, check, group_constants
 from nodes.costmodel import CostModel
 from nodes.profiles import hardware_names, load_hardware, load_model, model_names
 
@@ -46,8 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pred.add_argument("--json", action="store_true")
     pred.set_defaults(func=run_predict, _parser=pred)
 
-    val = psub.add_parser("validate", help="check the cost model against every reference point")
+    val = psub.add_parser("validate", help="check the cost model against every reference point (fitted and validation)")
     val.add_argument("--json", action="store_true")
+    val.add_argument("--no-loo", action="store_true", help="skip the leave-one-out refits (faster)")
     val.set_defaults(func=run_validate)
 
 
@@ -175,17 +176,24 @@ def run_predict(args: argparse.Namespace) -> int:
     else:
         if args.context is None:
             args._parser.error("--decode-batch needs --context")
-        if args.draft_model is not None:
-            if not 0.0 <= args.acceptance_rate <= 1.0:
-                args._parser.error("--acceptance-rate must be within [0, 1]")
-            draft = CostModel(hw, load_model(args.draft_model), include_head=not args.blocks_only)
-            spec = cm.speculative_decode_step([args.context] * args.decode_batch, draft,
-                                              args.speculative_k, args.acceptance_rate)
+        if args.draft_model is not None or cm.speculative is not None:
+            if args.draft_model is not None:
+                if not 0.0 <= args.acceptance_rate <= 1.0:
+                    args._parser.error("--acceptance-rate must be within [0, 1]")
+                plain_hw = hw.model_copy(update={"decode": hw.decode.model_copy(update={"speculative": None})})
+                draft = CostModel(plain_hw, load_model(args.draft_model), include_head=not args.blocks_only)
+                k, a = args.speculative_k, args.acceptance_rate
+            else:  # the profile's decode.speculative
+                assert cm.draft is not None and cm.speculative is not None
+                draft, k, a = cm.draft, cm.speculative.tokens_per_step, cm.speculative.acceptance_rate
+            spec = cm.speculative_decode_step([args.context] * args.decode_batch, draft, k, a)
             cost = spec.verify
             step = {"phase": "speculative_decode", "batch": args.decode_batch, "context": args.context,
-                    "draft_model": draft.model.name, "speculative_k": args.speculative_k,
-                    "acceptance_rate": args.acceptance_rate, "tokens_per_step": spec.tokens_per_step,
-                    "draft_ms": spec.draft_s * 1e3, "round_ms": spec.time_s * 1e3,
+                    "draft_model": draft.model.name, "speculative_k": k, "acceptance_rate": a,
+                    "from_profile": args.draft_model is None, "tokens_per_step": spec.tokens_per_step,
+                    "draft_ms": spec.draft_s * 1e3, "verify_ms": spec.verify.time_s * 1e3,
+                    "round_overhead_ms": spec.overhead_s * 1e3, "round_ms": spec.time_s * 1e3,
+                    "time_per_token_ms": spec.time_per_token_s * 1e3,
                     "tokens_per_s_per_user": 1.0 / spec.time_per_token_s}
         else:
             cost = cm.decode_step([args.context] * args.decode_batch)
@@ -205,10 +213,10 @@ def run_predict(args: argparse.Namespace) -> int:
             if step["phase"] == "prefill" else f"decode step, batch {args.decode_batch}, context {args.context}")
     print(f"{m.name} on {hw.name}: {what}")
     if step["phase"] == "speculative_decode":
-        print(f"  speculative: draft {step['draft_model']} k={args.speculative_k} acceptance {args.acceptance_rate:g}: "
-              f"{step['tokens_per_step']:.2f} tokens per round of {step['round_ms']:.3f} ms "
-              f"(draft {step['draft_ms']:.3f} ms); {step['tokens_per_s_per_user']:,.1f} tokens/s per user; "
-              f"verification step below")
+        print(f"  speculative: draft {step['draft_model']} k={step['speculative_k']} acceptance {step['acceptance_rate']:g}"
+              f"{' (from the profile)' if step['from_profile'] else ''}: {step['tokens_per_step']:.2f} tokens per round of "
+              f"{step['round_ms']:.3f} ms (draft {step['draft_ms']:.3f} ms, fixed {step['round_overhead_ms']:.3f} ms); "
+              f"{step['tokens_per_s_per_user']:,.1f} tokens/s per user; verification step below")
     elif step["phase"] == "decode":
         print(f"  speed     {step['tokens_per_s_per_user']:,.1f} tokens/s per user")
     print(f"  time      {out['time_ms']:.3f} ms  (bound: {cost.bound})")
@@ -228,31 +236,60 @@ def _unit(metric: str) -> str:
     return "tok/s" if metric.startswith("tok_per_s") else "ms"
 
 
+def _fit_summary() -> list[dict[str, Any]]:
+    """Per fit group: its free constants and how many fitted and validation points it has."""
+    from nodes.calibration import reference_points
+    points = reference_points()
+    out = []
+    for g in FIT_GROUPS:
+        mine = [p for p in points if p.hardware in g.profiles]
+        out.append({"group": g.name, "profiles": list(g.profiles), "constants": group_constants(g),
+                    "fitted_points": sum(p.role == "fitted" for p in mine),
+                    "validation_points": sum(p.role == "validation" for p in mine)})
+    return out
+
+
 def run_validate(args: argparse.Namespace) -> int:
-    results = check()
+    """Fitted and validation points apart, leave-one-out errors for the fitted ones; exit 1
+    when any point (a validation point above all) is outside its tolerance."""
+    results = check(loo=not args.no_loo)
     failed = [r for r in results if not r.ok]
+    groups = _fit_summary()
     if args.json:
         print(json.dumps({"ok": not failed, "calibration_csv": str(calibration_csv()),
+                          "published_points_csv": str(PUBLISHED_CSV), "fit_groups": groups,
                           "points": [r.to_dict() for r in results]}, indent=2))
         return 1 if failed else 0
     sources: list[str] = []
-    rows = []
-    for r in results:
-        p = r.point
-        if p.source not in sources:
-            sources.append(p.source)
-        unit = _unit(p.metric)
-        rows.append([p.hardware, p.model, p.role, p.metric, p.label, f"{p.value:,.4g} {unit}", f"{r.predicted:,.4g} {unit}",
-                     f"{100 * r.error:+.1f}%", f"±{100 * p.tolerance:.0f}%", "ok" if r.ok else "FAIL", r.bound,
-                     f"[{sources.index(p.source) + 1}]"])
-    print(_table(["hardware", "model", "role", "metric", "step", "reference", "predicted", "error", "tol", "", "bound", "src"],
-                 rows, right={5, 6, 7, 8}))
+    for role in ("fitted", "validation"):
+        rows = []
+        for r in results:
+            p = r.point
+            if p.role != role:
+                continue
+            if p.source not in sources:
+                sources.append(p.source)
+            unit = _unit(p.metric)
+            loo = "" if role == "validation" else ("n/a" if r.loo_error is None else f"{100 * r.loo_error:+.1f}%")
+            rows.append([p.hardware, p.model, p.id or p.label, p.metric, p.label + (" spec" if p.speculative else ""),
+                         f"{p.value:,.4g} {unit}", f"{r.predicted:,.4g} {unit}", f"{100 * r.error:+.1f}%", loo,
+                         f"±{100 * p.tolerance:.0f}%", "ok" if r.ok else "FAIL", r.bound,
+                         f"[{sources.index(p.source) + 1}]"])
+        title = ("FITTED points (the profiles' free constants were fitted to these; loo: the error of a fit made "
+                 "without the point, n/a where that fit is underdetermined)" if role == "fitted"
+                 else "VALIDATION points (kept out of every fit)")
+        print(title)
+        print(_table(["hardware", "model", "point", "metric", "step", "reference", "predicted", "error", "loo", "tol", "",
+                      "bound", "src"], rows, right={5, 6, 7, 8, 9}))
+        print()
+    for g in groups:
+        print(f"{g['group']}: {len(g['constants'])} free constants ({', '.join(g['constants'])}) fitted to "
+              f"{g['fitted_points']} points; {g['validation_points']} validation points")
     print()
-    for i, s in enumerate(sources, 1):
-        print(f"[{i}] {s}")
-    print(f"H200 rows from {calibration_csv()}")
+    for i, src in enumerate(sources, 1):
+        print(f"[{i}] {src}")
+    print(f"published points from {PUBLISHED_CSV}; H200 rows from {calibration_csv()}")
     worst = max(results, key=lambda r: abs(r.error))
     print(f"{len(results) - len(failed)} of {len(results)} points within tolerance; "
           f"largest error {100 * worst.error:+.1f}% ({worst.point.hardware} {worst.point.model} {worst.point.label})")
     return 1 if failed else 0
-

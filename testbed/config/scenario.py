@@ -21,13 +21,14 @@ from pydantic import BaseModel, BeforeValidator, Field, PrivateAttr, ValidationE
 
 from nodes.profiles.models import ProfileName
 from core.config import ConfigError, SafeName, StrictModel, problems_from_validation, read_yaml
-from core.vocab import NETWORKS, DecodePolicy, KvMode, PrefillPolicy
+from core.vocab import NETWORKS, DecodePolicy, KvMode, PrefillPolicy, Transport
 from core.units import Bandwidth, ByteSize, Duration, Ratio
 from testbed.runner.backend import BackendChoice
 
 POOL_ROLES: tuple[str, ...] = ("prefill", "decode", "colocated")
 LINK_ACTIONS: frozenset[str] = frozenset({"set_link", "link_down", "link_up"})
-NODE_ACTIONS: frozenset[str] = frozenset({"crash", "slowdown", "drain", "resume"})
+NODE_ACTIONS: frozenset[str] = frozenset({"crash", "slowdown", "drain", "resume", "restart"})
+BROKER = "broker"  # the target of a restart fault on the control plane's MQTT broker
 
 _TARGET = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
@@ -78,6 +79,10 @@ class KvTransferSpec(StrictModel):
     mode: KvMode = "whole"
     chunk_bytes: ByteSize = "256KiB" # on-wire chunk size of the handoff protocol
     timeout: Duration = "120s" # model time a decode node waits for a KV cache
+    # srd: SRD-like reliable datagrams sprayed over every path (EFA's transport, nodes/srd.py);
+    # tcp: one TCP connection per transfer (nodes/kvproto.py), kept for comparison
+    transport: Transport = "srd"
+    rto: Duration = "50us"  # SRD retransmission timer, model time (x TDF, floored at 2 ms wall)
 
     @field_validator("chunk_bytes")
     @classmethod
@@ -294,8 +299,8 @@ class SloSpec(StrictModel):
 
 class FaultSpec(StrictModel):
     at: Duration  # model time since the run's start
-    action: Literal["set_link", "link_down", "link_up", "crash", "slowdown", "drain", "resume"]
-    target: str  # link name or link class (link actions); node name (node actions)
+    action: Literal["set_link", "link_down", "link_up", "crash", "slowdown", "drain", "resume", "restart"]
+    target: str  # link name or link class (link actions); node name (node actions); restart: a node or "broker"
     bandwidth: Bandwidth | None = None
     latency: Duration | None = None
     jitter: Duration | None = None
@@ -719,7 +724,7 @@ def topology_problems(sc: ScenarioConfig, topo: Any) -> list[tuple[str, str]]:
             if f.target not in links and f.target not in NETWORKS:
                 problems.append((f"faults[{i}].target", f"{f.target!r} is not a link of topology {sc.topology!r} "
                                                         f"nor a link class ({', '.join(NETWORKS)})"))
-        elif f.target not in nodes:
+        elif f.target not in nodes and not (f.action == "restart" and f.target == BROKER):
             problems.append((f"faults[{i}].target", f"{f.target!r} is not a host of topology {sc.topology!r}"))
     return problems
 

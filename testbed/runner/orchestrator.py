@@ -115,7 +115,7 @@ def plan_run(sc: Any, backend: str) -> tuple[Any, dict[str, NodePlan], str]:
     making a run directory.
     """
     from fabric.topology import load_topology
-    from testbed.config.scenario import LINK_ACTIONS, selected_hosts, topology_problems
+    from testbed.config.scenario import BROKER, LINK_ACTIONS, selected_hosts, topology_problems
 
     topo = effective_topology(load_topology(sc.topology_ref()), sc.fabric.overrides())
     problems = topology_problems(sc, topo)
@@ -135,6 +135,8 @@ def plan_run(sc: Any, backend: str) -> tuple[Any, dict[str, NodePlan], str]:
         if f.action in LINK_ACTIONS and not backend_class(backend).emulates_links:
             problems.append((f"faults[{i}].action", f"{f.action} needs emulated links: use the mininet backend "
                                                     f"(the {backend} backend has none)"))
+        if f.action == "restart" and f.target == BROKER:
+            continue
         if f.action not in LINK_ACTIONS and (f.target not in nodes or nodes[f.target].role == "client"):
             problems.append((f"faults[{i}].target", f"{f.target!r} is not a serving node of this run "
                                                     f"({', '.join(n for n, p in nodes.items() if p.role != 'client')})"))
@@ -260,7 +262,8 @@ class Orchestrator:
     def _write_configs(self) -> None:
         sc = self.sc
         kv = KvSettings(mode=sc.kv_transfer.mode, secret_hex=self._secret, chunk_bytes=int(sc.kv_transfer.chunk_bytes),
-                        timeout_s=float(sc.kv_transfer.timeout))
+                        timeout_s=float(sc.kv_transfer.timeout), transport=sc.kv_transfer.transport,
+                        rto_s=float(sc.kv_transfer.rto))
         router_settings = RouterSettings(prefill_policy=sc.router.prefill_policy,
                                          decode_policy=sc.router.decode_policy,
                                          request_timeout_s=float(sc.router.request_timeout),
@@ -280,15 +283,28 @@ class Orchestrator:
             if p.role == "client":
                 continue
             prefill, decode = batching(self.sc, p.role)
+            node_common = dict(common, kv_transfer=self._kv_link_settings(kv, p))
             cfg = NodeConfig(name=p.name, role=p.role, hardware=p.hardware, http=http[p.name],
                              kv=kv_ep.get(p.name), prefill=prefill, decode=decode,
                              kv_bind=self._addr(p, "efa") if p.role == "prefill" else None,
                              kv_addrs=kv_addrs.get(p.name, []),
                              peers=peers if p.role == "router" else
                              [q for q in peers if q.role == "decode"] if p.role == "prefill" else [],
-                             mqtt=self.broker.mqtt_settings(p.name), **common)
+                             mqtt=self.broker.mqtt_settings(p.name), **node_common)
             cfg.save(self.rd.node_config(p.name))
             self.configs[p.name] = cfg
+
+    def _kv_link_settings(self, kv: KvSettings, plan: NodePlan) -> KvSettings:
+        """The node's EFA link, as the SRD transport paces and packetises by it: wire rate
+        (model rate x byte scale / TDF, on a backend that shapes links; 0 = unpaced otherwise)
+        and MTU."""
+        links = [lk for lk in self.topo.links if lk.cls == "efa" and plan.host in (lk.a, lk.b)]
+        if plan.role not in ("prefill", "decode") or not links:
+            return kv
+        params = links[0].params
+        bw = self.topo.link_total_bps(links[0])   # a link with rails: all of them (the sender sprays over them)
+        rate = float(bw) * self.byte_scale / self.tdf if bw is not None and self.backend_name == "mininet" else 0.0
+        return kv.model_copy(update={"rate_bps": rate, "mtu": int(params.mtu)})
 
     def _client_config(self) -> NodeConfig:
         p = self.nodes[self.client_name]
@@ -512,6 +528,23 @@ class Orchestrator:
             self.sup.get(node).expected_exit = True
         asyncio.run(Controller(self.broker.mqtt_settings("controller")).send(node, cmd, factor))
 
+    def restart(self, target: str) -> None:
+        """Stop a daemon (or the MQTT broker, target ``broker``) and start it again with the same
+        config: what it held is lost (its peers see the loss), then it serves again."""
+        from testbed.config.scenario import BROKER
+
+        if target == BROKER:
+            old = self.broker.pid
+            self.broker.restart()
+            record_stop(self.registries, old, 0)
+            record_start(self.registries, "mosquitto", self.broker.pid, ["mosquitto"], pgid=self.broker.pid)
+            return
+        if target not in self.nodes or self.nodes[target].role == "client":
+            raise ConfigError("restart", [("", f"{target!r} is not a node of this run ({', '.join(self.nodes)})")])
+        self.sup.stop(target, grace_s=2.0)
+        self._spawn(self.nodes[target])
+        self._wait_healthy([target], timeout_s=30.0)
+
     def _apply_fault(self, f: FaultRecord) -> None:
         f.applied_t_model = round(self.clock.now() - self.workload_offset_s, 6)
         try:
@@ -519,6 +552,8 @@ class Orchestrator:
                 f.links = self.set_link(f.target, **f.params)
             elif f.action in ("link_down", "link_up"):
                 f.links = self.set_link(f.target, up=f.action == "link_up")
+            elif f.action == "restart":
+                self.restart(f.target)
             else:
                 self.node_command(f.target, f.action, f.params.get("factor"))
             f.ok = True

@@ -10,7 +10,7 @@ Layout (``RUN_DIR`` = ``runs/<scenario>-<UTC timestamp>`` unless ``--out`` names
     timeline/<node>.jsonl
     pcap/               captures (when asked)
     broker/             the run's mosquitto config, passwords, ACL and log
-    pids.json           PIDs of the processes the run started (removed entries once stopped)
+    pids.jsonl          PIDs of the processes the run started (removed entries once stopped)
     summary.json, requests.csv, report.html   written at the end
 """
 from __future__ import annotations
