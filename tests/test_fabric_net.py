@@ -199,7 +199,8 @@ def test_pair_builds_and_tears_down_without_leftovers() -> None:
                                                  f"{net.address('decode0', 'efa', dst_rail)}")
             assert " 0% packet loss" in ping, ping
             grew = [rx(k) - b for k, b in enumerate(before)]
-            assert grew[dst_rail] >= 20 and sum(grew) - grew[dst_rail] < 5, grew
+            # the echoes on the addressed rail; the others see at most the ARP request (a broadcast)
+            assert grew[dst_rail] >= 20 and max(g for k, g in enumerate(grew) if k != dst_rail) <= 2, grew
         with pytest.raises(KeyError):
             net.address("client0", "efa")
         # the root namespace reaches the router on the frontend, not the EFA network
