@@ -257,6 +257,7 @@ class FabricNet(Mininet):
                 if net == "efa" else [(s, self.plan.address(s, net), s) for s in hosts if s != g]
             if root_sw is not None:
                 senders.append((root_sw, self.plan.root_address(net), None))
+            changes: list[tuple[LossRules, list[LossRule]]] = []
             for lk, intf in zip(rails, intfs):
                 rules: list[LossRule] = []
                 for start, addr, sender_host in senders:
@@ -273,7 +274,8 @@ class FabricNet(Mininet):
                 if key in self._loss or any(r.probability > 0 for r in rules):
                     if key not in self._loss:
                         self._loss[key] = LossRules(node, intf, self.prefix)
-                    self._loss[key].set(rules)
+                    changes.append((self._loss[key], rules))
+            LossRules.set_many(changes)   # all of the host's rails in one iptables-restore
             mid_lat = sum(mids_lat) / len(mids_lat) if mids_lat else 0.0
             mid_jit2 = sum(mids_jit) / len(mids_jit) if mids_jit else 0.0
             latency = 2 * own["latency_s"] + mid_lat
@@ -385,7 +387,8 @@ class FabricNet(Mininet):
     # -- runtime changes ---------------------------------------------------------------------------
 
     def set_link(self, link_name: str, *, bandwidth_bps: float | None = None, latency_s: float | None = None,
-                 jitter_s: float | None = None, loss: float | None = None, up: bool | None = None) -> None:
+                 jitter_s: float | None = None, loss: float | None = None, up: bool | None = None,
+                 _refresh_fallback: bool = True) -> None:
         """Change a link at run time (MODEL values; None leaves a parameter as it is).
         Both directions change; ``up=False`` takes the link down, ``up=True`` brings it back.
         A declared link with rails changes all its rails, its ``bandwidth_bps`` split over them."""
@@ -394,7 +397,10 @@ class FabricNet(Mininet):
             rails = groups[link_name]
             for name in rails:
                 self.set_link(name, bandwidth_bps=None if bandwidth_bps is None else bandwidth_bps / len(rails),
-                              latency_s=latency_s, jitter_s=jitter_s, loss=loss, up=up)
+                              latency_s=latency_s, jitter_s=jitter_s, loss=loss, up=up, _refresh_fallback=False)
+            changed = any(v is not None for v in (bandwidth_bps, latency_s, jitter_s, loss))
+            if changed and self.impairment_backend == "fallback":
+                self._apply_fallback(self._spec(rails[0]).cls)   # once for all the rails
             return
         if link_name not in self._links or link_name not in self.link_names():
             raise KeyError(f"no link {link_name!r}; links: {self.link_names()}")
@@ -408,7 +414,7 @@ class FabricNet(Mininet):
             self._links[link_name].reshape(rate_bps=emu["rate_bps"], latency_s=emu["latency_s"],
                                            jitter_s=emu["jitter_s"], loss=emu["loss"],
                                            queue_packets=emu["queue_packets"])
-            if self.impairment_backend == "fallback":
+            if self.impairment_backend == "fallback" and _refresh_fallback:
                 self._apply_fallback(self._spec(link_name).cls)
         if up is not None:
             self._links[link_name].set_up(up)
