@@ -24,10 +24,11 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from fabric.topology import LinkSpec, TopologyConfig, load_topology
+from fabric.topology import RailLink, TopologyConfig, find_path, load_topology
 from core.vocab import SCALED_NETWORKS
 
 GOODPUT_MIN_RATIO = 0.90
@@ -50,12 +51,15 @@ class MeasureError(RuntimeError):
 
 @dataclass(frozen=True)
 class Route:
-    """A host pair to measure on one network, and the links its packets cross."""
+    """A host pair (a rail of each, on a network with rails) to measure on one network, and the
+    emulated links its packets cross."""
 
     src: str
     dst: str
     cls: str
     links: tuple[str, ...]
+    src_rail: int = 0
+    dst_rail: int = 0
 
 
 @dataclass
@@ -71,6 +75,8 @@ class Probe:
     rate_bps: float | None
     rtt_s: float
     loss: float
+    src_rail: int = 0
+    dst_rail: int = 0
     measured: dict[str, Any] = field(default_factory=dict)
     verdicts: dict[str, str] = field(default_factory=dict)
 
@@ -79,25 +85,35 @@ class Probe:
         return all(v != "FAIL" for v in self.verdicts.values())
 
 
-def _shaped(lk: LinkSpec) -> bool:
+def _shaped(lk: RailLink) -> bool:
     p = lk.params
     return p.bandwidth_bps is not None or p.latency_s > 0 or p.jitter_s > 0 or p.loss > 0
 
 
 def plan_routes(topo: TopologyConfig) -> list[Route]:
-    """Host pairs whose paths cover every shaped link of the checked networks: greedily the pair
-    crossing the most not-yet-covered shaped links (then the shorter path), until all are."""
+    """Host pairs (rail pairs where hosts have rails) whose paths cover every shaped link and
+    rail of the checked networks: greedily the pair crossing the most not-yet-covered shaped
+    links (then the shorter path), until all are."""
     routes = []
+    rail_links = topo.rail_links()
+    hosts = {h.name for h in topo.hosts}
     for cls in CHECK_NETWORKS:
-        shaped = {lk.name for lk in topo.links if lk.cls == cls and _shaped(lk)}
+        links = [lk for lk in rail_links if lk.cls == cls]
+        shaped = {lk.name for lk in links if _shaped(lk)}
         members = [h.name for h in topo.hosts if topo.host_link(h.name, cls) is not None]
+        ends = {m: sorted({lk.rail for lk in links if m in (lk.a, lk.b)}) for m in members}
         candidates = []
         for i, a in enumerate(members):
             for b in members[i + 1:]:
-                try:
-                    candidates.append(Route(a, b, cls, tuple(lk.name for lk in topo.path(a, b, cls))))
-                except KeyError:
-                    continue
+                for ra in ends[a]:
+                    for rb in ends[b]:
+                        sub = [lk for lk in links if not (a in (lk.a, lk.b) and lk.rail != ra)
+                               and not (b in (lk.a, lk.b) and lk.rail != rb)]
+                        try:
+                            path = find_path(sub, a, b, cls, hosts)
+                        except KeyError:
+                            continue
+                        candidates.append(Route(a, b, cls, tuple(lk.name for lk in path), ra, rb))
         while shaped and candidates:
             best = max(candidates, key=lambda r: (len(shaped.intersection(r.links)), -len(r.links)))
             if not shaped.intersection(best.links):
@@ -113,12 +129,14 @@ def expect(topo: TopologyConfig, route: Route, tdf: float, byte_scale: float) ->
     from fabric.topo import Dilation
 
     dil = Dilation(tdf, byte_scale)
-    emu = [dil.link(topo.link(name).params, route.cls) for name in route.links]
+    by_name = {lk.name: lk for lk in topo.rail_links()}
+    emu = [dil.link(by_name[name].params, route.cls) for name in route.links]
     rates = [e["rate_bps"] for e in emu if e["rate_bps"] is not None]
     return Probe(src=route.src, dst=route.dst, cls=route.cls, links=list(route.links), tdf=tdf,
                  byte_scale=byte_scale, rate_bps=min(rates) if rates else None,
                  rtt_s=2.0 * math.fsum(e["latency_s"] for e in emu),
-                 loss=1.0 - math.prod(1.0 - e["loss"] for e in emu))
+                 loss=1.0 - math.prod(1.0 - e["loss"] for e in emu), src_rail=route.src_rail,
+                 dst_rail=route.dst_rail)
 
 
 def _in_range(probe: Probe, cap_bps: float) -> bool:
@@ -191,13 +209,24 @@ def _wait_listening(proc: subprocess.Popen, timeout_s: float = 5.0) -> None:
         raise MeasureError(f"iperf3 server did not start: {seen.decode(errors='replace').strip() or 'no output'}")
 
 
+def _endpoints(net: Any, src: str, dst: str, cls: str, rails: tuple[int, int] | None) -> tuple[str, list[str]]:
+    """(destination address, client binding arguments) of a measurement: with rails, the
+    destination's rail address and the source rail's address bound, so that the probe leaves
+    by that rail (the fabric's policy routes) and arrives on the other."""
+    if rails is None:
+        return net.address(dst, cls), []
+    return net.address(dst, cls, rails[1]), ["-B", net.address(src, cls, rails[0])]
+
+
 def _iperf(net: Any, src: str, dst: str, cls: str, client_args: list[str], port: int,
-           timeout_s: float) -> dict[str, Any]:
-    server = net.popen(dst, ["iperf3", "-s", "-1", "-p", str(port), "--forceflush"],
+           timeout_s: float, rails: tuple[int, int] | None = None) -> dict[str, Any]:
+    addr, bind = _endpoints(net, src, dst, cls, rails)
+    # with rails the server binds the rail's address too: its UDP replies must leave from it
+    server = net.popen(dst, ["iperf3", "-s", "-1", "-p", str(port), "--forceflush", *(["-B", addr] if bind else [])],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         _wait_listening(server)
-        client = net.popen(src, ["iperf3", "-c", net.address(dst, cls), "-p", str(port), "-J", *client_args],
+        client = net.popen(src, ["iperf3", "-c", addr, *bind, "-p", str(port), "-J", *client_args],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = client.communicate(timeout=timeout_s)
         try:
@@ -213,9 +242,11 @@ def _iperf(net: Any, src: str, dst: str, cls: str, client_args: list[str], port:
         server.wait(timeout=5)
 
 
-def measure_tcp(net: Any, src: str, dst: str, cls: str, duration_s: float = 3.0, port: int = IPERF_PORT) -> float:
-    """TCP goodput (bit/s, receiver side) from ``src`` to ``dst``, after a 1 s omitted warm-up."""
-    data = _iperf(net, src, dst, cls, ["-t", f"{duration_s:g}", "-O", "1"], port, duration_s + 20)
+def measure_tcp(net: Any, src: str, dst: str, cls: str, duration_s: float = 3.0, port: int = IPERF_PORT,
+                rails: tuple[int, int] | None = None) -> float:
+    """TCP goodput (bit/s, receiver side) from ``src`` to ``dst`` (rail to rail with ``rails``),
+    after a 1 s omitted warm-up."""
+    data = _iperf(net, src, dst, cls, ["-t", f"{duration_s:g}", "-O", "1"], port, duration_s + 20, rails)
     return float(data["end"]["sum_received"]["bits_per_second"])
 
 
@@ -228,13 +259,13 @@ def udp_probe_shape(rate_bps: float | None) -> tuple[float, int]:
 
 
 def measure_udp_loss(net: Any, src: str, dst: str, cls: str, rate_bps: float | None, duration_s: float = 3.0,
-                     port: int = IPERF_PORT) -> tuple[float, int]:
+                     port: int = IPERF_PORT, rails: tuple[int, int] | None = None) -> tuple[float, int]:
     """(loss fraction, packets sent) of a paced UDP stream from ``src`` to ``dst``."""
     rate, length = udp_probe_shape(rate_bps)
     # a 4 MB socket buffer (passed to the server too): a receiver that misses a time slice on a
     # busy host must not add socket-buffer drops to the link's configured loss
     data = _iperf(net, src, dst, cls, ["-u", "-b", f"{int(rate)}", "-l", str(length), "-w", "4M",
-                                       "-t", f"{duration_s:g}"], port, duration_s + 20)
+                                       "-t", f"{duration_s:g}"], port, duration_s + 20, rails)
     s = data["end"]["sum"]
     packets = int(s.get("packets", 0))
     if packets <= 0:
@@ -242,7 +273,8 @@ def measure_udp_loss(net: Any, src: str, dst: str, cls: str, rate_bps: float | N
     return int(s.get("lost_packets", 0)) / packets, packets
 
 
-def measure_rtt(net: Any, src: str, dst: str, cls: str, count: int = 20, interval_s: float = 0.05) -> float:
+def measure_rtt(net: Any, src: str, dst: str, cls: str, count: int = 20, interval_s: float = 0.05,
+                rails: tuple[int, int] | None = None) -> float:
     """Median round-trip time (s) by ping, without the first echo (it waits for ARP). The median:
     a time slice lost to other load on a 2-core host delays a few echoes by milliseconds, which
     would move a mean but says nothing about the configured delay.
@@ -250,8 +282,9 @@ def measure_rtt(net: Any, src: str, dst: str, cls: str, count: int = 20, interva
     the receiving host's ingress delay (the fallback's NFQUEUE delayer). ping runs at a low
     real-time priority, like the delayer, so that other load on the host does not add its time
     slices to the measurement."""
+    addr, bind = _endpoints(net, src, dst, cls, rails)
     argv = ["chrt", "-f", "5", "ping", "-U", "-n", "-c", str(count + 1), "-i", f"{interval_s:g}", "-W", "2",
-            net.address(dst, cls)]
+            *(["-I", bind[1]] if bind else []), addr]
     proc = net.popen(src, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = proc.communicate(timeout=count * interval_s + 30)
     rtts = {int(m.group(1)): float(m.group(2)) / 1e3 for m in _ECHO_RE.finditer(out)}
@@ -296,42 +329,101 @@ def judge(probe: Probe) -> None:
 _VERDICT_OF = {"rtt_s": "rtt", "goodput_bps": "goodput", "loss": "loss"}
 
 
+def _probe_rails(net: Any, probe: Probe) -> tuple[int, int] | None:
+    """The probe's (source rail, destination rail) where either host has rails, else None."""
+    plan = getattr(net, "plan", None)
+    if plan is None or not any(len(plan.rails(h, probe.cls)) > 1 for h in (probe.src, probe.dst)):
+        return None
+    return probe.src_rail, probe.dst_rail
+
+
 def measure_probe(net: Any, probe: Probe, duration_s: float = 3.0) -> None:
     """Run the three measurements of one probe and judge them. A measurement that fails (no
     echo, no iperf3 result: the path is broken) is recorded as None with its error, and fails.
     A measurement outside its tolerance is taken once more and the second one counts
     (``measured["retried"]`` names it): a burst of host noise passes, a wrong link fails twice."""
-    errors: list[str] = []
+    measure_probes(net, [probe], duration_s)
 
-    def attempt(fn: Any, *args: Any) -> Any:
+
+def measure_probes(net: Any, probes: list[Probe], duration_s: float = 3.0) -> None:
+    """:func:`measure_probe` for several probes at once (the rails of one host pair): each
+    measurement (round trips, then TCP goodput, then UDP loss) runs on all of them together, on
+    their own iperf3 ports, so a host's rails are checked in the time of one. The caller keeps
+    their summed rate within the host's capacity (:func:`rail_batches`)."""
+    errors: dict[int, list[str]] = {i: [] for i in range(len(probes))}
+
+    def attempt(i: int, fn: Any, *args: Any) -> Any:
         try:
             return fn(*args)
         except (MeasureError, subprocess.TimeoutExpired) as exc:
-            errors.append(str(exc))
+            errors[i].append(str(exc))
             return None
 
-    def measure(key: str) -> None:
+    def measure(i: int, key: str) -> None:
+        probe, port, rails = probes[i], IPERF_PORT + i, _probe_rails(net, probes[i])
         if key == "rtt_s":
-            probe.measured["rtt_s"] = attempt(measure_rtt, net, probe.src, probe.dst, probe.cls)
+            probe.measured["rtt_s"] = attempt(i, measure_rtt, net, probe.src, probe.dst, probe.cls, 20, 0.05, rails)
         elif key == "goodput_bps":
-            probe.measured["goodput_bps"] = attempt(measure_tcp, net, probe.src, probe.dst, probe.cls, duration_s)
+            probe.measured["goodput_bps"] = attempt(i, measure_tcp, net, probe.src, probe.dst, probe.cls, duration_s,
+                                                    port, rails)
         else:
             udp_s = duration_s if probe.loss > 0 else 1.0     # a loss-free path only shows it loses nothing
-            udp = attempt(measure_udp_loss, net, probe.src, probe.dst, probe.cls, probe.rate_bps, udp_s)
+            udp = attempt(i, measure_udp_loss, net, probe.src, probe.dst, probe.cls, probe.rate_bps, udp_s,
+                          port, rails)
             probe.measured["loss"], probe.measured["udp_packets"] = udp if udp is not None else (None, 0)
 
-    keys = ["rtt_s"] + (["goodput_bps"] if probe.rate_bps is not None else []) + ["loss"]
-    for key in keys:
-        measure(key)
-    judge(probe)
-    retry = [k for k in keys if probe.verdicts[_VERDICT_OF[k]] == "FAIL" and probe.measured[k] is not None]
-    for key in retry:
-        measure(key)
-    if retry:
-        probe.measured["retried"] = retry
-        judge(probe)
-    if errors:
-        probe.measured["errors"] = errors
+    def keys(probe: Probe) -> list[str]:
+        return ["rtt_s"] + (["goodput_bps"] if probe.rate_bps is not None else []) + ["loss"]
+
+    def together(jobs: list[tuple[int, str]]) -> None:
+        if len(jobs) == 1:
+            measure(*jobs[0])
+            return
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            list(pool.map(lambda job: measure(*job), jobs))
+
+    for key in ("rtt_s", "goodput_bps", "loss"):
+        together([(i, key) for i, p in enumerate(probes) if key in keys(p)])
+    for p in probes:
+        judge(p)
+    retry = {i: [k for k in keys(p) if p.verdicts[_VERDICT_OF[k]] == "FAIL" and p.measured[k] is not None]
+             for i, p in enumerate(probes)}
+    for key in ("rtt_s", "goodput_bps", "loss"):
+        jobs = [(i, key) for i, ks in retry.items() if key in ks]
+        if jobs:
+            together(jobs)
+    for i, p in enumerate(probes):
+        if retry[i]:
+            p.measured["retried"] = retry[i]
+            judge(p)
+        if errors[i]:
+            p.measured["errors"] = errors[i]
+
+
+def rail_batches(probes: list[Probe], cap_bps: float, most: int = 16) -> list[list[Probe]]:
+    """Probes grouped for :func:`measure_probes`: consecutive probes between the same two hosts
+    over rails that share no link, at most ``most`` and at most ``cap_bps`` of summed rate per
+    group (what the dilation keeps one host within); every other probe alone."""
+    def railed(p: Probe) -> bool:
+        return any(re.search(r"-r\d+$", name) for name in p.links[:1] + p.links[-1:])
+
+    batches: list[list[Probe]] = []
+    for p in probes:
+        last = batches[-1] if batches else None
+        if (last and railed(p) and railed(last[0]) and len(last) < most
+                and (last[0].src, last[0].dst, last[0].cls) == (p.src, p.dst, p.cls)
+                and not set(p.links).intersection(*[q.links for q in last])
+                and p.rate_bps is not None and all(q.rate_bps is not None for q in last)
+                and sum(q.rate_bps for q in last) + p.rate_bps <= cap_bps * 1.0001):  # type: ignore[misc]
+            last.append(p)
+        else:
+            batches.append([p])
+    return batches
+
+
+def _rail_tag(p: Probe, rail: int, end: int) -> str:
+    """``.r<k>`` when the probe's end link is a rail (its name ends in ``-r<k>``)."""
+    return f".r{rail}" if p.links and re.search(r"-r\d+$", p.links[end]) else ""
 
 
 def _fmt_rate(bps: float | None) -> str:
@@ -357,8 +449,9 @@ def format_table(probes: list[Probe]) -> str:
 
     for p in probes:
         m = p.measured
+        path = f"{p.src}{_rail_tag(p, p.src_rail, 0)}->{p.dst}{_rail_tag(p, p.dst_rail, -1)}"
         lines.append(
-            f"{p.src + '->' + p.dst:<28.28} {p.cls:<8} {p.tdf:>6.4g} {_fmt_rate(p.rate_bps):>8} "
+            f"{path:<28.28} {p.cls:<8} {p.tdf:>6.4g} {_fmt_rate(p.rate_bps):>8} "
             f"{_fmt_rate(m.get('goodput_bps')):>8} {err(m.get('goodput_bps'), p.rate_bps):>6} "
             f"{short(p.verdicts.get('goodput', '')):<5}  {p.rtt_s * 1e3:>7.2f} {num(m.get('rtt_s'), 1e3):>7} "
             f"{err(m.get('rtt_s'), p.rtt_s):>6} {short(p.verdicts.get('rtt', '')):<5}  {p.loss * 100:>6.2f} "
@@ -402,8 +495,8 @@ def check_topology(topology: TopologyConfig, tdf: float | str = "auto", byte_sca
         try:
             net.start()
             backend = net.impairment_backend
-            for probe in probes:
-                measure_probe(net, probe, duration_s)
+            for batch in rail_batches(probes, rate_cap_bps(capacity)):
+                measure_probes(net, batch, duration_s)
         finally:
             net.stop()
     probes = [p for group in passes for p in group]

@@ -53,30 +53,34 @@ class EmulationChoice:
 
 
 def carried_rate_bound_bps(topology: TopologyConfig, link: LinkSpec) -> float | None:
-    """The most (model) bit/s ``link`` can ever carry: its own rate, and no more than the other
-    links of a switch at either end can bring to it or take from it. On the EFA network, which
-    carries KV handoffs from prefill to decode hosts only, a prefill (decode) host's link gets
-    nothing from the switch's links to other prefill (decode) hosts. In ``pair.yaml`` the 3.2
-    Tbit/s prefill link only ever carries what the 1.2 Tbit/s decode link takes; in ``pod.yaml``
-    a prefill link at most what the two decode links take. None: unshaped."""
-    bounds = [link.params.bandwidth_bps] if link.params.bandwidth_bps else []
+    """The most (model) bit/s ``link`` can ever carry, all its rails together: its own rate, and
+    no more than the other links of a switch at either end can bring to it or take from it. On
+    the EFA network, which carries KV handoffs from prefill to decode hosts only, a prefill
+    (decode) host's link gets nothing from the switch's links to other prefill (decode) hosts.
+    In ``pair.yaml`` the prefill host's 16 rails (3.2 Tbit/s) only ever carry what the decode
+    host's 12 rails (1.2 Tbit/s) take; in ``pod.yaml`` a prefill host at most what the two decode
+    hosts take. A host's rails are one link here: their sum is what the host pushes through this
+    machine, so the busiest host is what must fit the host capacity. None: unshaped."""
+    own = topology.link_total_bps(link)
+    bounds = [own] if own else []
     switches = {sw.name for sw in topology.switches}
     roles = {h.name: h.role for h in topology.hosts}
     kv_role = next((roles[e] for e in (link.a, link.b) if roles.get(e) in KV_ROLES), None) \
         if link.cls in SCALED_NETWORKS else None
     for end in (link.a, link.b):
         if end in switches:
-            others = [lk.params.bandwidth_bps for lk in topology.links
+            others = [topology.link_total_bps(lk) for lk in topology.links
                       if lk is not link and lk.cls == link.cls and end in (lk.a, lk.b)
                       and (kv_role is None or roles.get(lk.other(end)) != kv_role)]
             if others and all(others):
-                bounds.append(sum(others))
+                bounds.append(sum(others))  # type: ignore[arg-type]
     return min(bounds) if bounds else None
 
 
 def _extremes(topology: TopologyConfig) -> tuple[float | None, float | None, float | None]:
     """(largest rate a link on a byte-scaled network can carry, the same on unscaled ones,
-    smallest non-zero latency) over all links, in model units."""
+    smallest non-zero latency) over all links, in model units (a link with rails: all its
+    rails together, which is what one host pushes through this machine)."""
     carried = {lk.name: carried_rate_bound_bps(topology, lk) for lk in topology.links}
     scaled = [carried[lk.name] for lk in topology.links if carried[lk.name] and lk.cls in SCALED_NETWORKS]
     unscaled = [carried[lk.name] for lk in topology.links if carried[lk.name] and lk.cls not in SCALED_NETWORKS]

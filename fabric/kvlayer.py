@@ -15,9 +15,9 @@ import struct
 from typing import Iterator
 
 from scapy.config import conf
-from scapy.fields import (ByteEnumField, ByteField, FieldLenField, IntField, LongField, ShortEnumField,
-                          ShortField, StrField, StrFixedLenField, StrLenField, XIntField, XLongField,
-                          XShortField)
+from scapy.fields import (ByteEnumField, ByteField, ConditionalField, FieldLenField, IntField, LongField,
+                          ShortEnumField, ShortField, StrField, StrFixedLenField, StrLenField, XIntField,
+                          XLongField, XShortField)
 from scapy.layers.inet import TCP, UDP
 from scapy.packet import Packet, bind_layers
 
@@ -87,6 +87,18 @@ class PDKVAuthOk(PDKV):
     fields_desc = _header(FrameType.AUTH_OK) + [StrFixedLenField("mac", b"\0" * 32, 32)]
 
 
+_STRIPE_TRAILER = 6   # stripe u8, stripes u8, attempt u32 (nodes.kvproto._STRIPE)
+
+
+def _striped(p: Packet) -> bool:
+    """Whether a BEGIN carries the stripe trailer: a dissected frame's length leaves 6 bytes
+    after the layout; a frame being built has ``stripes`` > 1."""
+    lens = (p.length, p.rid_len, p.model_len, p.layout_len)
+    if all(v is not None for v in lens):
+        return p.length - (14 + 3 + p.rid_len + p.model_len + p.layout_len) == _STRIPE_TRAILER
+    return (p.getfieldval("stripes") or 1) > 1
+
+
 class PDKVBegin(PDKV):
     name = "PDKV BEGIN"
     frame_type = FrameType.BEGIN
@@ -99,6 +111,10 @@ class PDKVBegin(PDKV):
         StrLenField("model", b"", length_from=lambda p: p.model_len),
         FieldLenField("layout_len", None, length_of="layout", fmt="B"),
         StrLenField("layout", b"layer-major", length_from=lambda p: p.layout_len),
+        # a striped transfer's BEGIN (one per connection) ends with its stripe, stripe count, attempt
+        ConditionalField(ByteField("stripe", 0), _striped),
+        ConditionalField(ByteField("stripes", 1), _striped),
+        ConditionalField(IntField("attempt", 0), _striped),
     ]
 
 

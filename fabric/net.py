@@ -26,7 +26,7 @@ from fabric.shaping import check_prefix
 from fabric.shaping.loss import LossRule, LossRules
 from fabric.topo import FabricTopo
 from core.vocab import NETWORKS
-from fabric.topology import LinkParams, LinkSpec, TopologyConfig, find_path, load_topology
+from fabric.topology import LinkParams, RailLink, TopologyConfig, find_path, load_topology
 
 if TYPE_CHECKING:
     from fabric.shaping.nfqdelay import Delayer
@@ -35,6 +35,8 @@ RTO_MIN_FLOOR_S = 0.005
 """Wall-clock floor of the default rto_min: about one jiffy at HZ=250 plus timer slack."""
 RTO_MIN_RTT_FACTOR = 3.0
 """Default rto_min = this x the largest dilated EFA round trip (with jitter), at least the floor."""
+RAIL_TABLE_BASE = 100
+"""Rail k's policy-routing table (and rule preference) in a host's namespace: 100 + k."""
 QUEUE_BY_NETWORK = {"frontend": 1, "efa": 2, "mgmt": 3}
 """NFQUEUE numbers of the fallback delayer, per network (queues are per namespace)."""
 
@@ -164,29 +166,77 @@ class FabricNet(Mininet):
         3 x the largest dilated EFA round trip (plus jitter), at least 5 ms."""
         if self._rto_min_s is not None:
             return self._rto_min_s * self.dilation.tdf
-        efa_hosts = [h.name for h in self.topology.hosts if self.topology.host_link(h.name, "efa")]
-        worst = 0.0
-        for i, a in enumerate(efa_hosts):
-            for b in efa_hosts[i + 1:]:
-                path = self._path(a, b, "efa")
-                lat = sum(self._model(lk.name).latency_s for lk in path)
-                jit = sum(self._model(lk.name).jitter_s for lk in path)
-                worst = max(worst, 2 * (lat + jit))
-        return max(RTO_MIN_FLOOR_S, RTO_MIN_RTT_FACTOR * self.dilation.time(worst))
+        efa_hosts = [h.name for h in self.topology.hosts if self.plan.rails(h.name, "efa")]
+        pairs = [(a, b) for i, a in enumerate(efa_hosts) for b in efa_hosts[i + 1:]]
+        return max([RTO_MIN_FLOOR_S] + [self.route_rto_min_wall_s(a, b) for a, b in pairs])
+
+    def route_rto_min_wall_s(self, a: str, b: str) -> float:
+        """The rto_min of the EFA routes between hosts ``a`` and ``b`` (wall seconds): the knob x
+        TDF, or 3 x their dilated round trip (with jitter), at least 5 ms."""
+        if self._rto_min_s is not None:
+            return self._rto_min_s * self.dilation.tdf
+        path = self._path(a, b, "efa")
+        rtt = 2 * sum(self._model(lk.name).latency_s + self._model(lk.name).jitter_s for lk in path)
+        return max(RTO_MIN_FLOOR_S, RTO_MIN_RTT_FACTOR * self.dilation.time(rtt))
+
+    def efa_route_lines(self, host: str) -> list[str]:
+        """``ip -batch`` lines for ``host``'s EFA routes. Every route carries rto_min and quickack
+        (TCP's RTO floor from the dilated RTT, ACKs not delayed). With rails (docs/fabric.md):
+        rail k's own subnet is reached on rail k; another rail subnet r that the host lacks on
+        rail r mod n; and a socket bound to rail k's address always leaves by rail k (a policy
+        rule selects table 100 + k), so a sender can pick the rail of each connection."""
+        rails = self.plan.rails(host, "efa")
+        if not rails:
+            return []
+        ms = max(1, math.ceil(self.rto_min_wall_s * 1000))
+        knobs = f"rto_min {ms}ms quickack 1"
+        n = len(rails)
+        intf = [self.plan.host_intf(host, "efa", k) for k in range(n)]
+        addr = [self.plan.address(host, "efa", k) for k in range(n)]
+        lines = [f"route replace {self.plan.rail_subnet(k)} dev {intf[k]} proto kernel scope link src {addr[k]} {knobs}"
+                 for k in range(n)]
+        top = self.plan.max_rails["efa"]
+        if top > 1:
+            lines += [f"route replace {self.plan.rail_subnet(r)} dev {intf[r % n]} scope link src {addr[r % n]} {knobs}"
+                      for r in range(n, top)]
+            efa = self.plan.nets["efa"]
+            for k in range(n):
+                table = RAIL_TABLE_BASE + k
+                lines += [f"rule add from {addr[k]} lookup {table} pref {table}",
+                          f"route replace {efa} dev {intf[k]} scope link src {addr[k]} table {table} {knobs}"]
+        # per peer: a host route with that route's own rto_min (3 x its dilated round trip);
+        # the subnet routes above carry the largest, for addresses of no host
+        for peer in (h.name for h in self.topology.hosts if h.name != host and self.plan.rails(h.name, "efa")):
+            pms = max(1, math.ceil(self.route_rto_min_wall_s(host, peer) * 1000))
+            if pms == ms:
+                continue
+            pknobs = f"rto_min {pms}ms quickack 1"
+            for r, paddr in enumerate(self.plan.addresses(peer, "efa")):
+                k = r if r < n else r % n
+                lines.append(f"route replace {paddr}/32 dev {intf[k]} scope link src {addr[k]} {pknobs}")
+                if top > 1:
+                    lines += [f"route replace {paddr}/32 dev {intf[j]} scope link src {addr[j]} "
+                              f"table {RAIL_TABLE_BASE + j} {pknobs}" for j in range(n)]
+        return lines
 
     def _set_rto_min(self) -> None:
-        ms = max(1, math.ceil(self.rto_min_wall_s * 1000))
+        """Routes (and, with rails, the ARP and reverse-path settings several interfaces on one
+        bridge need: answer ARP only for the interface's own address, loose rp_filter)."""
+        multi = self.plan.max_rails["efa"] > 1
         for h in self.topology.hosts:
-            if self.topology.host_link(h.name, "efa") is None:
+            lines = self.efa_route_lines(h.name)
+            if not lines:
                 continue
             node = self._node(h.name)
-            subnet = self.plan.nets["efa"]
-            argv = ["ip", "route", "replace", str(subnet), "dev", self.plan.host_intf(h.name, "efa"), "proto",
-                    "kernel", "scope", "link", "src", self.plan.address(h.name, "efa"), "rto_min", f"{ms}ms",
-                    "quickack", "1"]
-            out, err, code = node.pexec(argv)
-            if code != 0:
-                raise FabricError(f"{' '.join(argv)} in {node.name} failed: {(err or out).strip()}")
+            if multi:
+                node.cmd("sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2 "
+                         "net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.default.rp_filter=2")
+            proc = node.popen(["ip", "-batch", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+            out, err = proc.communicate(("\n".join(lines) + "\n").encode(), timeout=30)
+            if proc.returncode != 0:
+                raise FabricError(f"ip -batch (EFA routes) in {node.name} failed: "
+                                  f"{(err or out).decode(errors='replace').strip()}")
 
     # -- fallback impairments ----------------------------------------------------------------------
 
@@ -197,42 +247,51 @@ class FabricNet(Mininet):
         hosts = [h.name for h in self.topology.hosts if self._host_link(h.name, net) is not None]
         root_sw = self.plan.root_switch(net) if self.root_access and net in ("frontend", "mgmt") else None
         for g in hosts:
-            intf = self.plan.host_intf(g, net)
+            rails = self.plan.rails(g, net)
+            intfs = [self.plan.link_intf(lk, g) for lk in rails]
             node = self._node(g)
-            own = self._emulated(self._host_link(g, net).name)
-            rules: list[LossRule] = []
+            own = self._emulated(rails[0].name)
             mids_lat: list[float] = []
             mids_jit: list[float] = []
-            senders = [(s, self.plan.address(s, net), s) for s in hosts if s != g]
+            senders = [(s, a, s) for s in hosts if s != g for a in self.plan.addresses(s, net)] \
+                if net == "efa" else [(s, self.plan.address(s, net), s) for s in hosts if s != g]
             if root_sw is not None:
                 senders.append((root_sw, self.plan.root_address(net), None))
-            for start, addr, sender_host in senders:
-                path = self._path(start, g, net)
-                keep = math.prod(1.0 - self._emulated(lk.name)["loss"] for lk in path)
-                rules.append(LossRule(addr, 1.0 - keep))
-                if sender_host is not None:
-                    middle = [lk for lk in path if not self._touches_host(lk)]
-                    mids_lat.append(sum(self._emulated(lk.name)["latency_s"] for lk in middle))
-                    mids_jit.append(sum(self._emulated(lk.name)["jitter_s"] ** 2 for lk in middle))
-            rules.append(LossRule(None, own["loss"]))
-            key = (g, net)
-            if key in self._loss or any(r.probability > 0 for r in rules):
-                if key not in self._loss:
-                    self._loss[key] = LossRules(node, intf, self.prefix)
-                self._loss[key].set(rules)
+            changes: list[tuple[LossRules, list[LossRule]]] = []
+            for lk, intf in zip(rails, intfs):
+                rules: list[LossRule] = []
+                for start, addr, sender_host in senders:
+                    path = self._path(start, g, net)
+                    path = [*path[:-1], lk] if path else path   # the last hop is this rail
+                    keep = math.prod(1.0 - self._emulated(p.name)["loss"] for p in path)
+                    rules.append(LossRule(addr, 1.0 - keep))
+                    if sender_host is not None and lk.rail == 0:
+                        middle = [p for p in path if not self._touches_host(p)]
+                        mids_lat.append(sum(self._emulated(p.name)["latency_s"] for p in middle))
+                        mids_jit.append(sum(self._emulated(p.name)["jitter_s"] ** 2 for p in middle))
+                rules.append(LossRule(None, self._emulated(lk.name)["loss"]))
+                key = (g, intf)
+                if key in self._loss or any(r.probability > 0 for r in rules):
+                    if key not in self._loss:
+                        self._loss[key] = LossRules(node, intf, self.prefix)
+                    changes.append((self._loss[key], rules))
+            LossRules.set_many(changes)   # all of the host's rails in one iptables-restore
             mid_lat = sum(mids_lat) / len(mids_lat) if mids_lat else 0.0
             mid_jit2 = sum(mids_jit) / len(mids_jit) if mids_jit else 0.0
             latency = 2 * own["latency_s"] + mid_lat
             jitter = math.sqrt(2 * own["jitter_s"] ** 2 + mid_jit2)
+            key = (g, net)
             if key in self._delayers:
                 self._delayers[key].update(latency, jitter)
             elif latency > 0 or jitter > 0:
-                delayer = Delayer.start(node, intf, QUEUE_BY_NETWORK[net], latency, jitter,
-                                        comment=f"pdtb:{self.prefix}:delay:{intf}")
+                # one delayer for all of a host's rails: they share the link's latency (a latency
+                # set on one rail at run time applies to rail 0's value for all: docs/fabric.md)
+                delayer = Delayer.start(node, intfs[0], QUEUE_BY_NETWORK[net], latency, jitter,
+                                        comment=f"pdtb:{self.prefix}:delay:{intfs[0]}", also_intfs=tuple(intfs[1:]))
                 self._delayers[key] = delayer
-                self.registry.record(delayer.pid, f"delayer {intf}")
+                self.registry.record(delayer.pid, f"delayer {intfs[0]}")
 
-    def _touches_host(self, lk: LinkSpec) -> bool:
+    def _touches_host(self, lk: RailLink) -> bool:
         return self.plan.is_host(lk.a) or self.plan.is_host(lk.b)
 
     # -- queries -----------------------------------------------------------------------------------
@@ -242,11 +301,20 @@ class FabricNet(Mininet):
         """``netem`` or ``fallback``: how delay, jitter and loss are applied (record it with results)."""
         return self.fabric_topo.backend
 
-    def address(self, host: str, cls: str) -> str:
-        """The address of topology host ``host`` on network ``cls``."""
-        if self._host_link(host, cls) is None:
+    def address(self, host: str, cls: str, rail: int = 0) -> str:
+        """The address of topology host ``host`` on network ``cls`` (on efa: of rail ``rail``)."""
+        rails = self.plan.rails(host, cls)
+        if not rails:
             raise KeyError(f"host {host!r} has no {cls} link")
-        return self.plan.address(host, cls)
+        if not 0 <= rail < len(rails):
+            raise KeyError(f"host {host!r} has {len(rails)} {cls} rails, no rail {rail}")
+        return self.plan.address(host, cls, rail)
+
+    def addresses(self, host: str, cls: str = "efa") -> list[str]:
+        """One address per rail of ``host`` on ``cls``, in rail order (what a KV sender stripes over)."""
+        if not self.plan.rails(host, cls):
+            raise KeyError(f"host {host!r} has no {cls} link")
+        return self.plan.addresses(host, cls)
 
     def root_address(self, cls: str) -> str:
         """The root namespace's address on ``frontend`` or ``mgmt``."""
@@ -255,15 +323,31 @@ class FabricNet(Mininet):
         return self.plan.root_address(cls)
 
     def link_names(self) -> list[str]:
-        """The topology's declared links (the implicit mgmt links are not listed)."""
-        return [lk.name for lk in self.topology.links]
+        """The emulated links of the topology's declared links: a plain link's name, or
+        ``<link>-r<k>`` per rail of a link with rails (the implicit mgmt links are not listed)."""
+        declared = {lk.name for lk in self.topology.links}
+        return [lk.name for lk in self.plan.links if lk.group in declared]
+
+    def rail_groups(self) -> dict[str, list[str]]:
+        """Declared links with rails -> their emulated links, in rail order."""
+        out: dict[str, list[str]] = {}
+        for lk in self.plan.links:
+            if lk.railed:
+                out.setdefault(lk.group, []).append(lk.name)
+        return out
 
     def host_node(self, host: str) -> Node:
         """The Mininet node of topology host ``host``."""
         return self._node(host)
 
     def link_params(self, link_name: str) -> LinkParams:
-        """Current MODEL parameters of a link (after overrides and runtime changes)."""
+        """Current MODEL parameters of a link (after overrides and runtime changes); of a
+        declared link with rails: its rail 0's, with the rails' summed bandwidth."""
+        rails = self.rail_groups().get(link_name)
+        if rails:
+            bws = [self._model(r).bandwidth_bps for r in rails]
+            total = sum(bws) if all(bws) else None   # type: ignore[arg-type]
+            return self._model(rails[0]).model_copy(update={"bandwidth_bps": total})
         return self._model(link_name)
 
     def delayers(self) -> dict[str, Delayer]:
@@ -277,10 +361,13 @@ class FabricNet(Mininet):
             "prefix": self.prefix, "impairment_backend": self.impairment_backend, "tdf": self.dilation.tdf,
             "byte_scale": self.dilation.byte_scale, "byte_scaled_networks": ["efa"],
             "rto_min_wall_s": self.rto_min_wall_s, "subnets": dict(self.plan.subnets),
-            "links": {name: {"class": self.topology.link(name).cls,
+            "links": {name: {"class": self._spec(name).cls, "group": self._spec(name).group,
+                             "rail": self._spec(name).rail,
                              "model": self._model(name).model_dump(mode="json", by_alias=True),
                              "emulated": self._emulated(name), "up": name not in self._down}
                       for name in self.link_names()},
+            "rails": {h.name: self.plan.addresses(h.name, "efa") for h in self.topology.hosts
+                      if self.plan.rails(h.name, "efa")},
             "fidelity_notes": list(self.fidelity_notes),
         }
 
@@ -300,9 +387,21 @@ class FabricNet(Mininet):
     # -- runtime changes ---------------------------------------------------------------------------
 
     def set_link(self, link_name: str, *, bandwidth_bps: float | None = None, latency_s: float | None = None,
-                 jitter_s: float | None = None, loss: float | None = None, up: bool | None = None) -> None:
+                 jitter_s: float | None = None, loss: float | None = None, up: bool | None = None,
+                 _refresh_fallback: bool = True) -> None:
         """Change a link at run time (MODEL values; None leaves a parameter as it is).
-        Both directions change; ``up=False`` takes the link down, ``up=True`` brings it back."""
+        Both directions change; ``up=False`` takes the link down, ``up=True`` brings it back.
+        A declared link with rails changes all its rails, its ``bandwidth_bps`` split over them."""
+        groups = self.rail_groups()
+        if link_name in groups:
+            rails = groups[link_name]
+            for name in rails:
+                self.set_link(name, bandwidth_bps=None if bandwidth_bps is None else bandwidth_bps / len(rails),
+                              latency_s=latency_s, jitter_s=jitter_s, loss=loss, up=up, _refresh_fallback=False)
+            changed = any(v is not None for v in (bandwidth_bps, latency_s, jitter_s, loss))
+            if changed and self.impairment_backend == "fallback":
+                self._apply_fallback(self._spec(rails[0]).cls)   # once for all the rails
+            return
         if link_name not in self._links or link_name not in self.link_names():
             raise KeyError(f"no link {link_name!r}; links: {self.link_names()}")
         change = {k: v for k, v in (("bandwidth_bps", bandwidth_bps), ("latency_s", latency_s),
@@ -315,8 +414,8 @@ class FabricNet(Mininet):
             self._links[link_name].reshape(rate_bps=emu["rate_bps"], latency_s=emu["latency_s"],
                                            jitter_s=emu["jitter_s"], loss=emu["loss"],
                                            queue_packets=emu["queue_packets"])
-            if self.impairment_backend == "fallback":
-                self._apply_fallback(self.topology.link(link_name).cls)
+            if self.impairment_backend == "fallback" and _refresh_fallback:
+                self._apply_fallback(self._spec(link_name).cls)
         if up is not None:
             self._links[link_name].set_up(up)
             (self._down.discard if up else self._down.add)(link_name)
@@ -333,6 +432,8 @@ class FabricNet(Mininet):
         for target in targets:
             if target in NETWORKS:
                 names += [lk.name for lk in self.plan.links if lk.cls == target]
+            elif target in self.rail_groups():
+                names += self.rail_groups()[target]
             elif target in known:
                 names.append(target)
             else:
@@ -422,11 +523,15 @@ class FabricNet(Mininet):
             raise KeyError(f"no host {host!r}; hosts: {[h.name for h in self.topology.hosts]}")
         return self[self.plan.node(host)]
 
-    def _host_link(self, host: str, net: str) -> LinkSpec | None:
-        return next((lk for lk in self.plan.links if lk.cls == net and host in (lk.a, lk.b)), None)
+    def _host_link(self, host: str, net: str) -> RailLink | None:
+        rails = self.plan.rails(host, net)
+        return rails[0] if rails else None
 
-    def _path(self, src: str, dst: str, net: str) -> list[LinkSpec]:
-        return find_path(self.plan.links, src, dst, net)
+    def _spec(self, link_name: str) -> RailLink:
+        return next(lk for lk in self.plan.links if lk.name == link_name)
+
+    def _path(self, src: str, dst: str, net: str) -> list[RailLink]:
+        return find_path(self.plan.links, src, dst, net, set(self.plan.index))
 
     def _model(self, link_name: str) -> LinkParams:
         return self.fabric_topo.model_params[link_name]

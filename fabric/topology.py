@@ -8,8 +8,9 @@ these MODEL values into emulated ones with the run's time dilation and byte scal
 from __future__ import annotations
 
 from collections import defaultdict, deque
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -22,8 +23,25 @@ TOPOLOGY_DIR = REPO_ROOT / "topologies"
 
 RESERVED_NAMES = ("root", "mgmt")
 """Names the fabric uses itself: the root-namespace node and the implicit management switch."""
-MAX_SWITCH_PORTS = 99
-"""Switch-side interfaces are named ``<prefix><switch>-<port>``: two digits keep them <= 15 chars."""
+IFNAME_MAX = 15
+"""Linux interface names: IFNAMSIZ (16) less the terminating NUL."""
+PREFIX_MAX = 2
+"""Longest name prefix (``fabric.shaping.check_prefix``): names are checked against it."""
+MAX_BRIDGE_PORTS = 1023
+"""Linux bridges take at most 1024 ports (BR_MAX_PORTS); one is kept for the root namespace."""
+MAX_RAILS = 32
+"""Most rails (fabric interfaces) one host link may have: p5.48xlarge's 32 EFA cards. Each rail
+has its own subnet (the efa subnet split in 32) and a one-character tag in its interface name."""
+RAIL_TAGS = "0123456789abcdefghijklmnopqrstuv"
+"""Rail k's interface is ``<node>-e<RAIL_TAGS[k]>``: one character keeps 10-character host names
+within 15 characters."""
+
+
+def max_switch_ports(switch: str) -> int:
+    """Ports a switch can have: its ports are named ``<prefix><switch>-<n>``, within 15 characters.
+    (The emulation also refuses more than MAX_BRIDGE_PORTS; the sim backend has no bridges.)"""
+    digits = IFNAME_MAX - PREFIX_MAX - len(switch) - 1
+    return 10 ** max(0, digits) - 1
 
 
 class LinkParams(StrictModel):
@@ -95,9 +113,44 @@ class LinkSpec(StrictModel):
     b: NodeName
     cls: LinkClass = Field(alias="class")
     params: LinkParams = LinkParams()
+    rails: Annotated[int, Field(ge=1, le=MAX_RAILS)] | Literal["nics"] | None = None
+    """EFA links only: the host end's fabric interfaces (NICs / ports), each its own shaped link
+    to ``b`` (or ``a``) with its own address. ``nics``: the host's hardware profile ``efa_nics``.
+    ``params.bandwidth`` is the link's total, split evenly over the rails; absent, each rail gets
+    the profile's per-NIC rate (``efa_bandwidth / efa_nics``). None: one plain link."""
 
     def other(self, node: str) -> str:
         return self.b if node == self.a else self.a
+
+
+@dataclass(frozen=True)
+class RailLink:
+    """One emulated link: a declared link, or one rail of a declared link with ``rails``.
+
+    Has the fields of :class:`LinkSpec` that the fabric, the checks and the simulator read, so
+    either can be passed where links are walked. ``name`` is the declared name for a plain
+    link and ``<declared>-r<k>`` for rail k; ``params`` are per rail (bandwidth split)."""
+
+    name: str
+    a: str
+    b: str
+    cls: str
+    params: LinkParams
+    group: str
+    rail: int = 0
+    rails: int = 1
+
+    def other(self, node: str) -> str:
+        return self.b if node == self.a else self.a
+
+    @property
+    def railed(self) -> bool:
+        """Whether this is one of several rails (interfaces tagged by rail) or a plain link."""
+        return self.rails > 1 or self.name != self.group
+
+
+def rail_link_name(group: str, rail: int) -> str:
+    return f"{group}-r{rail}"
 
 
 class TopologyConfig(StrictModel):
@@ -146,14 +199,110 @@ class TopologyConfig(StrictModel):
                     if (end, link.cls) in host_nets:
                         problems.append(f"{where}: host {end!r} already has a {link.cls} link (one per network)")
                     host_nets.add((end, link.cls))
+        problems += self._check_rails(host_names, switch_net, ports)
         for sw, count in ports.items():
-            if count > MAX_SWITCH_PORTS:
-                problems.append(f"switch {sw!r} has {count} links; at most {MAX_SWITCH_PORTS}")
+            if count > max_switch_ports(sw):
+                problems.append(f"switch {sw!r} has {count} ports (rails count one each); at most "
+                                f"{max_switch_ports(sw)} (its port interfaces are named <prefix>{sw}-<n>)")
         if not problems:
             problems += self._check_networks(host_nets)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _check_rails(self, host_names: set[str], switch_net: dict[str, str], ports: dict[str, int]) -> list[str]:
+        """Rails are on EFA links with a host end; their count, rate and interface names must resolve."""
+        problems = []
+        declared = {lk.name for lk in self.links}
+        for i, link in enumerate(self.links):
+            if link.rails is None:
+                continue
+            where = f"links[{i}] ({link.name}).rails"
+            if link.cls != "efa":
+                problems.append(f"{where}: rails are fabric interfaces of the efa network, not {link.cls}")
+                continue
+            if link.a not in host_names and link.b not in host_names:
+                problems.append(f"{where}: a link between two switches cannot have rails (parallel bridge "
+                                "links would loop): put rails on host links")
+                continue
+            try:
+                n, per_rail = self._rail_shape(link)
+            except ValueError as exc:
+                problems.append(f"{where}: {exc}")
+                continue
+            for k in range(n):
+                if rail_link_name(link.name, k) in declared:
+                    problems.append(f"{where}: rail link name {rail_link_name(link.name, k)!r} is also a declared link")
+            for end in (link.a, link.b):
+                if end in switch_net:
+                    ports[end] += n - 1
+                elif end in host_names and len(end) + PREFIX_MAX + 3 > IFNAME_MAX:
+                    problems.append(f"{where}: host name {end!r} is too long for rail interfaces "
+                                    f"(<prefix>{end}-e<rail> must fit {IFNAME_MAX} characters)")
+        return problems
+
+    def _rail_shape(self, link: LinkSpec) -> tuple[int, float | None]:
+        """(rails, per-rail model bandwidth in bit/s or None) of a link with ``rails``; ValueError
+        naming what is missing when neither the topology nor a hardware profile gives them."""
+        hw_name = next((h.hardware for h in self.hosts if h.name in (link.a, link.b) and h.hardware), None)
+        profile = None
+        if hw_name is not None and (link.rails == "nics" or link.params.bandwidth_bps is None):
+            from nodes.profiles import load_hardware
+
+            try:
+                profile = load_hardware(hw_name)
+            except (ConfigError, OSError) as exc:
+                raise ValueError(f"hardware profile {hw_name!r} of the link's host cannot be loaded ({exc})") from None
+        if link.rails == "nics":
+            if profile is None:
+                raise ValueError("'nics' takes the host's hardware profile efa_nics, but neither end is a host "
+                                 "with a 'hardware' profile: give a number")
+            n = profile.efa_nics
+            if n > MAX_RAILS:
+                raise ValueError(f"hardware {hw_name!r} has {n} EFA NICs; at most {MAX_RAILS} rails")
+        else:
+            n = int(link.rails or 1)
+        if link.params.bandwidth_bps is not None:
+            return n, link.params.bandwidth_bps / n
+        if profile is None:
+            raise ValueError("the per-rail rate comes from the host's hardware profile (efa_bandwidth / efa_nics) "
+                             "unless params.bandwidth gives the link's total: neither end is a host with a "
+                             "'hardware' profile and params.bandwidth is absent")
+        return n, profile.efa_bandwidth_bps / profile.efa_nics
+
+    def rail_links(self) -> list[RailLink]:
+        """The links the fabric emulates: plain links as declared, a link with ``rails`` as one
+        link per rail (params per rail), in declaration order."""
+        out: list[RailLink] = []
+        for lk in self.links:
+            if lk.rails is None:
+                out.append(RailLink(lk.name, lk.a, lk.b, lk.cls, lk.params, lk.name))
+                continue
+            n, per_rail = self._rail_shape(lk)
+            params = lk.params.model_copy(update={"bandwidth_bps": per_rail})
+            out += [RailLink(rail_link_name(lk.name, k), lk.a, lk.b, lk.cls, params, lk.name, k, n) for k in range(n)]
+        return out
+
+    def link_total_bps(self, lk: LinkSpec) -> float | None:
+        """A declared link's MODEL bandwidth, all its rails together (None: unshaped)."""
+        if lk.rails is None:
+            return lk.params.bandwidth_bps
+        n, per_rail = self._rail_shape(lk)
+        return None if per_rail is None else n * per_rail
+
+    def rail_link(self, name: str) -> RailLink:
+        """An emulated link by name (a plain link's or a rail's ``<link>-r<k>``)."""
+        for lk in self.rail_links():
+            if lk.name == name:
+                return lk
+        raise KeyError(f"no link or rail {name!r} in topology {self.name!r}")
+
+    def rails_of(self, host: str, cls: str = "efa") -> int:
+        """How many interfaces ``host`` has on ``cls`` (0: not on it)."""
+        lk = self.host_link(host, cls)
+        if lk is None:
+            return 0
+        return 1 if lk.rails is None else self._rail_shape(lk)[0]
 
     def _check_networks(self, host_nets: set[tuple[str, str]]) -> list[str]:
         problems = []
@@ -202,13 +351,23 @@ class TopologyConfig(StrictModel):
         return None
 
     def path(self, src: str, dst: str, cls: str) -> list[LinkSpec]:
-        """Links a packet from host ``src`` to host ``dst`` crosses on network ``cls``, in order.
-        Raises KeyError when the two are not joined on that network."""
-        return find_path(self.links, src, dst, cls)
+        """Declared links a packet from host ``src`` to host ``dst`` crosses on network ``cls``,
+        in order. Raises KeyError when the two are not joined on that network."""
+        return find_path(self.links, src, dst, cls, {h.name for h in self.hosts})
+
+    def rail_path(self, src: str, dst: str, cls: str, src_rail: int = 0, dst_rail: int = 0) -> list[RailLink]:
+        """Emulated links from rail ``src_rail`` of ``src`` to rail ``dst_rail`` of ``dst``."""
+        hosts = {h.name for h in self.hosts}
+        links = [lk for lk in self.rail_links() if lk.cls == cls
+                 and not (src in (lk.a, lk.b) and lk.rail != src_rail)
+                 and not (dst in (lk.a, lk.b) and lk.rail != dst_rail)]
+        return find_path(links, src, dst, cls, hosts)
 
 
-def find_path(links: list[LinkSpec], src: str, dst: str, cls: str) -> list[LinkSpec]:
-    """Breadth-first path between two nodes (hosts or switches) over the links of one network."""
+def find_path(links: list, src: str, dst: str, cls: str, hosts: set[str] | frozenset[str] = frozenset()) -> list:
+    """Breadth-first path between two nodes (hosts or switches) over the links of one network.
+    Hosts in ``hosts`` other than ``src`` are ends, never crossed: a host with several rails
+    does not forward between them."""
     links = [lk for lk in links if lk.cls == cls]
     prev: dict[str, LinkSpec | None] = {src: None}
     todo = deque([src])
@@ -216,6 +375,8 @@ def find_path(links: list[LinkSpec], src: str, dst: str, cls: str) -> list[LinkS
         node = todo.popleft()
         if node == dst:
             break
+        if node != src and node in hosts:
+            continue
         for lk in links:
             if node in (lk.a, lk.b) and lk.other(node) not in prev:
                 prev[lk.other(node)] = lk

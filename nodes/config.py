@@ -37,6 +37,7 @@ class PeerInfo(_Strict):
     role: Role
     http: Endpoint | None = None  # frontend address of its HTTP API
     kv: Endpoint | None = None  # backend (EFA) address of its KV receiver; decode and colocated nodes
+    kv_addrs: list[str] = []  # its KV receiver's address on each rail, rail order (kv.host is rail 0's)
     hardware: ProfileName | None = None
 
 
@@ -102,6 +103,8 @@ class NodeConfig(_Strict):
     http: Endpoint | None = None  # where this node's HTTP API listens (frontend network)
     kv: Endpoint | None = None  # where a decode/colocated node's KV receiver listens (EFA network)
     kv_bind: str | None = None  # source address for outgoing KV connections (prefill on EFA)
+    kv_addrs: list[str] = []  # this node's EFA address per rail, rail order: a decode node's receiver
+    # listens on each, a prefill node binds its connection to rail k of a peer to kv_addrs[k % n]
     peers: list[PeerInfo] = []
     mqtt: MqttSettings | None = None
     kv_transfer: KvSettings | None = None

@@ -76,24 +76,27 @@ async def read_body(request: web.Request, model: str) -> dict[str, Any]:
     return body
 
 
+MAX_PEER_RAILS = 32
+"""At most this many rail addresses per KV peer (fabric.topology.MAX_RAILS)."""
+
+
 def read_decode_peer(body: dict[str, Any]) -> dict[str, Any]:
-    """The ``decode`` target of a prefill request: ``{"name", "host", "port"[, "addrs"]}`` validated."""
+    """The ``decode`` target of a prefill request: ``{"name", "host", "port"[, "addrs"]}``
+    validated; ``addrs`` (the receiver's address per rail, rail order, which the TCP transport
+    stripes and the SRD sender sprays over) defaults to ``[host]``."""
     peer = body.get("decode")
     if not isinstance(peer, dict):
-        raise BadRequest("decode: expected an object {name, host, port}")
+        raise BadRequest("decode: expected an object {name, host, port, addrs}")
     name = require_field(peer, "name", str)
     host = require_field(peer, "host", str)
     port = require_field(peer, "port", int, minimum=1)
     if not REQUEST_ID_RE.match(name) or not _HOST_RE.match(host) or port > 65535:
         raise BadRequest(f"decode: invalid peer {peer!r}")
-    out: dict[str, Any] = {"name": name, "host": host, "port": port}
-    addrs = peer.get("addrs")   # optional: one KV address per rail, which the SRD sender sprays over
-    if addrs is not None:
-        if (not isinstance(addrs, list) or not 1 <= len(addrs) <= 64
-                or not all(isinstance(a, str) and _HOST_RE.match(a) for a in addrs)):
-            raise BadRequest(f"decode.addrs: expected a list of 1..64 addresses, got {addrs!r}")
-        out["addrs"] = list(addrs)
-    return out
+    addrs = peer.get("addrs", [host])
+    if (not isinstance(addrs, list) or not 1 <= len(addrs) <= MAX_PEER_RAILS
+            or not all(isinstance(a, str) and _HOST_RE.match(a) for a in addrs)):
+        raise BadRequest(f"decode.addrs: expected a list of 1..{MAX_PEER_RAILS} addresses, got {addrs!r}")
+    return {"name": name, "host": host, "port": port, "addrs": list(addrs)}
 
 
 def error_response(status: int, reason: str) -> web.Response:

@@ -1,16 +1,27 @@
 """KV-cache handoff protocol: prefill pushes a request's KV cache to a decode node over TCP.
 
-Versioned binary frames (layout in docs/wire-format.md) on one authenticated connection per
-transfer: the receiver greets with a nonce, both sides prove knowledge of the run's secret
-(HMAC-SHA256 challenge-response, mutual), then the sender streams BEGIN, CHUNK..., END and
-waits for the receiver's ACK, sent only after every byte was checked. Payload bytes are a
-deterministic function of (request id, offset), so the receiver verifies each byte, not only
-CRCs. A receiver rejects a bad connection with a logged reason (and an ACK frame carrying the
-reason when the socket still allows it), closes that connection only, and keeps serving.
+Versioned binary frames (layout in docs/wire-format.md) on authenticated connections: the
+receiver greets with a nonce, both sides prove knowledge of the run's secret (HMAC-SHA256
+challenge-response, mutual), then the sender streams BEGIN, CHUNK..., END and waits for the
+receiver's ACK, sent only after every byte was checked. Payload bytes are a deterministic
+function of (request id, offset), so the receiver verifies each byte, not only CRCs.
+
+:class:`KvPeer` keeps one persistent connection per rail of a receiver, opened ahead of the
+transfers (no SYN, handshake or slow start from idle in a transfer's path), and stripes each
+transfer over them: chunk i goes to stripe i mod S, each stripe carries its own BEGIN (with
+``stripe``/``stripes``) and END (its chunk count and checksum), and the receiver places chunks
+by offset and acknowledges once, on stripe 0's connection, when every stripe has ended and
+every byte is there. :func:`send_kv` is the one-shot form (one connection, one transfer).
+
+A receiver refuses a transfer (no KV room: KV_FULL) with an ACK and keeps the connection; on
+a malformed or unauthenticated stream it answers with an ACK carrying the reason when the
+socket still allows it, closes that connection only (failing the transfers striped over it),
+and keeps serving.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -21,7 +32,7 @@ import struct
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Awaitable, Callable
 
@@ -79,6 +90,8 @@ _BEGIN_FIXED = struct.Struct(">HIQ")      # layers, tokens, total_bytes
 _CHUNK_FIXED = struct.Struct(">HQII")     # layer, offset, payload_len, crc32
 _END_FIXED = struct.Struct(">QII")        # total_bytes, chunks, checksum (CRC-32 of the chunk CRCs)
 _ACK_FIXED = struct.Struct(">BHQH")       # verified, code, bytes_verified, reason_len
+_STRIPE = struct.Struct(">BBI")           # optional BEGIN trailer: stripe, stripes, attempt (striped transfers)
+MAX_STRIPES = 32                           # fabric.topology.MAX_RAILS
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,19 @@ class KvBegin:
     tokens: int
     total_bytes: int
     layout: str = "layer-major"
+    stripe: int = 0     # which stripe this BEGIN opens (a striped transfer sends one per connection)
+    stripes: int = 1    # how many connections the transfer is striped over
+    attempt: int = 0    # the sender's number for this try of a striped transfer (a retry gets another)
+
+    def transfer(self) -> tuple:
+        """What every stripe's BEGIN of one transfer must agree on."""
+        return (self.request_id, self.model, self.layers, self.tokens, self.total_bytes, self.layout, self.stripes,
+                self.attempt)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """A transfer attempt: stale stripes of a refused try never join its retry."""
+        return self.request_id, self.attempt
 
 
 @dataclass
@@ -259,7 +285,9 @@ def begin_body(begin: KvBegin) -> bytes:
 
 
 def encode_begin(begin: KvBegin) -> bytes:
-    return frame(FrameType.BEGIN, begin_body(begin))
+    """A BEGIN frame; a striped transfer's (``stripes`` > 1) ends with the stripe trailer."""
+    trailer = _STRIPE.pack(begin.stripe, begin.stripes, begin.attempt) if begin.stripes > 1 else b""
+    return frame(FrameType.BEGIN, begin_body(begin) + trailer)
 
 
 def chunk_header(request_id: str, layer: int, offset: int, data: bytes | memoryview,
@@ -376,8 +404,11 @@ def decode_begin(body: bytes | memoryview) -> KvBegin:
     rid = b.request_id()
     model = b.str8("model")
     layout = b.str8("layout")
+    stripe, stripes, attempt = b.unpack(_STRIPE) if len(body) - b.pos == _STRIPE.size else (0, 1, 0)
     b.done()
-    return KvBegin(rid, model, layers, tokens, total, layout)
+    if not (1 <= stripes <= MAX_STRIPES and stripe < stripes):
+        raise KvTransferError(f"BEGIN stripe {stripe} of {stripes}", Code.MALFORMED)
+    return KvBegin(rid, model, layers, tokens, total, layout, stripe, stripes, attempt)
 
 
 def decode_chunk(body: bytes | memoryview) -> KvChunk:
@@ -535,6 +566,213 @@ async def _send_chunks(writer: asyncio.StreamWriter, begin: KvBegin, chunk_bytes
     return running, chunks
 
 
+# ---------------------------------------------------------------- persistent, striped sender
+
+class _OutConn:
+    """One authenticated connection of a :class:`KvPeer` (one rail); a reader task hands the
+    receiver's ACKs to the transfers waiting for them."""
+
+    def __init__(self, peer: "KvPeer", rail: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.peer, self.rail, self.reader, self.writer = peer, rail, reader, writer
+        self.task = asyncio.get_running_loop().create_task(self._read_acks(), name=f"kv-acks-{rail}")
+
+    @property
+    def alive(self) -> bool:
+        return not self.task.done() and not self.writer.is_closing()
+
+    async def _read_acks(self) -> None:
+        error: KvTransferError
+        try:
+            while True:
+                ftype, body = await read_frame(self.reader, self.peer.max_frame_bytes)
+                if ftype != FrameType.ACK:
+                    raise KvTransferError(f"expected ACK, got {ftype.name}", Code.OUT_OF_ORDER)
+                ack = decode_ack(body)
+                waiter = self.peer.pending.get(ack.request_id)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(ack)
+        except KvTransferError as exc:
+            error = KvTransferError(f"rail {self.rail} connection: {exc.reason}", exc.code)
+        except (ConnectionError, OSError, asyncio.IncompleteReadError) as exc:
+            error = KvTransferError(f"rail {self.rail} connection lost: {exc}", Code.TRUNCATED)
+        except asyncio.CancelledError:
+            error = KvTransferError(f"rail {self.rail} connection closed", Code.TRUNCATED)
+        self.writer.close()
+        # every transfer in flight is striped over this connection too: it cannot complete
+        for waiter in self.peer.pending.values():
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    async def close(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
+
+
+class KvPeer:
+    """Persistent connections to one KV receiver, one per rail address (``addrs``, rail
+    order), over which every transfer to it is striped (chunk i on stripe i mod S).
+
+    Connections are opened by :meth:`connect` ahead of the transfers (a node calls it at
+    start-up), so a transfer pays no TCP handshake (and no lost-SYN timeout), no
+    authentication round trips and no slow start from a cold connection; only the first
+    connection to a peer, and a reconnection after a failure, do. A broken connection fails the
+    transfers in flight (TRUNCATED) and is opened again by the next transfer. Stripe k's
+    connection is bound to ``binds[k % len(binds)]`` (the sender's rail addresses), so that it
+    leaves by that rail (the fabric's policy routes)."""
+
+    def __init__(self, addrs: list[str], port: int, secret: bytes, *, binds: list[str] | None = None,
+                 max_frame_bytes: int = MAX_FRAME_BYTES):
+        if not 1 <= len(addrs) <= MAX_STRIPES:
+            raise ValueError(f"a KV peer has 1..{MAX_STRIPES} rail addresses, got {len(addrs)}")
+        if not secret:
+            raise ValueError("the KV secret must not be empty")
+        self.addrs, self.port, self.secret = list(addrs), port, secret
+        self.binds = list(binds or [])
+        self.max_frame_bytes = max_frame_bytes
+        self.pending: dict[str, asyncio.Future] = {}
+        self._conns: list[_OutConn | None] = [None] * len(addrs)
+        self._lock = asyncio.Lock()
+        self.connects = 0     # connections opened (a test and the logs see reconnections)
+
+    @property
+    def connected(self) -> bool:
+        return all(c is not None and c.alive for c in self._conns)
+
+    async def connect(self, timeout_s: float = 10.0) -> None:
+        """Open (or reopen) every rail's connection that is not up, in parallel, with the HMAC
+        handshake; KvTransferError (REFUSED, AUTH_FAILED, TIMEOUT) when one cannot be."""
+        async with self._lock:
+            todo = [k for k, c in enumerate(self._conns) if c is None or not c.alive]
+            if not todo:
+                return
+            results = await asyncio.gather(*(self._open(k, timeout_s) for k in todo), return_exceptions=True)
+            errors = []
+            for k, res in zip(todo, results):
+                if isinstance(res, BaseException):
+                    errors.append(res)
+                else:
+                    old, self._conns[k] = self._conns[k], res
+                    if old is not None:
+                        await old.close()
+            if errors:
+                err = errors[0]
+                if isinstance(err, KvTransferError):
+                    raise err
+                raise KvTransferError(f"connect to {self.addrs}: {err}", Code.UNREACHABLE)
+
+    async def _open(self, rail: int, timeout_s: float) -> _OutConn:
+        host = self.addrs[rail]
+        bind = self.binds[rail % len(self.binds)] if self.binds else None
+        try:
+            async with asyncio.timeout(timeout_s):
+                try:
+                    reader, writer = await asyncio.open_connection(host, self.port,
+                                                                   local_addr=(bind, 0) if bind else None)
+                except OSError as exc:   # no listener, no route: the sender asks again (UNREACHABLE)
+                    raise KvTransferError(f"connect to {host}:{self.port} failed: {exc}", Code.UNREACHABLE) from None
+                try:
+                    nonce_s = await _expect(reader, FrameType.HELLO, timeout_s)
+                    if len(nonce_s) != NONCE_LEN:
+                        raise KvTransferError("HELLO with a bad nonce length", Code.MALFORMED)
+                    nonce_c = os.urandom(NONCE_LEN)
+                    writer.write(frame(FrameType.AUTH, nonce_c + client_mac(self.secret, nonce_s, nonce_c)))
+                    mac = await _expect(reader, FrameType.AUTH_OK, timeout_s)
+                    if not hmac.compare_digest(mac, server_mac(self.secret, nonce_c, nonce_s)):
+                        raise KvTransferError("receiver failed authentication", Code.AUTH_FAILED)
+                except BaseException:
+                    writer.close()
+                    raise
+        except TimeoutError:
+            raise KvTransferError(f"connect to {host}:{self.port} timed out", Code.TIMEOUT) from None
+        except (ConnectionError, OSError) as exc:
+            raise KvTransferError(f"connect to {host}:{self.port}: {exc}", Code.UNREACHABLE) from None
+        self.connects += 1
+        return _OutConn(self, rail, reader, writer)
+
+    async def send(self, begin: KvBegin, *, chunk_bytes: int,
+                   layer_ready: Callable[[int], Awaitable[None]] | None = None,
+                   timeout_s: float = 60.0) -> KvResult:
+        """Push one request's KV cache striped over the rails; returns once the receiver
+        verified every byte. Layer l's chunks wait for ``await layer_ready(l)``. Backpressure:
+        a chunk waits for its connection's socket buffer to drain before the next one."""
+        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
+        if begin.layers < 1 or begin.total_bytes < 0 or begin.layout not in LAYOUTS:
+            raise ValueError(f"bad KvBegin {begin}")
+        rid = begin.request_id
+        if not REQUEST_ID_RE.match(rid):
+            raise ValueError(f"bad request id {rid!r}")
+        if rid in self.pending:
+            raise ValueError(f"a transfer of {rid!r} to this peer is already in flight")
+        started = time.perf_counter()
+        waiter: asyncio.Future = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.connect(timeout_s)
+                conns = [c for c in self._conns if c is not None]
+                self.pending[rid] = waiter
+                n = len(conns)
+                attempt = int.from_bytes(os.urandom(4), "big")
+                for k, c in enumerate(conns):
+                    c.writer.write(encode_begin(replace(begin, stripe=k, stripes=n, attempt=attempt)))
+                running, chunks = [0] * n, [0] * n
+                i = 0
+                try:
+                    for layer in range(begin.layers):
+                        if layer_ready is not None and not waiter.done():
+                            # an ACK (a refusal) or a lost connection ends the wait for the layer
+                            ready = asyncio.ensure_future(layer_ready(layer))
+                            await asyncio.wait({ready, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                            if not ready.done():
+                                ready.cancel()
+                                await asyncio.gather(ready, return_exceptions=True)
+                            else:
+                                ready.result()
+                        start, length = layer_span(begin.total_bytes, begin.layers, layer)
+                        for off in range(start, start + length, chunk_bytes):
+                            if waiter.done():
+                                break
+                            k = i % n
+                            data = payload_view(rid, off, min(chunk_bytes, start + length - off))
+                            crc = zlib.crc32(data)
+                            running[k] = zlib.crc32(crc.to_bytes(4, "big"), running[k])
+                            conns[k].writer.write(chunk_header(rid, layer, off, data, crc))
+                            conns[k].writer.write(data)
+                            chunks[k] += 1
+                            i += 1
+                            await conns[k].writer.drain()
+                            # drain() does not yield below its high-water mark: let the ACK
+                            # readers run, so that a refusal stops the stream at once
+                            await asyncio.sleep(0)
+                    # every stripe ends, a refused one too: its connection is clean for the next transfer
+                    for k, c in enumerate(conns):
+                        c.writer.write(encode_end(KvEnd(rid, begin.total_bytes, chunks[k], running[k])))
+                    await asyncio.gather(*(c.writer.drain() for c in conns))
+                except (ConnectionError, OSError):
+                    pass   # the connection's reader reports the loss to the waiter
+                ack: KvAck = await waiter
+        except TimeoutError:
+            raise KvTransferError(f"transfer not acknowledged within {timeout_s:g} s", Code.TIMEOUT) from None
+        finally:
+            if self.pending.get(rid) is waiter:
+                del self.pending[rid]
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()
+        if not ack.verified:
+            raise KvTransferError(f"rejected by receiver: {ack.reason}", ack.code)
+        if ack.bytes_verified != begin.total_bytes:
+            raise KvTransferError(f"ACK for {ack.request_id!r}/{ack.bytes_verified} B does not match "
+                                  f"{rid!r}/{begin.total_bytes} B", Code.MALFORMED)
+        return KvResult(bytes_sent=begin.total_bytes, duration_s=time.perf_counter() - started)
+
+    async def close(self) -> None:
+        conns, self._conns = self._conns, [None] * len(self.addrs)
+        await asyncio.gather(*(c.close() for c in conns if c is not None))
+
+
 # ---------------------------------------------------------------- receiver
 
 class _FrameConn(asyncio.BufferedProtocol):
@@ -555,6 +793,7 @@ class _FrameConn(asyncio.BufferedProtocol):
         self.closed: BaseException | bool = False   # True on EOF, the exception on a lost connection
         self.paused = False
         self.task: asyncio.Task | None = None
+        self.stripes: dict[str, _Stripe] = {}   # request id -> the stripe open on this connection
 
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -585,8 +824,8 @@ class _FrameConn(asyncio.BufferedProtocol):
             self.waiter.set_result(None)
 
     # -- reading
-    async def read_exact(self, n: int, timeout_s: float) -> memoryview:
-        """The next n bytes; TIMEOUT when no byte arrives for ``timeout_s``."""
+    async def read_exact(self, n: int, timeout_s: float | None) -> memoryview:
+        """The next n bytes; TIMEOUT when no byte arrives for ``timeout_s`` (None: wait)."""
         if self.end - self.start < n:
             if len(self.buf) - self.start < n:   # make room: move the unread bytes to the front
                 left = self.end - self.start
@@ -616,10 +855,12 @@ class _FrameConn(asyncio.BufferedProtocol):
         self.start += n
         return view
 
-    async def read_frame(self) -> tuple[FrameType, memoryview]:
+    async def read_frame(self, idle: bool = False) -> tuple[FrameType, memoryview]:
+        """The next frame; ``idle``: between transfers, so the next header may take any time
+        (a persistent connection waits for the next transfer)."""
         rx = self.receiver
         try:
-            head = await self.read_exact(HEADER_LEN, rx.frame_timeout_s)
+            head = await self.read_exact(HEADER_LEN, None if idle else rx.frame_timeout_s)
         except asyncio.IncompleteReadError as exc:
             if not exc.partial:
                 raise KvTransferError("connection closed by peer", Code.TRUNCATED) from None
@@ -677,16 +918,21 @@ class KvReceiver:
         self.on_begin = on_begin
         self.on_complete = on_complete
         self.log = logger or log
-        self._server: asyncio.base_events.Server | None = None
+        self._servers: list[asyncio.base_events.Server] = []
         self._port: int | None = None
         self._conns: set[_FrameConn] = set()
+        self._inbound: dict[tuple[str, int], _Inbound] = {}
+        self._dead: dict[tuple[str, int], None] = {}   # transfer attempts refused or failed lately, oldest first
         self.rejected = 0
         self.completed = 0
 
     async def start(self, host: str, port: int) -> None:
+        """Listen on ``host``:``port``; call again for each further rail address (same port)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _FrameConn(self), host, port)
-        self._port = self._server.sockets[0].getsockname()[1]
+        server = await loop.create_server(lambda: _FrameConn(self), host, port)
+        self._servers.append(server)
+        if self._port is None:
+            self._port = server.sockets[0].getsockname()[1]
 
     @property
     def port(self) -> int:
@@ -697,56 +943,85 @@ class KvReceiver:
 
     async def close(self) -> None:
         """Stop listening and abort the transfers in progress (their on_complete gets False)."""
-        server, self._server = self._server, None
-        if server is not None:
+        servers, self._servers = self._servers, []
+        for server in servers:
             server.close()
         tasks = [c.task for c in self._conns if c.task is not None]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if server is not None:
+        for server in servers:
             await server.wait_closed()
 
     async def _serve(self, conn: _FrameConn) -> None:
         self._conns.add(conn)
         peer = conn.transport.get_extra_info("peername")
         peer_s = f"{peer[0]}:{peer[1]}" if peer else "?"
-        state: dict = {"begin": None, "verified": 0}
         try:
-            await self._session(conn, state)
-            self.completed += 1
+            await self._session(conn)
         except KvTransferError as exc:
             self.rejected += 1
-            begin = state["begin"]
+            rid, verified = await self._fail_conn(conn)
             self.log.warning("kv: rejected connection from %s%s: %s [%s]", peer_s,
-                             f" (request {begin.request_id})" if begin else "", exc.reason, exc.code.name)
-            if begin is not None:
-                state["begin"] = None
-                await self._complete(begin, False)
-            conn.write(encode_ack(KvAck(begin.request_id if begin else "", False, exc.code,
-                                        state["verified"], exc.reason)))
+                             f" (request {rid})" if rid else "", exc.reason, exc.code.name)
+            conn.write(encode_ack(KvAck(rid, False, exc.code, verified, exc.reason)))
             await conn.discard(1.0)
         except (ConnectionError, OSError) as exc:
             self.rejected += 1
             self.log.warning("kv: connection from %s lost: %s", peer_s, exc)
-            if state["begin"] is not None:
-                await self._complete(state["begin"], False)
+            await self._fail_conn(conn)
         except asyncio.CancelledError:
-            if state["begin"] is not None:
-                await self._complete(state["begin"], False)
+            await self._fail_conn(conn)
             raise
         except Exception as exc:  # a bug in a callback must not leave the sender waiting
             self.rejected += 1
             self.log.exception("kv: error serving %s", peer_s)
-            begin, state["begin"] = state["begin"], None
-            conn.write(encode_ack(KvAck(begin.request_id if begin else "", False, Code.REFUSED, state["verified"],
+            rid, verified = await self._fail_conn(conn)
+            conn.write(encode_ack(KvAck(rid, False, Code.REFUSED, verified,
                                         f"receiver error: {type(exc).__name__}: {exc}")))
-            if begin is not None:
-                await self._complete(begin, False)
         finally:
             conn.transport.close()   # sends what is still buffered (the ACK), then FIN
             self._conns.discard(conn)
+
+    async def _fail_conn(self, conn: _FrameConn) -> tuple[str, int]:
+        """Fail every transfer with a stripe open on ``conn`` (the other stripes' frames are
+        dropped from now on); (request id, bytes verified) of one of them for the ACK."""
+        first = ("", 0)
+        for rid, stripe in list(conn.stripes.items()):
+            if stripe.inbound is None:
+                continue
+            if first == ("", 0):
+                first = (rid, stripe.inbound.verified)
+            await self._fail(stripe.inbound)
+        conn.stripes.clear()
+        return first
+
+    async def _fail(self, inbound: _Inbound, notify: KvAck | None = None) -> None:
+        """Forget a transfer as failed: its connections drop its later frames; ``notify`` is
+        sent on its lead connection (the sender waits there) when given."""
+        if inbound.failed:
+            return
+        inbound.failed = True
+        rid = inbound.begin.request_id
+        if self._inbound.get(inbound.begin.key) is inbound:
+            del self._inbound[inbound.begin.key]
+        self._forget(inbound.begin.key)
+        for c in inbound.conns:
+            if rid in c.stripes:
+                c.stripes[rid] = _Stripe(None, c.stripes[rid].stripe)   # drop the rest of its stripe
+        if notify is not None:
+            lead = inbound.lead or next(iter(inbound.conns), None)
+            if lead is not None:
+                lead.write(encode_ack(notify))
+        await self._complete(inbound.begin, False)
+
+    def _forget(self, key: tuple[str, int]) -> None:
+        """Remember a refused or failed transfer attempt for a while: its other stripes, already
+        on their way, are dropped instead of starting it again."""
+        self._dead[key] = None
+        while len(self._dead) > 4096:
+            self._dead.pop(next(iter(self._dead)))
 
     async def _complete(self, begin: KvBegin, ok: bool) -> None:
         if self.on_complete is not None:
@@ -754,7 +1029,7 @@ class KvReceiver:
             if inspect.isawaitable(res):
                 await res
 
-    async def _session(self, conn: _FrameConn, state: dict) -> None:
+    async def _session(self, conn: _FrameConn) -> None:
         nonce_s = os.urandom(NONCE_LEN)
         conn.write(frame(FrameType.HELLO, nonce_s))
         ftype, body = await conn.read_frame()
@@ -766,57 +1041,154 @@ class KvReceiver:
         if not hmac.compare_digest(mac, client_mac(self.secret, nonce_s, nonce_c)):
             raise KvTransferError("sender failed authentication (wrong HMAC)", Code.AUTH_FAILED)
         conn.write(frame(FrameType.AUTH_OK, server_mac(self.secret, nonce_c, nonce_s)))
-
-        ftype, body = await conn.read_frame()
-        if ftype != FrameType.BEGIN:
-            raise KvTransferError(f"expected BEGIN, got {ftype.name}", Code.OUT_OF_ORDER)
-        begin = decode_begin(body)
-        check_begin(begin, self.max_transfer_bytes)
-        if self.on_begin is not None:
-            self.on_begin(begin)   # may raise KvTransferError to refuse
-        state["begin"] = begin
-
-        rid, total, expected, running, chunks = begin.request_id, begin.total_bytes, 0, 0, 0
+        served = False
         while True:
-            ftype, body = await conn.read_frame()
-            if ftype == FrameType.CHUNK:
-                c = decode_chunk(body)
-                if c.request_id != rid:
-                    raise KvTransferError(f"CHUNK for {c.request_id!r} inside transfer {rid!r}", Code.OUT_OF_ORDER)
-                if c.offset != expected:
-                    raise KvTransferError(f"CHUNK at offset {c.offset}, expected {expected}", Code.OUT_OF_ORDER)
-                n = len(c.payload)
-                if n == 0 or expected + n > total:
-                    raise KvTransferError(f"CHUNK of {n} bytes at {c.offset} overruns {total}", Code.OUT_OF_ORDER)
-                if not 0 <= c.layer < begin.layers:
-                    raise KvTransferError(f"CHUNK layer {c.layer} outside 0..{begin.layers - 1}", Code.OUT_OF_ORDER)
-                lstart, llen = layer_span(total, begin.layers, c.layer)
-                if not (lstart <= c.offset and c.offset + n <= lstart + llen):
-                    raise KvTransferError(f"CHUNK [{c.offset}, {c.offset + n}) not inside layer {c.layer} "
-                                          f"[{lstart}, {lstart + llen})", Code.OUT_OF_ORDER)
-                crc = zlib.crc32(c.payload)
-                if crc != c.crc32:
-                    raise KvTransferError(f"CHUNK at offset {c.offset}: CRC {crc:08x} != {c.crc32:08x}", Code.BAD_CRC)
-                if not verify_payload(rid, c.offset, c.payload):
-                    raise KvTransferError(f"CHUNK at offset {c.offset}: payload differs from the request's "
-                                          f"KV bytes", Code.BAD_PAYLOAD)
-                running = zlib.crc32(crc.to_bytes(4, "big"), running)
-                expected += n
-                chunks += 1
-                state["verified"] = expected
+            between = served and not any(st.inbound is not None for st in conn.stripes.values())
+            try:
+                ftype, body = await conn.read_frame(idle=between)
+            except KvTransferError as exc:
+                if between and exc.code == Code.TRUNCATED and conn.start == conn.end:
+                    return   # the sender closed a persistent connection between transfers
+                raise
+            if ftype == FrameType.BEGIN:
+                await self._on_begin(conn, decode_begin(body))
+                served = True
+            elif ftype == FrameType.CHUNK:
+                self._on_chunk(conn, decode_chunk(body))
             elif ftype == FrameType.END:
-                end = decode_end(body)
-                if end.request_id != rid:
-                    raise KvTransferError(f"END for {end.request_id!r} inside transfer {rid!r}", Code.OUT_OF_ORDER)
-                if expected != total or end.total_bytes != total:
-                    raise KvTransferError(f"END after {expected} of {total} bytes (END says {end.total_bytes})",
-                                          Code.OUT_OF_ORDER)
-                if end.chunks != chunks or end.checksum != running:
-                    raise KvTransferError(f"END checksum {end.checksum:08x}/{end.chunks} chunks != "
-                                          f"{running:08x}/{chunks}", Code.BAD_CHECKSUM)
-                state["begin"] = None   # completion reported here
-                await self._complete(begin, True)
-                conn.write(encode_ack(KvAck(rid, True, Code.OK, total, "verified")))
-                return
+                await self._on_end(conn, decode_end(body))
             else:
-                raise KvTransferError(f"unexpected {ftype.name} frame during transfer", Code.OUT_OF_ORDER)
+                raise KvTransferError(f"unexpected {ftype.name} frame", Code.OUT_OF_ORDER)
+
+    async def _on_begin(self, conn: _FrameConn, begin: KvBegin) -> None:
+        rid = begin.request_id
+        old = conn.stripes.get(rid)
+        if old is not None:
+            if old.inbound is not None and old.inbound.begin.key == begin.key:
+                raise KvTransferError(f"second BEGIN for {rid!r} on one connection", Code.OUT_OF_ORDER)
+            if old.inbound is not None:      # the sender gave up on that try without ending it
+                await self._fail(old.inbound)
+            del conn.stripes[rid]
+        if begin.stripes > 1 and begin.key in self._dead:
+            conn.stripes[rid] = _Stripe(None, begin.stripe)   # a stripe of a refused or failed try
+            return
+        inbound = self._inbound.get(begin.key)
+        if inbound is None:
+            check_begin(begin, self.max_transfer_bytes)
+            if self.on_begin is not None:
+                try:
+                    self.on_begin(begin)   # may raise KvTransferError to refuse
+                except KvTransferError as exc:
+                    # a refusal of this transfer, not of the connection: answer and keep serving
+                    self.rejected += 1
+                    self._forget(begin.key)
+                    self.log.info("kv: refused %s: %s [%s]", rid, exc.reason, exc.code.name)
+                    conn.write(encode_ack(KvAck(rid, False, exc.code, 0, exc.reason)))
+                    conn.stripes[rid] = _Stripe(None, begin.stripe)
+                    return
+            inbound = self._inbound[begin.key] = _Inbound(begin)
+        elif inbound.begin.transfer() != begin.transfer() or begin.stripe in inbound.opened:
+            raise KvTransferError(f"BEGIN of stripe {begin.stripe} does not match transfer {rid!r}", Code.OUT_OF_ORDER)
+        inbound.opened.add(begin.stripe)
+        inbound.conns.add(conn)
+        if begin.stripe == 0:
+            inbound.lead = conn
+        conn.stripes[rid] = _Stripe(inbound, begin.stripe)
+
+    def _on_chunk(self, conn: _FrameConn, c: KvChunk) -> None:
+        stripe = conn.stripes.get(c.request_id)
+        if stripe is None:
+            raise KvTransferError(f"CHUNK for {c.request_id!r} without its BEGIN on this connection", Code.OUT_OF_ORDER)
+        inbound = stripe.inbound
+        if inbound is None:
+            return         # the rest of a refused or failed transfer's stripe
+        begin, total, n = inbound.begin, inbound.begin.total_bytes, len(c.payload)
+        if begin.stripes == 1 and c.offset != stripe.next_offset:
+            raise KvTransferError(f"CHUNK at offset {c.offset}, expected {stripe.next_offset}", Code.OUT_OF_ORDER)
+        if c.offset < stripe.next_offset:
+            raise KvTransferError(f"CHUNK at offset {c.offset} behind its stripe's {stripe.next_offset}",
+                                  Code.OUT_OF_ORDER)
+        if n == 0 or c.offset + n > total:
+            raise KvTransferError(f"CHUNK of {n} bytes at {c.offset} overruns {total}", Code.OUT_OF_ORDER)
+        if not 0 <= c.layer < begin.layers:
+            raise KvTransferError(f"CHUNK layer {c.layer} outside 0..{begin.layers - 1}", Code.OUT_OF_ORDER)
+        lstart, llen = layer_span(total, begin.layers, c.layer)
+        if not (lstart <= c.offset and c.offset + n <= lstart + llen):
+            raise KvTransferError(f"CHUNK [{c.offset}, {c.offset + n}) not inside layer {c.layer} "
+                                  f"[{lstart}, {lstart + llen})", Code.OUT_OF_ORDER)
+        if c.offset in inbound.spans:
+            raise KvTransferError(f"CHUNK at offset {c.offset} received twice", Code.OUT_OF_ORDER)
+        crc = zlib.crc32(c.payload)
+        if crc != c.crc32:
+            raise KvTransferError(f"CHUNK at offset {c.offset}: CRC {crc:08x} != {c.crc32:08x}", Code.BAD_CRC)
+        if not verify_payload(c.request_id, c.offset, c.payload):
+            raise KvTransferError(f"CHUNK at offset {c.offset}: payload differs from the request's "
+                                  f"KV bytes", Code.BAD_PAYLOAD)
+        stripe.running = zlib.crc32(crc.to_bytes(4, "big"), stripe.running)
+        stripe.chunks += 1
+        stripe.next_offset = c.offset + n
+        inbound.spans[c.offset] = n
+        inbound.verified += n
+
+    async def _on_end(self, conn: _FrameConn, end: KvEnd) -> None:
+        stripe = conn.stripes.get(end.request_id)
+        if stripe is None:
+            raise KvTransferError(f"END for {end.request_id!r} without its BEGIN on this connection", Code.OUT_OF_ORDER)
+        inbound = stripe.inbound
+        if inbound is None:
+            del conn.stripes[end.request_id]
+            return
+        begin, total = inbound.begin, inbound.begin.total_bytes
+        if end.total_bytes != total:
+            raise KvTransferError(f"END says {end.total_bytes} bytes, BEGIN {total}", Code.OUT_OF_ORDER)
+        if begin.stripes == 1 and stripe.next_offset != total:
+            raise KvTransferError(f"END after {stripe.next_offset} of {total} bytes (END says {end.total_bytes})",
+                                  Code.OUT_OF_ORDER)
+        if end.chunks != stripe.chunks or end.checksum != stripe.running:
+            raise KvTransferError(f"END checksum {end.checksum:08x}/{end.chunks} chunks != "
+                                  f"{stripe.running:08x}/{stripe.chunks}", Code.BAD_CHECKSUM)
+        del conn.stripes[end.request_id]
+        inbound.ended.add(stripe.stripe)
+        if len(inbound.ended) < begin.stripes:
+            return
+        rid = begin.request_id
+        pos = 0
+        for off in sorted(inbound.spans):      # every byte once: the spans tile [0, total)
+            if off != pos:
+                break
+            pos += inbound.spans[off]
+        if pos != total:
+            await self._fail(inbound, KvAck(rid, False, Code.OUT_OF_ORDER, inbound.verified,
+                                            f"every stripe ended with bytes [{pos}, {total}) missing"))
+            self.rejected += 1
+            return
+        del self._inbound[begin.key]
+        self.completed += 1
+        await self._complete(begin, True)
+        lead = inbound.lead if inbound.lead is not None and not inbound.lead.transport.is_closing() else conn
+        lead.write(encode_ack(KvAck(rid, True, Code.OK, total, "verified")))
+
+
+@dataclass(eq=False)
+class _Inbound:
+    """A transfer being received, over one connection or striped over several."""
+
+    begin: KvBegin
+    opened: set[int] = field(default_factory=set)
+    ended: set[int] = field(default_factory=set)
+    spans: dict[int, int] = field(default_factory=dict)     # offset -> length of each verified chunk
+    verified: int = 0
+    conns: set[_FrameConn] = field(default_factory=set)
+    lead: _FrameConn | None = None                            # stripe 0's connection: the ACK goes there
+    failed: bool = False
+
+
+@dataclass(eq=False)
+class _Stripe:
+    """One stripe of a transfer on one connection: its chunks arrive in increasing offset order."""
+
+    inbound: _Inbound | None   # None: a refused or failed transfer's stripe, dropped until its END
+    stripe: int
+    next_offset: int = 0
+    running: int = 0
+    chunks: int = 0

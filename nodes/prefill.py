@@ -28,7 +28,7 @@ from aiohttp import web
 from nodes.config import NodeConfig
 from nodes.engine import (KV_LAST_TRY_MIN_WALL_S, BadRequest, ComputeNode, StepTimer, error_response,
                           kv_retry_delay_s, kv_wire_bytes, plan_prefill, read_body, read_decode_peer, runnable_prefill)
-from nodes.kvproto import Code, KvBegin, KvResult, KvTransferError, send_kv
+from nodes.kvproto import Code, KvBegin, KvPeer, KvResult, KvTransferError
 from nodes.srd import send_kv_srd
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,37 @@ class PrefillNode(ComputeNode):
         self.capacity = self.cost.kv_capacity_bytes()
         self.timer = StepTimer(self.clock, self.timeline, "prefill")
         self.transfers: set[asyncio.Task[None]] = set()
+        self.kv_peers: dict[tuple[tuple[str, ...], int], KvPeer] = {}
         self.app.router.add_post("/internal/prefill", self._prefill)
+
+    def kv_peer(self, addrs: list[str], port: int) -> KvPeer:
+        """The persistent, striped connections to one decode node's KV receiver (one per rail)."""
+        key = (tuple(addrs), port)
+        if key not in self.kv_peers:
+            cfg = self.config
+            binds = list(cfg.kv_addrs) or ([cfg.kv_bind] if cfg.kv_bind else [])
+            self.kv_peers[key] = KvPeer(list(addrs), port, bytes.fromhex(cfg.kv_transfer.secret_hex), binds=binds)
+        return self.kv_peers[key]
+
+    async def _warm_peers(self) -> None:
+        """Open the connections to every decode node this run knows at start-up, so that no
+        transfer pays a TCP handshake (a lost SYN costs a 1 s timeout that rto_min does not
+        lower) or the HMAC round trips. A decode node not listening yet is tried again."""
+        if self.config.kv_transfer.transport != "tcp":
+            return
+        peers = [p for p in self.config.peers if p.role == "decode" and p.kv is not None]
+
+        async def warm(p: Any) -> None:
+            peer = self.kv_peer(list(p.kv_addrs) or [p.kv.host], p.kv.port)
+            delay = 0.05
+            while not peer.connected:
+                try:
+                    await peer.connect(timeout_s=5.0)
+                except KvTransferError as e:
+                    log.debug("KV connections to %s not up yet: %s", p.name, e.reason)
+                    await asyncio.sleep(delay)
+                    delay = min(1.0, delay * 2)
+        await asyncio.gather(*(warm(p) for p in peers))
 
     def load(self) -> dict[str, Any]:
         used = sum(j.kv_model_bytes for j in self.holding)
@@ -103,12 +133,15 @@ class PrefillNode(ComputeNode):
         return web.json_response({"ok": True, "kv_bytes": job.result.bytes_sent})
 
     async def run(self) -> None:
+        warm = asyncio.create_task(self._warm_peers(), name="kv-warm")
         try:
             await self._scheduler()
         finally:
+            warm.cancel()
             for task in list(self.transfers):
                 task.cancel()
-            await asyncio.gather(*self.transfers, return_exceptions=True)
+            await asyncio.gather(warm, *self.transfers, return_exceptions=True)
+            await asyncio.gather(*(p.close() for p in self.kv_peers.values()), return_exceptions=True)
 
     async def _scheduler(self) -> None:
         layerwise = self.config.kv_transfer.mode == "layerwise"
@@ -176,14 +209,17 @@ class PrefillNode(ComputeNode):
         address the decode node has (one per rail: ``addrs`` when the router gives them)."""
         cfg, kv = self.config, self.config.kv_transfer
         secret = bytes.fromhex(kv.secret_hex)
+        addrs = job.decode.get("addrs") or [job.decode["host"]]
         if kv.transport == "srd":
-            addrs = job.decode.get("addrs") or [job.decode["host"]]
+            # rail k of the receiver from this node's rail k mod n (its bound address picks the rail)
+            binds = list(cfg.kv_addrs) or ([cfg.kv_bind] if cfg.kv_bind else [])
             return await send_kv_srd([(a, job.decode["port"]) for a in addrs], secret, begin, mtu=kv.mtu,
                                      rate_bps=kv.rate_bps, tdf=cfg.tdf, rto_model_s=kv.rto_s, layer_ready=layer_ready,
-                                     local_addrs=[cfg.kv_bind] * len(addrs) if cfg.kv_bind else None,
+                                     local_addrs=[binds[k % len(binds)] for k in range(len(addrs))] if binds else None,
                                      timeout_s=timeout_s)
-        return await send_kv(job.decode["host"], job.decode["port"], secret, begin, chunk_bytes=kv.chunk_bytes,
-                             layer_ready=layer_ready, local_addr=cfg.kv_bind, timeout_s=timeout_s)
+        # TCP: striped over persistent connections, one per receiver rail, opened at start-up
+        peer = self.kv_peer(addrs, job.decode["port"])
+        return await peer.send(begin, chunk_bytes=kv.chunk_bytes, layer_ready=layer_ready, timeout_s=timeout_s)
 
     async def _transfer(self, job: PrefillJob, layer_ready: Callable[[int], Awaitable[None]] | None) -> None:
         cfg = self.config

@@ -572,7 +572,8 @@ class Router:
     async def _prefill(self, prefill: PeerInfo, decode: PeerInfo, rid: str, prompt_tokens: int) -> None:
         assert self.session is not None and decode.kv is not None
         body = {"request_id": rid, "model": self.config.model, "prompt_tokens": prompt_tokens,
-                "decode": {"name": decode.name, "host": decode.kv.host, "port": decode.kv.port}}
+                "decode": {"name": decode.name, "host": decode.kv.host, "port": decode.kv.port,
+                           "addrs": list(decode.kv_addrs) or [decode.kv.host]}}
         try:
             async with self.session.post(f"{prefill.http.url}/internal/prefill", json=body) as resp:
                 text = await resp.text()

@@ -1,7 +1,8 @@
 """Flow-level network in virtual time: max-min fair sharing of the topology's links.
 
 Each transfer is a flow of bytes over a path of directed link ports (a host's link to its
-switch, in one direction). Whenever a flow starts or ends, the rates of all flows are
+switch, in one direction; one port per rail of a host with rails). A KV transfer is striped:
+one flow per rail pair, its bytes split evenly (:meth:`FlowNetwork.transfer_striped`). Whenever a flow starts or ends, the rates of all flows are
 recomputed by progressive filling (every unfrozen flow grows at the same pace until a port it
 crosses is full; those flows freeze; repeat), the max-min fair allocation. A flow is done when
 its bytes are delivered, plus the path's one-way latency.
@@ -114,6 +115,14 @@ class FlowNetwork:
         self.flows.append(flow)
         self._reschedule()
         return done
+
+    def transfer_striped(self, stripes: list[tuple[Port, ...]], nbytes: float) -> simpy.Event:
+        """``nbytes`` split evenly over several flows (one per rail pair, as the TCP transport
+        stripes a transfer over its connections); fires when the last stripe has arrived."""
+        if len(stripes) <= 1:
+            return self.transfer(stripes[0] if stripes else (), nbytes)
+        share = nbytes / len(stripes)
+        return simpy.AllOf(self.env, [self.transfer(ports, share) for ports in stripes])
 
     def _advance(self) -> None:
         """Account the bits sent since the last change at the current rates."""

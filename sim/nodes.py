@@ -111,7 +111,7 @@ class SimJob:
 class SimPrefill(SimNode):
     role = "prefill"
 
-    def __init__(self, *args: Any, kv_ports: Callable[["SimDecode"], tuple[Port, ...]], net: FlowNetwork,
+    def __init__(self, *args: Any, kv_ports: Callable[["SimDecode"], list[tuple[Port, ...]]], net: FlowNetwork,
                  **kw: Any):
         super().__init__(*args, **kw)
         self.queue: list[SimJob] = []
@@ -195,17 +195,17 @@ class SimPrefill(SimNode):
                 self.timeline.event("kv_wait_start", job.request_id, decode=job.decode.name, reason="no KV room")
             refusals += 1
             yield self.env.timeout(kv_retry_delay_s(refusals))
-        ports = self.kv_ports(job.decode)
+        stripes = self.kv_ports(job.decode)   # one flow per rail pair, the bytes split evenly
         if step_start is None:
-            yield self.net.transfer(ports, model_bytes)
+            yield self.net.transfer_striped(stripes, model_bytes)
         else:
             layers = max(1, self.s.layers)
             last = model_bytes / layers
-            yield self.net.transfer(ports, model_bytes - last)
+            yield self.net.transfer_striped(stripes, model_bytes - last)
             last_ready = step_start + step_s  # the last layer's compute ends with the step
             if self.env.now < last_ready:
                 yield self.env.timeout(last_ready - self.env.now)
-            yield self.net.transfer(ports, last)
+            yield self.net.transfer_striped(stripes, last)
         self.timeline.event("kv_end", job.request_id, bytes=wire, ok=True, refusals=refusals)
         self.holding.discard(job)
         self.notify()

@@ -43,6 +43,23 @@ def _port(topo: Any, host: str, cls: str, direction: str) -> Port | None:
     return Port(f"{link.name}:{direction}", rate, float(p.latency_s), float(p.loss), int(p.mtu))
 
 
+def _rail_ports(topo: Any, host: str, cls: str, direction: str) -> list[Port]:
+    """One port per rail of ``host`` on ``cls`` (one for a plain link), in rail order."""
+    rails = [lk for lk in topo.rail_links() if lk.cls == cls and host in (lk.a, lk.b)]
+    return [Port(f"{lk.name}:{direction}", float(lk.params.bandwidth_bps) if lk.params.bandwidth_bps else float("inf"),
+                 float(lk.params.latency_s), float(lk.params.loss)) for lk in rails]
+
+
+def kv_stripes(src_ports: list[Port], dst_ports: list[Port]) -> list[tuple[Port, ...]]:
+    """The flows of one striped KV transfer, as the emulation's TCP transport opens them: one
+    per rail of the receiver (its ``kv_addrs``), stripe k leaving by the sender's rail k mod n."""
+    if not dst_ports:
+        return [tuple(src_ports[:1])] if src_ports else [()]
+    if not src_ports:
+        return [(d,) for d in dst_ports]
+    return [(src_ports[k % len(src_ports)], d) for k, d in enumerate(dst_ports)]
+
+
 def _latency(topo: Any, *hosts: str) -> float:
     """One-way frontend latency through the hosts' links to the switch (a root router adds none)."""
     total = 0.0
@@ -126,9 +143,10 @@ def run_sim(sc: Any, rd: Any, *, scenario_path: str | None = None, log: Any = No
     router_plan = next(p for p in plans.values() if p.role == "router")
     router_host = router_plan.host if router_plan.host != "root" else None
 
-    def kv_ports(decode: SimDecode, src: str) -> tuple[Port, ...]:
-        ports = (_port(topo, src, EFA, "up"), _port(topo, decode.name, EFA, "down"))
-        return tuple(p for p in ports if p is not None)
+    rail_ports = {(h.name, d): _rail_ports(topo, h.name, EFA, d) for h in topo.hosts for d in ("up", "down")}
+
+    def kv_ports(decode: SimDecode, src: str) -> list[tuple[Port, ...]]:
+        return kv_stripes(rail_ports.get((src, "up"), []), rail_ports.get((decode.name, "down"), []))
 
     client = SimClient(env, timeline(client_name))
     prefills: list[SimPrefill] = []

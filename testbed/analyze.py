@@ -9,6 +9,12 @@ byte stream wherever it was captured: the receiver's HELLO identifies a KV conne
 receiver's ACK the outcome. Each transfer is compared with the daemons' own timeline
 (``kv_start``/``kv_end`` of the sender, ``kv_recv_start``/``kv_recv_end`` of the receiver).
 
+Persistent connections (``nodes.kvproto.KvPeer``) carry many transfers each, and a transfer is
+striped over one connection per rail, each rail in its own capture (``<link>-r<k>.pcap``): the
+frames of every persistent connection are cut into stripes (BEGIN .. END of one request id)
+and the stripes of one transfer attempt are joined across the rails of a host's link
+(:func:`striped_transfers`): bytes per rail, the chunks' offsets tiling the transfer, the ACK.
+
 SRD-like transfers (nodes/srd.py, UDP) are rebuilt per session id from their datagrams: every
 DATA header (46 bytes, inside any snaplen the testbed uses) gives the packet number, offset and
 layer, the UDP length the payload length, so the byte coverage of the message, its
@@ -21,8 +27,11 @@ from __future__ import annotations
 import bisect
 import json
 import math
+import re
 import socket
 import struct
+import subprocess
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -638,6 +647,121 @@ def _transfer(conn: _Conn, client: tuple[str, int], server: tuple[str, int], run
     }
 
 
+def _persistent(conn: _Conn, client: tuple[str, int]) -> bool:
+    """Whether a KV connection is a persistent one (several BEGINs, or a striped BEGIN)."""
+    frames, _ = walk_frames(conn.direction(client))
+    begins = [f for f in frames if isinstance(f.pkt, PDKVBegin)]
+    return len(begins) > 1 or any((b.pkt.getfieldval("stripes") or 1) > 1 for b in begins)
+
+
+@dataclass
+class _StripeSeen:
+    """One stripe of one transfer attempt on one captured connection."""
+    capture: str
+    rail_capture: str
+    conn: str
+    begin: _Frame
+    end: _Frame | None = None
+    chunks: list[_Frame] = field(default_factory=list)
+    last_t: float | None = None
+    bytes: int = 0          # stream bytes from BEGIN to the end of END (frames of this stripe only)
+
+
+def _stripes(conn: _Conn, client: tuple[str, int], server: tuple[str, int], capture: str,
+             rail_capture: str) -> tuple[list[_StripeSeen], dict[str, list[_Frame]]]:
+    """The stripes a persistent connection carried (sender side) and its ACKs by request id."""
+    up_frames, _ = walk_frames(conn.direction(client))
+    down_frames, _ = walk_frames(conn.direction(server))
+    name = f"{client[0]}:{client[1]}->{server[0]}:{server[1]}"
+    open_: dict[str, _StripeSeen] = {}
+    out: list[_StripeSeen] = []
+    for fr in up_frames:
+        pkt = fr.pkt
+        rid = _text(getattr(pkt, "request_id", b"") or b"")
+        size = HEADER_LEN + (pkt.length or 0)
+        if isinstance(pkt, PDKVBegin):
+            st = _StripeSeen(capture, rail_capture, name, fr, last_t=fr.time, bytes=size)
+            open_[rid] = st
+            out.append(st)
+        elif rid in open_:
+            st = open_[rid]
+            st.bytes += size
+            st.last_t = fr.time if fr.time is not None else st.last_t
+            if isinstance(pkt, PDKVChunk):
+                st.chunks.append(fr)
+            elif isinstance(pkt, PDKVEnd):
+                st.end = fr
+                del open_[rid]
+    acks: dict[str, list[_Frame]] = {}
+    for fr in down_frames:
+        if isinstance(fr.pkt, PDKVAck):
+            acks.setdefault(_text(fr.pkt.request_id), []).append(fr)
+    return out, acks
+
+
+def striped_transfers(stripes: list[_StripeSeen], acks: dict[str, list[_Frame]], run: dict[str, float]
+                      ) -> list[dict[str, Any]]:
+    """Transfers rebuilt from their stripes, joined by (capture group, request id, attempt): a
+    capture group is a host link's rails (``decode0-efa-r3.pcap`` is rail 3 of ``decode0-efa``)."""
+    t0, tdf, scale = run["t0_wall"], run["tdf"], run["byte_scale"]
+    groups: dict[tuple[str, str, int], list[_StripeSeen]] = {}
+    for st in stripes:
+        b = st.begin.pkt
+        key = (st.capture, _text(b.request_id), int(b.getfieldval("attempt") or 0))
+        groups.setdefault(key, []).append(st)
+    out = []
+    for (capture, rid, attempt), group in groups.items():
+        b = group[0].begin.pkt
+        total, n = int(b.total_bytes), int(b.getfieldval("stripes") or 1)
+        begin_t = min(st.begin.time for st in group if st.begin.time is not None)
+        ended = [st for st in group if st.end is not None]
+        last_t = max((st.last_t for st in group if st.last_t is not None), default=None)
+        spans = sorted((int(c.pkt.offset), int(c.pkt.payload_len)) for st in group for c in st.chunks)
+        pos, tiled = 0, True
+        for off, length in spans:
+            if off != pos:
+                tiled = False
+                break
+            pos += length
+        tiled = tiled and pos == total
+        # the ACK that follows this attempt's BEGIN (an earlier try of the request has its own)
+        ack = next((a for a in sorted(acks.get(rid, []), key=lambda a: a.time or 0.0)
+                    if a.time is not None and a.time >= begin_t), None)
+        if ack is None:
+            status, reason = "incomplete", None
+        elif ack.pkt.verified:
+            status, reason = "verified", None
+        else:
+            status, reason = "rejected", f"{ack.pkt.sprintf('%code%')}: {_text(ack.pkt.reason)}"
+        refused = status == "rejected" and not spans
+        duration = (last_t - begin_t) if last_t is not None else None
+        nbytes = sum(st.bytes for st in group)
+        rate = nbytes * 8 / duration if duration else None
+        model = lambda t: None if t is None else (t - t0) / tdf   # noqa: E731
+        out.append({
+            "request_id": rid, "transport": "tcp", "attempt": attempt, "capture": capture, "stripes": n,
+            "stripes_seen": len(group), "stripes_ended": len(ended),
+            "connections": sorted({st.conn for st in group}),
+            "rails": {st.rail_capture: st.bytes for st in group},
+            "status": status, "reason": reason, "refused_at_begin": refused,
+            "model": _text(b.model), "layers": b.num_layers, "tokens": b.tokens, "announced_bytes": total,
+            "end_chunks": sum(int(st.end.pkt.chunks) for st in ended) if ended else None,
+            "chunks": len(spans), "chunk_payload_bytes": sum(length for _, length in spans),
+            "chunks_tile_transfer": tiled,
+            "tcp_payload_bytes": nbytes, "tcp_payload_bytes_wire": nbytes, "retransmissions": 0,
+            "retransmitted_bytes": 0, "uncaptured_bytes": 0,
+            "syn_t_wall": None, "first_byte_t_wall": begin_t, "begin_t_wall": begin_t, "last_byte_t_wall": last_t,
+            "ack_t_wall": ack.time if ack else None,
+            "first_byte_t_model": model(begin_t), "last_byte_t_model": model(last_t),
+            "duration_s": duration, "duration_model_s": duration / tdf if duration is not None else None,
+            "session_s": (ack.time - begin_t) if ack and ack.time is not None else None,
+            "session_model_s": (ack.time - begin_t) / tdf if ack and ack.time is not None else None,
+            "throughput_bps": rate, "throughput_model_bps": rate * tdf / scale if rate is not None else None,
+            "series": [],
+        })
+    return out
+
+
 def _match_timeline(tr: dict[str, Any], events: list[dict[str, Any]], tdf: float) -> dict[str, Any] | None:
     """The sender's kv_start/kv_end (and the receiver's kv_recv_*) of this connection: the same
     request id, the start nearest to the connection's start (a retried request has several)."""
@@ -708,30 +832,68 @@ def analyze_run(run_dir: str | Path, *, bin_s: float = 0.01, kv_ports: Iterable[
     events = read_run_timeline(run_dir) if (run_dir / "timeline").is_dir() else []
     ports = set(kv_ports)
     captures, transfers = [], []
+    stripes: list[_StripeSeen] = []
+    acks: dict[str, list[_Frame]] = {}
+    groups: dict[str, list[Path]] = {}
+    for pcap in pcaps:
+        groups.setdefault(re.sub(r"-r\d+(\.pcap(ng)?)$", r"\1", str(pcap.relative_to(run_dir))), []).append(pcap)
     for pcap in pcaps:
         try:
             conns, stats = read_connections(pcap)
         except (OSError, ValueError, EOFError) as exc:
             raise ConfigError(str(pcap), [("", f"cannot read capture: {exc}")]) from None
         n = 0
+        rel = str(pcap.relative_to(run_dir))
+        group = re.sub(r"-r\d+(\.pcap(ng)?)$", r"\1", rel)    # a host link's rails are one capture group
         for conn in conns:
             roles = _kv_roles(conn, ports)
             if roles is None:
                 continue
-            tr = {"capture": str(pcap.relative_to(run_dir)), "transport": "tcp", **_transfer(conn, *roles, run, bin_s)}
+            n += 1
+            if _persistent(conn, roles[0]):
+                seen, conn_acks = _stripes(conn, *roles, group, rel)
+                stripes += seen
+                for rid, frames in conn_acks.items():
+                    acks.setdefault(rid, []).extend(frames)
+                continue
+            tr = {"capture": rel, "transport": "tcp", **_transfer(conn, *roles, run, bin_s)}
             tr["timeline"] = _match_timeline(tr, events, run["tdf"])
             transfers.append(tr)
-            n += 1
+        if len(groups[group]) > 1:     # a rail: its SRD datagrams are read with its group's below
+            captures.append({"file": rel, **stats, "kv_connections": n, "group": group})
+            continue
         try:
             srd, n_dgrams = _srd_transfers(pcap, run, bin_s)
         except (OSError, ValueError, EOFError) as exc:
             raise ConfigError(str(pcap), [("", f"cannot read capture: {exc}")]) from None
         for tr in srd:
-            tr = {"capture": str(pcap.relative_to(run_dir)), **tr}
+            tr = {"capture": rel, **tr}
             tr["timeline"] = _match_timeline(tr, events, run["tdf"])
             transfers.append(tr)
-        captures.append({"file": str(pcap.relative_to(run_dir)), **stats, "kv_connections": n,
+        captures.append({"file": rel, **stats, "kv_connections": n,
                          "srd_datagrams": n_dgrams, "srd_sessions": len(srd)})
+    # SRD sprays a message over every rail: a host link's rail captures are merged (mergecap,
+    # by timestamp) and its sessions rebuilt whole, ``per_destination`` naming each rail
+    for group, files in groups.items():
+        if len(files) < 2:
+            continue
+        with tempfile.TemporaryDirectory(prefix="pdtb-analyze-") as tmp:
+            merged = Path(tmp) / "rails.pcap"
+            proc = subprocess.run(["mergecap", "-F", "pcap", "-w", str(merged), *map(str, files)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise ConfigError(group, [("", f"cannot merge the rail captures: {proc.stderr.strip()[:200]}")])
+            try:
+                srd, n_dgrams = _srd_transfers(merged, run, bin_s)
+            except (OSError, ValueError, EOFError) as exc:
+                raise ConfigError(group, [("", f"cannot read the rail captures: {exc}")]) from None
+        for tr in srd:
+            tr = {"capture": group, **tr}
+            tr["timeline"] = _match_timeline(tr, events, run["tdf"])
+            transfers.append(tr)
+    for tr in striped_transfers(stripes, acks, run):
+        tr["timeline"] = _match_timeline(tr, events, run["tdf"])
+        transfers.append(tr)
     transfers.sort(key=lambda t: (t["syn_t_wall"] or t["first_byte_t_wall"] or 0.0, t["capture"]))
     diffs = [abs(t["timeline"]["diff_pct"]) for t in transfers if t["timeline"] and "diff_pct" in t["timeline"]]
     result = {

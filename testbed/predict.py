@@ -22,7 +22,10 @@ from core.config import ConfigError
 from testbed.config.scenario import ScenarioConfig, selected_hosts
 from testbed.workload import generate_workload
 
-KV_SETUP_RTTS = 2  # a KV handoff opens a TCP connection (1 RTT) and authenticates (1 RTT) before data
+KV_SETUP_RTTS = 0
+"""Round trips a KV handoff waits before its data: none, the prefill node's connections to each
+decode node are opened and authenticated at start-up (nodes.kvproto.KvPeer); BEGIN and the first
+chunks leave together. (A one-shot connection would pay 2: TCP handshake and HMAC.)"""
 TPOT_SAMPLES = 256  # decode steps averaged for TPOT (evenly spaced over the output)
 
 
@@ -91,8 +94,11 @@ def kv_handoff(prefill_s: float, layers: int, kv_bytes: int, bandwidth_bps: floa
 
 
 def _path(topo: TopologyConfig, src: str, dst: str, cls: str, override: LinkParams | None) -> PathInfo:
-    links = [lk.params.merged(override) for lk in topo.path(src, dst, cls)]
-    names = [lk.name for lk in topo.path(src, dst, cls)]
+    declared = topo.path(src, dst, cls)
+    # a link with rails: its total (the transfer is striped over its rails), as the override's bandwidth
+    links = [lk.params.model_copy(update={"bandwidth_bps": topo.link_total_bps(lk)}).merged(override)
+             for lk in declared]
+    names = [lk.name for lk in declared]
     shaped = [p.bandwidth_bps for p in links if p.bandwidth_bps is not None]
     return PathInfo(
         links=[{"name": n, "bandwidth_bps": p.bandwidth_bps, "latency_s": p.latency_s} for n, p in zip(names, links)],

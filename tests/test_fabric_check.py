@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fabric.check import Probe, judge
+from fabric.topology import load_topology
 
 REPO = Path(__file__).resolve().parent.parent
 PREFIX = "pb"
@@ -31,7 +32,12 @@ def test_pair_measured_against_configuration():
     assert (proc.returncode == 0) == report["ok"] == all(p["ok"] for p in report["probes"])
     # every shaped link was measured, and the automatic dilation put each path in the judged ranges
     links = {name for p in report["probes"] for name in p["links"]}
-    assert {"prefill0-efa", "decode0-efa", "client0-fe", "router-fe"} <= links
+    assert {"client0-fe", "router-fe"} <= links
+    # every rail: the trn2's 16 (200 Gbit/s each) and the CS-3's 12 (100 Gbit/s), each its own link
+    rails = {lk.name for lk in load_topology("pair").rail_links() if lk.cls == "efa"}
+    assert len(rails) == 28 and rails <= links
+    assert {(p["src_rail"], p["dst_rail"]) for p in report["probes"] if p["cls"] == "efa"} >= \
+        {(k, k) for k in range(12)}
     for p in report["probes"]:
         m = p["measured"]
         assert "errors" not in m, p

@@ -178,18 +178,36 @@ def test_pair_builds_and_tears_down_without_leftovers() -> None:
         net.start()
         assert net.impairment_backend in ("netem", "fallback")
         settings = json.loads(json.dumps(net.settings()))          # recorded with every run
-        assert settings["links"]["decode0-efa"]["emulated"]["rate_bps"] == pytest.approx(1.2e12 / 64 / 50)
+        # the CS-3's 12 rails of 100 Gbit/s, the trn2's 16 of 200 Gbit/s, each its own emulated link
+        assert settings["links"]["decode0-efa-r0"]["emulated"]["rate_bps"] == pytest.approx(1.2e12 / 12 / 64 / 50)
+        assert settings["links"]["prefill0-efa-r15"]["emulated"]["rate_bps"] == pytest.approx(3.2e12 / 16 / 64 / 50)
         assert settings["impairment_backend"] == net.impairment_backend
-        assert set(net.link_names()) == {"prefill0-efa", "decode0-efa", "prefill0-fe", "decode0-fe", "router-fe",
-                                          "client0-fe"}
+        assert set(net.link_names()) == ({f"prefill0-efa-r{k}" for k in range(16)} | {f"decode0-efa-r{k}" for k in range(12)}
+                                         | {"prefill0-fe", "decode0-fe", "router-fe", "client0-fe"})
         assert net.address("decode0", "efa") == "10.232.0.12"
+        assert net.addresses("decode0") == [f"10.232.{8 * k}.12" for k in range(12)]
+        # a probe bound to a rail's address leaves by that rail and arrives on the peer's rail
+        # (policy routes, and ARP answered only by the interface that has the address)
+        d0 = net.host_node("decode0")
+
+        def rx(k: int) -> int:
+            return int(d0.cmd(f"cat /sys/class/net/{PREFIX}decode0-e{k:x}/statistics/rx_packets"))
+
+        for src_rail, dst_rail in ((3, 3), (13, 1)):
+            before = [rx(k) for k in range(12)]
+            ping = net.host_node("prefill0").cmd(f"ping -c 20 -i 0.01 -W 2 -I {net.address('prefill0', 'efa', src_rail)} "
+                                                 f"{net.address('decode0', 'efa', dst_rail)}")
+            assert " 0% packet loss" in ping, ping
+            grew = [rx(k) - b for k, b in enumerate(before)]
+            # the echoes on the addressed rail; the others see at most the ARP request (a broadcast)
+            assert grew[dst_rail] >= 20 and max(g for k, g in enumerate(grew) if k != dst_rail) <= 2, grew
         with pytest.raises(KeyError):
             net.address("client0", "efa")
         # the root namespace reaches the router on the frontend, not the EFA network
         ok = subprocess.run(["ping", "-c", "1", "-W", "2", net.address("router", "frontend")], capture_output=True)
         assert ok.returncode == 0
-        routes = net.host_node("prefill0").cmd("ip route show", SUBNETS["efa"])
-        assert "rto_min" in routes and "quickack 1" in routes
+        routes = [r for r in net.host_node("prefill0").cmd("ip route show").splitlines() if r.startswith("10.232.")]
+        assert len(routes) == 16 and all("rto_min" in r and "quickack 1" in r for r in routes), routes
         # a second net on the same subnets (another prefix) is refused: it would split the root's routes
         from fabric.net import FabricError, FabricNet
         with pytest.raises(FabricError, match="already has addresses in this run's subnets"):

@@ -224,7 +224,8 @@ def test_auto_puts_the_busiest_links_under_the_cap():
 
 def test_auto_latency_floor_and_budget():
     pod = load_topology("pod")
-    lat_only = pod.model_copy(update={"links": [lk.model_copy(update={"params": lk.params.model_copy(
+    # unshaped plain links (rails: None; a link with rails and no bandwidth takes the profile's rate)
+    lat_only = pod.model_copy(update={"links": [lk.model_copy(update={"rails": None, "params": lk.params.model_copy(
         update={"bandwidth_bps": None})}) for lk in pod.links]})
     c = choose_emulation(lat_only, "auto", "auto", host_capacity=4e9)
     assert c.tdf == pytest.approx(1e-3 / 7.5e-6) and c.byte_scale == 1.0   # smallest latency -> 1 ms
@@ -246,7 +247,7 @@ def test_carried_rate_bound_follows_the_switch():
     assert carried_rate_bound_bps(pod, pod.link("client0-fe")) == pytest.approx(pod.link("client0-fe").params.bandwidth_bps)
     # incast's given dilation (pod, 1/512, TDF 5): 2.4 Tbit/s -> 938 Mbit/s, inside the cap
     assert "EFA link can carry" not in choose_emulation(pod, 5, 1 / 512, host_capacity=4e9).reason
-    unshaped = pair.model_copy(update={"links": [lk.model_copy(update={"params": lk.params.model_copy(
+    unshaped = pair.model_copy(update={"links": [lk.model_copy(update={"rails": None, "params": lk.params.model_copy(
         update={"bandwidth_bps": None})}) if lk.name == "decode0-efa" else lk for lk in pair.links]})
     assert carried_rate_bound_bps(unshaped, unshaped.link("prefill0-efa")) == pytest.approx(3.2e12)
     assert carried_rate_bound_bps(unshaped, unshaped.link("decode0-efa")) == pytest.approx(3.2e12)
@@ -291,9 +292,13 @@ def test_routes_cover_every_shaped_link_once_or_more():
     pod = load_topology("pod")
     routes = plan_routes(pod)
     covered = {name for r in routes for name in r.links}
-    shaped = {lk.name for lk in pod.links if lk.cls in ("efa", "frontend")}
-    assert covered == shaped
-    assert len(routes) <= 8                       # pairs share the work: 15 links, 8 host pairs
+    shaped = {lk.name for lk in pod.rail_links() if lk.cls in ("efa", "frontend")}
+    assert covered == shaped                      # every rail of every host: 4 x 16 + 2 x 12 on efa
+    efa = [r for r in routes if r.cls == "efa"]
+    assert len(efa) == (4 * 16 + 2 * 12) // 2     # each route covers two rails not yet covered
+    assert all(len(r.links) == 2 for r in efa)
+    front = [r for r in routes if r.cls == "frontend"]
+    assert len(front) <= 5                        # pairs share the work: 9 links
 
 
 def test_passes_bring_every_route_into_the_checked_ranges():

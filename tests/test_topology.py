@@ -60,9 +60,11 @@ def test_pod_is_an_incast() -> None:
     pod = load_topology("pod")
     assert len(pod.hosts_with_role("prefill")) == 4 and len(pod.hosts_with_role("decode")) == 2
     assert len(pod.hosts_with_role("client")) == 2 and len(pod.hosts_with_role("router")) == 1
-    trn2 = {pod.host_link(h.name, "efa").params.bandwidth_bps for h in pod.hosts_with_role("prefill")}
-    cs3 = {pod.host_link(h.name, "efa").params.bandwidth_bps for h in pod.hosts_with_role("decode")}
+    trn2 = {pod.link_total_bps(pod.host_link(h.name, "efa")) for h in pod.hosts_with_role("prefill")}
+    cs3 = {pod.link_total_bps(pod.host_link(h.name, "efa")) for h in pod.hosts_with_role("decode")}
     assert trn2 == {3.2e12} and cs3 == {1.2e12}
+    assert {pod.rails_of(h.name) for h in pod.hosts_with_role("prefill")} == {16}
+    assert {pod.rails_of(h.name) for h in pod.hosts_with_role("decode")} == {12}
     path = pod.path("prefill2", "decode1", "efa")
     assert [lk.name for lk in path] == ["prefill2-efa", "decode1-efa"]
     with pytest.raises(KeyError):

@@ -40,6 +40,9 @@ local f = {
   code = ProtoField.uint16("pdkv.code", "Code", base.DEC, codes),
   bytes_verified = ProtoField.uint64("pdkv.bytes_verified", "Bytes verified"),
   reason = ProtoField.string("pdkv.reason", "Reason"),
+  stripe = ProtoField.uint8("pdkv.stripe", "Stripe"),
+  stripes = ProtoField.uint8("pdkv.stripes", "Stripes"),
+  attempt = ProtoField.uint32("pdkv.attempt", "Attempt", base.HEX),
 }
 pdkv.fields = f
 
@@ -63,7 +66,11 @@ local function dissect_body(ftype, tvb, tree, off)
     tree:add(f.layers, tvb(off, 2)); tree:add(f.tokens, tvb(off + 2, 4)); tree:add(f.total_bytes, tvb(off + 6, 8))
     off = str8(tree, f.request_id, tvb, off + 14)
     off = str8(tree, f.model, tvb, off)
-    str8(tree, f.layout, tvb, off)
+    off = str8(tree, f.layout, tvb, off)
+    -- a striped transfer's BEGIN (one per connection): stripe, stripes, attempt
+    if tvb:len() - off == 6 then
+      tree:add(f.stripe, tvb(off, 1)); tree:add(f.stripes, tvb(off + 1, 1)); tree:add(f.attempt, tvb(off + 2, 4))
+    end
   elseif ftype == 5 then
     off = str8(tree, f.request_id, tvb, off)
     tree:add(f.layer, tvb(off, 2)); tree:add(f.offset, tvb(off + 2, 8))

@@ -287,9 +287,11 @@ class Delayer:
     """One delayer process and its iptables rule inside a host's namespace."""
 
     def __init__(self, host: NodeLike, intf_name: str, queue_num: int, proc: subprocess.Popen,
-                 workdir: Path, comment: str, latency_s: float, jitter_s: float) -> None:
+                 workdir: Path, comment: str, latency_s: float, jitter_s: float,
+                 also_intfs: tuple[str, ...] = ()) -> None:
         self.host = host
         self.intf_name = intf_name
+        self.also_intfs = tuple(also_intfs)
         self.queue_num = queue_num
         self.proc = proc
         self.workdir = workdir
@@ -308,18 +310,29 @@ class Delayer:
 
     @property
     def rule(self) -> list[str]:
-        """The iptables rule spec (after ``-A``/``-D``) that feeds the queue."""
-        return ["PREROUTING", "-i", self.intf_name, "-m", "comment", "--comment", self.comment,
+        """The iptables rule spec (after ``-A``/``-D``) that feeds the queue from ``intf_name``."""
+        return self._rule_for(self.intf_name)
+
+    def _rule_for(self, intf: str) -> list[str]:
+        return ["PREROUTING", "-i", intf, "-m", "comment", "--comment", self.comment,
                 "-j", "NFQUEUE", "--queue-num", str(self.queue_num)]
+
+    @property
+    def intf_names(self) -> tuple[str, ...]:
+        """Every interface whose ingress this delayer holds: a host's rails share one delayer
+        (they share the link's latency, and one process per rail would crowd a small host)."""
+        return (self.intf_name, *self.also_intfs)
 
     @classmethod
     def start(cls, host: NodeLike, intf_name: str, queue_num: int, latency_s: float,
               jitter_s: float, *, comment: str | None = None, max_packets: int = DEFAULT_MAX_PACKETS,
-              seed: int | None = None, timeout_s: float = 10.0) -> "Delayer":
+              seed: int | None = None, timeout_s: float = 10.0, also_intfs: tuple[str, ...] = ()) -> "Delayer":
         """Start the delayer in ``host``'s namespace, wait until it has bound the queue, then
-        install the rule (so no packet reaches an unbound queue)."""
-        if not _INTF_RE.match(intf_name):
-            raise ValueError(f"interface name {intf_name!r} is not a valid interface name")
+        install the rule (so no packet reaches an unbound queue); ``also_intfs`` feed the same
+        queue (the other rails of the host's link)."""
+        for name in (intf_name, *also_intfs):
+            if not _INTF_RE.match(name):
+                raise ValueError(f"interface name {name!r} is not a valid interface name")
         if not (isinstance(queue_num, int) and 0 <= queue_num <= 65535):
             raise ValueError(f"queue_num must be an integer in [0, 65535], got {queue_num!r}")
         _check_params(latency_s, jitter_s)
@@ -339,7 +352,8 @@ class Delayer:
             proc = host.popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         finally:
             log.close()
-        self = cls(host, intf_name, queue_num, proc, workdir, comment, float(latency_s), float(jitter_s))
+        self = cls(host, intf_name, queue_num, proc, workdir, comment, float(latency_s), float(jitter_s),
+                   tuple(also_intfs))
         try:
             deadline = time.monotonic() + timeout_s
             while True:
@@ -418,12 +432,16 @@ class Delayer:
         return json.loads(data)
 
     def _iptables(self, action: str) -> None:
-        argv = ["iptables", "-w", "5", "-t", "raw", action, *self.rule]
-        proc = self.host.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        out, err = proc.communicate(timeout=15)
-        if proc.returncode != 0:
-            raise DelayerError(f"{' '.join(argv)} in {self.host.name} failed: "
-                               f"{(err or out).decode(errors='replace').strip()}")
+        problems = []
+        for intf in self.intf_names:
+            argv = ["iptables", "-w", "5", "-t", "raw", action, *self._rule_for(intf)]
+            proc = self.host.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            out, err = proc.communicate(timeout=15)
+            if proc.returncode != 0:
+                problems.append(f"{' '.join(argv)} in {self.host.name} failed: "
+                                f"{(err or out).decode(errors='replace').strip()}")
+        if problems:
+            raise DelayerError("; ".join(problems))
 
     def _log_tail(self) -> str:
         try:

@@ -52,11 +52,16 @@ def run_show(args: argparse.Namespace) -> int:
         return 2
     hosts = [{"name": h.name, "role": h.role, "hardware": h.hardware, "node": plan.node(h.name),
               "addresses": {net: plan.address(h.name, net) for net in ("frontend", "efa", "mgmt")
-                            if any(lk.cls == net and h.name in (lk.a, lk.b) for lk in plan.links)}}
+                            if any(lk.cls == net and h.name in (lk.a, lk.b) for lk in plan.links)},
+              "efa_rails": plan.addresses(h.name, "efa")}
              for h in topo.hosts]
-    links = [{"name": lk.name, "a": lk.a, "b": lk.b, "class": lk.cls,
+    # the emulated links: a link with rails as one line per rail (model values per rail)
+    declared = {lk.name for lk in topo.links}
+    rail_links = [lk for lk in plan.links if lk.group in declared]
+    links = [{"name": lk.name, "a": lk.a, "b": lk.b, "class": lk.cls, "group": lk.group, "rail": lk.rail,
               "model": lk.params.model_dump(mode="json", by_alias=True),
-              "emulated": dilation.link(lk.params, lk.cls)} for lk in topo.links]
+              "emulated": dilation.link(lk.params, lk.cls)} for lk in rail_links]
+    params = {lk.name: lk.params for lk in rail_links}
     if args.json:
         print(json.dumps({"name": topo.name, "tdf": dilation.tdf, "byte_scale": dilation.byte_scale,
                           "implicit_mgmt": plan.implicit_mgmt, "hosts": hosts, "links": links}, indent=2))
@@ -68,11 +73,13 @@ def run_show(args: argparse.Namespace) -> int:
     for h in hosts:
         a = h["addresses"]
         print(f"{h['name']:<10} {h['role']:<9} {h['hardware'] or '-':<10} {a.get('frontend', '-'):<15} "
-              f"{a.get('efa', '-'):<15} {a.get('mgmt', '-'):<15}")
+              f"{a.get('efa', '-'):<15} {a.get('mgmt', '-'):<15}"
+              + (f" (+{len(h['efa_rails']) - 1} rails: {', '.join(h['efa_rails'][1:])})"
+                 if len(h["efa_rails"]) > 1 else ""))
     print(f"\n{'link':<16} {'class':<8} {'a':<10} {'b':<10} {'bandwidth':>10} {'latency':>9} {'jitter':>8} "
           f"{'loss':>6} {'mtu':>5} {'queue':>5}   {'emul. rate':>11} {'emul. lat':>9}")
     for lk in links:
-        m, e = topo.link(lk["name"]).params, lk["emulated"]
+        m, e = params[lk["name"]], lk["emulated"]
         bw = format_bandwidth(m.bandwidth_bps) if m.bandwidth_bps else "unshaped"
         ebw = format_bandwidth(e["rate_bps"]) if e["rate_bps"] else "unshaped"
         print(f"{lk['name']:<16} {lk['class']:<8} {lk['a']:<10} {lk['b']:<10} {bw:>10} "

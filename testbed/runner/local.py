@@ -55,6 +55,10 @@ class LocalBackend(LiveBackend):
     def kv_endpoint(self, plan: NodePlan) -> Endpoint:
         return Endpoint(host=self._addr[plan.name], port=self._port(plan.name, "kv"))
 
+    def kv_addresses(self, plan: NodePlan) -> list[str]:
+        """One rail: the node's loopback address (the local backend has no fabric)."""
+        return [self._addr[plan.name]]
+
     def mgmt_address(self, plan: NodePlan) -> str | None:
         return None
 

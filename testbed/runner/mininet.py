@@ -74,6 +74,10 @@ class MininetBackend(LiveBackend):
 
         return Endpoint(host=self.address(plan, "efa"), port=DEFAULT_KV_PORT)
 
+    def kv_addresses(self, plan: NodePlan) -> list[str]:
+        """The node's EFA address on each of its rails, rail order (rail 0's is kv_endpoint's)."""
+        return self.net.addresses(plan.host, "efa")
+
     def mgmt_address(self, plan: NodePlan) -> str | None:
         if plan.host == ROOT:
             return None

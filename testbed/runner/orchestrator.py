@@ -37,7 +37,7 @@ from nodes.config import (ClientSettings, DecodeSettings, KvSettings, NodeConfig
                           PrefillSettings, RouterSettings)
 from nodes.timeline import Timeline, read_timeline
 from nodes.clock import ModelClock
-from core.vocab import request_id
+from core.vocab import KV_ROLES, request_id
 from core.config import ConfigError
 from testbed.runner.backend import ROOT, NodePlan, backend_class, require_live
 from testbed.runner.process import Managed, Supervisor, record_start, record_stop
@@ -276,7 +276,9 @@ class Orchestrator:
         http = {p.name: self.backend.http_endpoint(p) for p in self.nodes.values() if p.role != "client"}
         # colocated nodes keep their KV cache where it was made: no KV endpoint (and no EFA link)
         kv_ep = {p.name: self.backend.kv_endpoint(p) for p in self.compute_nodes if p.role == "decode"}
-        peers = [PeerInfo(name=p.name, role=p.role, http=http[p.name], kv=kv_ep.get(p.name), hardware=p.hardware)
+        kv_addrs = {p.name: self.backend.kv_addresses(p) for p in self.compute_nodes if p.role in KV_ROLES}
+        peers = [PeerInfo(name=p.name, role=p.role, http=http[p.name], kv=kv_ep.get(p.name),
+                          kv_addrs=kv_addrs.get(p.name, []) if p.role == "decode" else [], hardware=p.hardware)
                  for p in self.compute_nodes]
         common = dict(run_id=self.rd.run_id, model=sc.model, tdf=self.tdf, byte_scale=self.byte_scale,
                       t0_wall=self.t0_wall, run_dir=str(self.rd.root), kv_transfer=kv, router=router_settings,
@@ -289,7 +291,9 @@ class Orchestrator:
             cfg = NodeConfig(name=p.name, role=p.role, hardware=p.hardware, http=http[p.name],
                              kv=kv_ep.get(p.name), prefill=prefill, decode=decode,
                              kv_bind=self._addr(p, "efa") if p.role == "prefill" else None,
-                             peers=peers if p.role == "router" else [],
+                             kv_addrs=kv_addrs.get(p.name, []),
+                             peers=peers if p.role == "router" else
+                             [q for q in peers if q.role == "decode"] if p.role == "prefill" else [],
                              mqtt=self.broker.mqtt_settings(p.name), **node_common)
             cfg.save(self.rd.node_config(p.name))
             self.configs[p.name] = cfg
@@ -302,7 +306,7 @@ class Orchestrator:
         if plan.role not in ("prefill", "decode") or not links:
             return kv
         params = links[0].params
-        bw = params.bandwidth_bps
+        bw = self.topo.link_total_bps(links[0])   # a link with rails: all of them (the sender sprays over them)
         rate = float(bw) * self.byte_scale / self.tdf if bw is not None and self.backend_name == "mininet" else 0.0
         return kv.model_copy(update={"rate_bps": rate, "mtu": int(params.mtu)})
 
@@ -420,6 +424,8 @@ class Orchestrator:
             out["efa"] = f"{cfg.kv.host}:{cfg.kv.port}"
         elif cfg is not None and cfg.kv_bind:
             out["efa"] = cfg.kv_bind
+        if cfg is not None and len(cfg.kv_addrs) > 1:
+            out["efa_rails"] = ",".join(cfg.kv_addrs)
         mgmt = self.backend.mgmt_address(p)
         if mgmt is not None:
             out["mgmt"] = mgmt
