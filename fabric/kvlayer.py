@@ -45,6 +45,18 @@ def _request_id() -> list:
     ]
 
 
+def _ack_body() -> list:
+    """The receiver's verdict, the same in a TCP ACK frame and an SRD ACK datagram."""
+    return [
+        *_request_id(),
+        ByteField("verified", 0),
+        ShortEnumField("code", 0, CODES),
+        LongField("bytes_verified", 0),
+        FieldLenField("reason_len", None, length_of="reason", fmt="H"),
+        StrLenField("reason", b"", length_from=lambda p: p.reason_len),
+    ]
+
+
 class PDKV(Packet):
     """A frame of unknown type (header and opaque body); also the dispatcher for all types."""
     name = "PDKV"
@@ -145,14 +157,7 @@ class PDKVEnd(PDKV):
 class PDKVAck(PDKV):
     name = "PDKV ACK"
     frame_type = FrameType.ACK
-    fields_desc = _header(FrameType.ACK) + [
-        *_request_id(),
-        ByteField("verified", 0),
-        ShortEnumField("code", 0, CODES),
-        LongField("bytes_verified", 0),
-        FieldLenField("reason_len", None, length_of="reason", fmt="H"),
-        StrLenField("reason", b"", length_from=lambda p: p.reason_len),
-    ]
+    fields_desc = _header(FrameType.ACK) + _ack_body()
 
 
 _BY_TYPE: dict[int, type[PDKV]] = {int(c.frame_type): c for c in
@@ -290,14 +295,7 @@ class PDSREnd(PDSR):
 class PDSRAck(PDSR):
     name = "PDSR ACK"
     srd_type = SrdType.ACK
-    fields_desc = _srd_header(SrdType.ACK) + [
-        *_request_id(),
-        ByteField("verified", 0),
-        ShortEnumField("code", 0, CODES),
-        LongField("bytes_verified", 0),
-        FieldLenField("reason_len", None, length_of="reason", fmt="H"),
-        StrLenField("reason", b"", length_from=lambda p: p.reason_len),
-    ] + _tag()
+    fields_desc = _srd_header(SrdType.ACK) + _ack_body() + _tag()
 
 
 _SRD_BY_TYPE: dict[int, type[PDSR]] = {int(c.srd_type): c for c in

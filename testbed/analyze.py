@@ -504,7 +504,6 @@ def _srd_transfer(sid: int, dgs: list[_Datagram], run: dict[str, float], bin_s: 
     duration = (last_t - begin_t) if last_t is not None and begin_t is not None else None
     session = (ack_t - start) if ack_t is not None and start is not None else None
     rate = covered * 8 / duration if duration else None
-    model = lambda t: None if t is None else (t - t0) / tdf   # noqa: E731
     return {
         "transport": "srd",
         "session": f"{sid:016x}",
@@ -532,6 +531,21 @@ def _srd_transfer(sid: int, dgs: list[_Datagram], run: dict[str, float], bin_s: 
         "payload_verified": (crc_bad == 0 and payload_bad == 0) if captured else None,
         "bad_crc_packets": crc_bad,
         "bad_payload_packets": payload_bad,
+        **_timing(start, first_t, begin_t, last_t, ack_t, duration, session, rate, t0, tdf, scale),
+        "series": _series(series, t0, tdf, scale, bin_s),
+    }
+
+
+def _timing(start: float | None, first_t: float | None, begin_t: float | None, last_t: float | None,
+            ack_t: float | None, duration: float | None, session: float | None, rate: float | None,
+            t0: float, tdf: float, scale: float) -> dict[str, Any]:
+    """A transfer's times (wall, and model: since ``t0``, divided by ``tdf``) and throughput, for
+    either transport: first to last data byte is its duration, connection (or session) start to
+    ACK its session."""
+    def model(t: float | None) -> float | None:
+        return None if t is None else (t - t0) / tdf
+
+    return {
         "syn_t_wall": start,
         "first_byte_t_wall": first_t,
         "begin_t_wall": begin_t,
@@ -545,7 +559,6 @@ def _srd_transfer(sid: int, dgs: list[_Datagram], run: dict[str, float], bin_s: 
         "session_model_s": session / tdf if session is not None else None,
         "throughput_bps": rate,
         "throughput_model_bps": rate * tdf / scale if rate is not None else None,
-        "series": _series(series, t0, tdf, scale, bin_s),
     }
 
 
@@ -605,7 +618,6 @@ def _transfer(conn: _Conn, client: tuple[str, int], server: tuple[str, int], run
     data_t = begin.time if begin else first_t
     duration = (last_t - data_t) if last_t is not None and data_t is not None else None
     session = (ack_t - start) if ack_t is not None else None
-    model = lambda t: None if t is None else (t - t0) / tdf   # noqa: E731
     rate = (up.max_end - (begin.pos if begin else 0)) * 8 / duration if duration else None
     return {
         "request_id": request_id,
@@ -630,19 +642,7 @@ def _transfer(conn: _Conn, client: tuple[str, int], server: tuple[str, int], run
         "retransmissions": up.retrans_segments,
         "retransmitted_bytes": up.retrans_bytes,
         "uncaptured_bytes": up.uncaptured_bytes,
-        "syn_t_wall": conn.syn_t,
-        "first_byte_t_wall": first_t,
-        "begin_t_wall": data_t,
-        "last_byte_t_wall": last_t,
-        "ack_t_wall": ack_t,
-        "first_byte_t_model": model(first_t),
-        "last_byte_t_model": model(last_t),
-        "duration_s": duration,
-        "duration_model_s": duration / tdf if duration is not None else None,
-        "session_s": session,
-        "session_model_s": session / tdf if session is not None else None,
-        "throughput_bps": rate,
-        "throughput_model_bps": rate * tdf / scale if rate is not None else None,
+        **_timing(conn.syn_t, first_t, data_t, last_t, ack_t, duration, session, rate, t0, tdf, scale),
         "series": _series(up, t0, tdf, scale, bin_s),
     }
 
@@ -737,7 +737,7 @@ def striped_transfers(stripes: list[_StripeSeen], acks: dict[str, list[_Frame]],
         duration = (last_t - begin_t) if last_t is not None else None
         nbytes = sum(st.bytes for st in group)
         rate = nbytes * 8 / duration if duration else None
-        model = lambda t: None if t is None else (t - t0) / tdf   # noqa: E731
+        ack_t = ack.time if ack else None
         out.append({
             "request_id": rid, "transport": "tcp", "attempt": attempt, "capture": capture, "stripes": n,
             "stripes_seen": len(group), "stripes_ended": len(ended),
@@ -750,13 +750,8 @@ def striped_transfers(stripes: list[_StripeSeen], acks: dict[str, list[_Frame]],
             "chunks_tile_transfer": tiled,
             "tcp_payload_bytes": nbytes, "tcp_payload_bytes_wire": nbytes, "retransmissions": 0,
             "retransmitted_bytes": 0, "uncaptured_bytes": 0,
-            "syn_t_wall": None, "first_byte_t_wall": begin_t, "begin_t_wall": begin_t, "last_byte_t_wall": last_t,
-            "ack_t_wall": ack.time if ack else None,
-            "first_byte_t_model": model(begin_t), "last_byte_t_model": model(last_t),
-            "duration_s": duration, "duration_model_s": duration / tdf if duration is not None else None,
-            "session_s": (ack.time - begin_t) if ack and ack.time is not None else None,
-            "session_model_s": (ack.time - begin_t) / tdf if ack and ack.time is not None else None,
-            "throughput_bps": rate, "throughput_model_bps": rate * tdf / scale if rate is not None else None,
+            **_timing(None, begin_t, begin_t, last_t, ack_t, duration,
+                      (ack_t - begin_t) if ack_t is not None else None, rate, t0, tdf, scale),
             "series": [],
         })
     return out

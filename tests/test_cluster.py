@@ -296,7 +296,8 @@ def test_pdtb_run_on_two_servers(sshd, tmp_path):
     assert "tunnel to 127.0.0.2" in run["emulation_reason"], run["emulation_reason"]
     fidelity = json.loads((out / "fidelity.json").read_text())
     assert fidelity["tunnels"]["placement"]["decode0"] == REMOTE and fidelity["tunnels"]["capacity_bps"] > 0
-    assert "pkdecode0-e" in fidelity["ports"]  # the remote end was sampled over ssh
+    remote_rails = [port for port in fidelity["ports"] if port.startswith("pkdecode0-e")]
+    assert len(remote_rails) == 12, sorted(fidelity["ports"])  # every rail's remote end, sampled over ssh
     assert our_links(PREFIX) == [] and not Path(REMOTE_REGISTRY.format(prefix=PREFIX)).exists()
     left = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(out) not in left, [line for line in left.splitlines() if str(out) in line]
