@@ -59,6 +59,8 @@ class ServingMetrics:
         self.kv_duration = Histogram("pdtb:kv_transfer_duration_seconds", "KV handoff duration, sender side "
                                      "(model s)", buckets=LATENCY_BUCKETS_S, registry=r)
         self.kv_failures = Counter("pdtb:kv_transfer_failures", "KV handoffs that failed", registry=r)
+        self.kv_dropped = Counter("pdtb:kv_datagrams_dropped", "SRD datagrams the KV receiver dropped (malformed, "
+                                  "unauthenticated, replayed, ...), by reason", ["reason"], registry=r)
         self.step_lateness = Histogram("pdtb:step_lateness_seconds", "How late a compute step's deadline was "
                                        "met on the wall clock (model s)", buckets=TOKEN_BUCKETS_S, registry=r)
         self.auth_rejected = Counter("pdtb:internal_auth_rejected", "Internal API calls refused for a missing "
@@ -67,6 +69,7 @@ class ServingMetrics:
             r.register(_StatusCollector(status))
         self._arrival: dict[str, float] = {}
         self._kv_start: dict[str, float] = {}
+        self._dropped: dict[str, int] = {}  # kv_dropped records carry running totals per reason
 
     def observe(self, rec: dict[str, Any]) -> None:
         """Update the metrics from one timeline record."""
@@ -100,6 +103,10 @@ class ServingMetrics:
             self.step_lateness.observe(max(0.0, float(rec.get("late_s") or 0.0)))
         elif event == "auth_rejected":
             self.auth_rejected.inc()
+        elif event == "kv_dropped":
+            reason, total = str(rec.get("reason")), int(rec.get("count") or 0)
+            self.kv_dropped.labels(reason).inc(max(0, total - self._dropped.get(reason, 0)))
+            self._dropped[reason] = max(total, self._dropped.get(reason, 0))
 
     def observe_tokens(self, arrival_t: float, previous_t: float | None, now_t: float, count: int) -> None:
         """The router relayed ``count`` tokens at model time ``now_t`` (the first batch if

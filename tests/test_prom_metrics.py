@@ -54,3 +54,27 @@ async def test_decode_node_metrics_follow_its_timeline(tmp_path):
     assert m["pdtb:kv_transfer_bytes_total{direction=received}"] == wire_bytes(cfg, 100)
     assert m["pdtb:kv_cache_used_bytes"] == 0 and m["pdtb:kv_cache_free_bytes"] > 0
     assert m["pdtb:num_requests_waiting"] == 0
+
+
+async def test_dropped_datagrams_are_counted_by_reason(tmp_path):
+    """Hostile SRD datagrams at the decode node's KV port: the drop counter follows its
+    kv_dropped records (running totals per reason) without counting a total twice."""
+    import asyncio
+    import socket
+
+    cfg = decode_config(tmp_path)
+    async with running(DecodeNode, cfg) as (node, session):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.sendto(b"PDSR\x01\x05" + bytes(60), (cfg.kv.host, cfg.kv.port))  # DATA of no session
+        s.close()
+        for _ in range(250):  # a loopback datagram is read within milliseconds; 5 s on a loaded machine
+            m = await scrape(cfg.http.url)
+            if m.get("pdtb:kv_datagrams_dropped_total{reason=unknown_session}"):
+                break
+            await asyncio.sleep(0.02)
+    assert m["pdtb:kv_datagrams_dropped_total{reason=unknown_session}"] == 1
+    node.metrics.observe({"event": "kv_dropped", "request_id": None, "t_model": 1.0,
+                          "reason": "unknown_session", "count": 3})  # a later record: the total so far
+    node.metrics.observe({"event": "kv_dropped", "request_id": None, "t_model": 2.0,
+                          "reason": "unknown_session", "count": 3})
+    assert node.metrics.kv_dropped.labels("unknown_session")._value.get() == 3
