@@ -290,6 +290,11 @@ class TopologyConfig(StrictModel):
         n, per_rail = self._rail_shape(lk)
         return None if per_rail is None else n * per_rail
 
+    def fault_links(self, target: str) -> list[RailLink]:
+        """The emulated links a link fault on ``target`` changes: every link of a class, or a
+        declared link (all its rails)."""
+        return [lk for lk in self.rail_links() if target in (lk.cls, lk.group)]
+
     def rail_link(self, name: str) -> RailLink:
         """An emulated link by name (a plain link's or a rail's ``<link>-r<k>``)."""
         for lk in self.rail_links():

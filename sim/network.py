@@ -7,6 +7,11 @@ recomputed by progressive filling (every unfrozen flow grows at the same pace un
 crosses is full; those flows freeze; repeat), the max-min fair allocation. A flow is done when
 its bytes are delivered, plus the path's one-way latency.
 
+Link faults (``set_link``, ``link_down``, ``link_up``) change a link's rate at once for the flows
+in progress (a link down carries nothing: its flows stall until it is up); latency and loss
+apply to the flows that start after the change (a flow's loss stretch and latency are fixed
+when it starts).
+
 Loss follows the scenario's ``kv_transfer.transport``:
 
 - ``srd``: a flow over ports with loss p_i is stretched by 1 / prod(1 - p_i), the expected
@@ -20,8 +25,8 @@ Loss follows the scenario's ``kv_transfer.transport``:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable
 
 import simpy
 
@@ -61,12 +66,13 @@ class Flow:
     latency_s: float = 0.0
 
 
-def max_min_rates(flows: Iterable[Flow]) -> None:
-    """Progressive filling: set each flow's ``rate_bps`` to its max-min fair share."""
+def max_min_rates(flows: Iterable[Flow], capacity: Callable[[Port], float] = lambda p: p.rate_bps) -> None:
+    """Progressive filling: set each flow's ``rate_bps`` to its max-min fair share of each port's
+    ``capacity`` (its rate, or what a link fault made of it)."""
     active = [f for f in flows]
     for f in active:
         f.rate_bps = 0.0
-    free = {p: p.rate_bps for f in active for p in f.ports}
+    free = {p: capacity(p) for f in active for p in f.ports}
     unfrozen = set(active)
     while unfrozen:
         users: dict[Port, int] = {}
@@ -95,15 +101,39 @@ class FlowNetwork:
         self.env = env
         self.transport = transport
         self.flows: list[Flow] = []
+        self.changed: dict[str, dict[str, float]] = {}  # link name -> Port fields a link fault changed
+        self.down: set[str] = set()         # links taken down
         self._last = 0.0
         self._wake: simpy.Event | None = None
         env.process(self._run())
 
+    @staticmethod
+    def link_of(port: Port) -> str:
+        return port.name.rsplit(":", 1)[0]
+
+    def set_link(self, link: str, *, rate_bps: float | None = None, latency_s: float | None = None,
+                 loss: float | None = None, up: bool | None = None) -> None:
+        """A link fault now, on both directions of ``link`` (None leaves a parameter as it is)."""
+        self._advance()
+        change = {k: v for k, v in (("rate_bps", rate_bps), ("latency_s", latency_s), ("loss", loss)) if v is not None}
+        self.changed.setdefault(link, {}).update(change)
+        if up is not None:
+            (self.down.discard if up else self.down.add)(link)
+        self._reschedule()
+
+    def current(self, port: Port) -> Port:
+        """The port as link faults left it (rate, latency, loss)."""
+        change = self.changed.get(self.link_of(port))
+        return replace(port, **change) if change else port
+
+    def capacity(self, port: Port) -> float:
+        return 0.0 if self.link_of(port) in self.down else self.current(port).rate_bps
+
     def transfer(self, ports: tuple[Port, ...], nbytes: float) -> simpy.Event:
         """An event that fires when ``nbytes`` have crossed ``ports`` (plus their latency)."""
         done = self.env.event()
-        stretch = srd_stretch(p.loss for p in ports)
-        latency = sum(p.latency_s for p in ports)
+        stretch = srd_stretch(self.current(p).loss for p in ports)
+        latency = sum(self.current(p).latency_s for p in ports)
         if self.transport == "tcp" and stretch > 1.0 and ports:
             cap = mathis_rate_bps(min(p.mtu for p in ports), 2 * latency, 1.0 - 1.0 / stretch)
             ports = (*ports, Port(f"tcp-loss-cap:{id(done)}", cap))   # a private port: this flow's cap
@@ -133,7 +163,7 @@ class FlowNetwork:
         self._last = self.env.now
 
     def _reschedule(self) -> None:
-        max_min_rates(self.flows)
+        max_min_rates(self.flows, self.capacity)
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
 
@@ -148,12 +178,14 @@ class FlowNetwork:
                 yield self._wake
                 continue
             finish = min(f.remaining_bits / f.rate_bps if f.rate_bps > 0 else float("inf") for f in self.flows)
-            timer = self.env.timeout(max(0.0, finish))
-            yield self._wake | timer
+            if finish == float("inf"):  # every flow stalled on a link that is down: wait for a change
+                yield self._wake
+            else:
+                yield self._wake | self.env.timeout(max(0.0, finish))
             self._advance()
             ended = [f for f in self.flows if f.remaining_bits <= 1e-3 + f.rate_bps * 1e-12]
             if ended:
                 self.flows = [f for f in self.flows if f not in ended]
                 for f in ended:
                     self.env.process(self._deliver(f))
-                max_min_rates(self.flows)
+                max_min_rates(self.flows, self.capacity)

@@ -24,9 +24,9 @@ from nodes.timeline import Timeline
 from sim.network import FlowNetwork, Port
 from sim.nodes import SimClient, SimColocated, SimDecode, SimPrefill, SimRouter, SimSettings
 
-SIM_FAULTS: tuple[str, ...] = ("drain", "resume", "slowdown")
-"""Faults the simulator applies (as the daemons' control commands); crash and the link actions
-are refused with the backends that run them named."""
+SIM_FAULTS: tuple[str, ...] = ("drain", "resume", "slowdown", "set_link", "link_down", "link_up")
+"""Faults the simulator applies: the daemons' control commands, and link faults on the KV fabric's
+flows (sim/network.py); crash and restart are refused with the backends that run them named."""
 
 FRONTEND, EFA = "frontend", "efa"
 SIMULATED_VERDICT = {"verdict": "simulated", "trustworthy": False, "reasons": [
@@ -75,6 +75,7 @@ class SimBackend:
     name = "sim"
     live = False
     emulates_links = False
+    link_faults = True  # on the KV fabric's simulated flows
 
     @classmethod
     def run(cls, sc: Any, rd: Any, *, scenario_path: str | None = None) -> dict[str, Any]:
@@ -83,6 +84,7 @@ class SimBackend:
 
 def run_sim(sc: Any, rd: Any, *, scenario_path: str | None = None, log: Any = None) -> dict[str, Any]:
     """Simulate ``sc`` into the run directory ``rd`` (a RunDir); returns the summary."""
+    from testbed.config.scenario import LINK_ACTIONS
     from testbed.metrics import compute_summary
     from testbed.predict import predict
     from testbed.report import write_report
@@ -90,14 +92,20 @@ def run_sim(sc: Any, rd: Any, *, scenario_path: str | None = None, log: Any = No
     from testbed.runner.rundir import utc_stamp
     from testbed.workload import generate_workload, write_workload
 
-    problems = [(f"faults[{i}].action", f"the sim backend simulates the node faults {', '.join(SIM_FAULTS)}; "
+    problems = [(f"faults[{i}].action", f"the sim backend simulates the faults {', '.join(SIM_FAULTS)}; "
                                         f"{f.action} needs the mininet or local backend")
                 for i, f in enumerate(sc.faults) if f.action not in SIM_FAULTS]
     if problems:
         raise ConfigError(sc.source, problems)
     topo, plans, client_name = plan_run(sc, "sim")
     for i, f in enumerate(sc.faults):
-        if plans[f.target].role not in ("prefill", "decode", "colocated"):
+        if f.action in LINK_ACTIONS:
+            other = sorted({lk.cls for lk in topo.fault_links(f.target)} - {EFA})
+            if other:
+                problems.append((f"faults[{i}].target", f"the sim backend models {', '.join(other)} links as "
+                                                        f"fixed latency; a link fault on {f.target} needs the "
+                                                        f"mininet backend (efa links and the efa class work)"))
+        elif plans[f.target].role not in ("prefill", "decode", "colocated"):
             problems.append((f"faults[{i}].target", f"the sim backend applies {f.action} to compute nodes; "
                                                     f"{f.target} is the {plans[f.target].role}"))
     if problems:
@@ -198,15 +206,29 @@ def run_sim(sc: Any, rd: Any, *, scenario_path: str | None = None, log: Any = No
     env.process(replay())
     compute = {n.name: n for n in (*prefills, *decodes)}
     faults = [{"at": float(f.at), "action": f.action, "target": f.target,
-               "params": {"factor": f.factor} if f.factor else {}, "applied_t_model": None, "ok": None,
-               "error": None, "links": []} for f in sc.faults]
+               "params": f.link_updates() if f.action == "set_link" else ({"factor": f.factor} if f.factor else {}),
+               "applied_t_model": None, "ok": None, "error": None, "links": []} for f in sc.faults]
+
+    def change_links(record: dict[str, Any]) -> None:
+        """A link fault on the KV fabric's flows, as FabricNet.set_link applies it (a declared
+        link's bandwidth split over its rails; jitter is not simulated)."""
+        p = record["params"]
+        up = None if record["action"] == "set_link" else record["action"] == "link_up"
+        for lk in topo.fault_links(record["target"]):
+            bw = p.get("bandwidth_bps")
+            net.set_link(lk.name, rate_bps=None if bw is None else float(bw) / lk.rails,
+                         latency_s=p.get("latency_s"), loss=p.get("loss"), up=up)
+            record["links"].append(lk.name)
 
     def fault(record: dict[str, Any]):
-        """At its model time, the command the orchestrator would send the node over MQTT."""
+        """At its model time, the link change, or the command the orchestrator would send the node over MQTT."""
         yield env.timeout(record["at"])
         record["applied_t_model"] = env.now
         try:
-            compute[record["target"]].command(record["action"], record["params"].get("factor"))
+            if record["action"] in LINK_ACTIONS:
+                change_links(record)
+            else:
+                compute[record["target"]].command(record["action"], record["params"].get("factor"))
             record["ok"] = True
         except ValueError as exc:
             record["ok"], record["error"] = False, f"ValueError: {exc}"

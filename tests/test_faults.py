@@ -155,7 +155,7 @@ faults:
     out = tmp_path / "run"
     res = _run([str(scenario), "--backend", "local", "--out", str(out)], timeout=30)
     assert res.returncode == 2
-    assert "faults[0].action: link_down needs emulated links" in res.stderr
+    assert "faults[0].action: link_down needs emulated or simulated links" in res.stderr
     assert "faults[1].target: 'client' is not a serving node" in res.stderr
     assert not out.exists(), "nothing was started, no run directory made"
 

@@ -115,6 +115,48 @@ def test_colocated_scenario_and_the_bandwidth_that_makes_the_handoff_slow(tmp_pa
     assert kv[1] > 50 * kv[0]  # a ~180 MB cache: ~1.2 ms at 1.2 Tbit/s, ~150 ms at 10 Gbit/s
 
 
+def test_link_faults_change_flows_in_flight_and_a_link_down_stalls_them():
+    """1 Gbit over an 8 Gbit/s link (0.125 s): at 0.05 s the rate drops to 2 Gbit/s (0.6 Gbit
+    left: 0.3 s more), at 0.1 s the link goes down for 0.5 s, then carries the rest (0.5 Gbit at
+    2 Gbit/s: 0.25 s). Latency and loss changes apply to transfers that start later."""
+    env = simpy.Environment()
+    net = FlowNetwork(env)
+    link = Port("d0-efa:down", 8e9, latency_s=1e-3)
+    done = net.transfer((link,), 1e9 / 8)
+
+    def faults():
+        yield env.timeout(0.05)
+        net.set_link("d0-efa", rate_bps=2e9)
+        yield env.timeout(0.05)
+        net.set_link("d0-efa", up=False)
+        yield env.timeout(0.5)
+        net.set_link("d0-efa", up=True, latency_s=2e-3, loss=0.5)
+
+    env.process(faults())
+    env.run(done)
+    assert env.now == pytest.approx(0.05 + 0.05 + 0.5 + 0.25 + 1e-3)
+    start = env.now
+    later = net.transfer((link,), 1e9 / 8)   # 1 Gbit at 2 Gbit/s, stretched 2x by 50 % loss, 2 ms latency
+    env.run(later)
+    assert env.now - start == pytest.approx(1.0 + 2e-3)
+
+
+def test_link_down_on_the_sim_backend_delays_handoffs_and_loses_nothing(tmp_path):
+    """quickstart with the EFA fabric down from 0.5 to 1.0 s model time: every request completes,
+    the handoffs caught by the outage end after it, the fault is recorded with every rail it
+    changed (pair: trn2's 16 and CS-3's 12 rails)."""
+    summary, out = _sim(tmp_path, "down", "faults=[{at: 0.5s, action: link_down, target: efa}, "
+                                          "{at: 1.0s, action: link_up, target: efa}]")
+    assert summary["counts"]["completed"] == 20
+    run = json.loads((out / "run.json").read_text())
+    assert [f["ok"] for f in run["faults"]] == [True, True]
+    assert len(run["faults"][0]["links"]) == 28 and "decode0-efa-r11" in run["faults"][0]["links"]
+    ends = {e["request_id"]: e["t_model"] for e in _events(out, "decode0") if e["event"] == "kv_recv_end"}
+    starts = {e["request_id"]: e["t_model"] for e in _events(out, "decode0") if e["event"] == "kv_recv_start"}
+    caught = [rid for rid, t in starts.items() if 0.5 < ends[rid] and t < 1.0]
+    assert caught and all(ends[rid] >= 1.0 for rid in caught), (starts, ends)
+
+
 def test_sim_refuses_what_it_does_not_model(tmp_path):
     with pytest.raises(ConfigError, match="faults"):
         from sim.run import run_sim
@@ -122,6 +164,9 @@ def test_sim_refuses_what_it_does_not_model(tmp_path):
 
         sc = load_scenario(QUICKSTART, ["faults=[{at: 1s, action: crash, target: decode0}]"])
         run_sim(sc, RunDir.create(sc.name, tmp_path / "x"))
+    with pytest.raises(ConfigError, match="frontend links as fixed latency"):
+        sc = load_scenario(QUICKSTART, ["faults=[{at: 1s, action: link_down, target: frontend}]"])
+        run_sim(sc, RunDir.create(sc.name, tmp_path / "y"))
     assert main(["up", str(QUICKSTART), "--backend", "sim"]) == 2
 
 

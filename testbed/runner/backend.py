@@ -37,7 +37,8 @@ class Backend(Protocol):
 
     name: ClassVar[str]
     live: ClassVar[bool]            # runs real daemons (pdtb up, the scripting API); sim does not
-    emulates_links: ClassVar[bool]  # shaped links: link faults, captures, fidelity, an auto TDF
+    emulates_links: ClassVar[bool]  # shaped links: captures, fidelity, an auto TDF
+    link_faults: ClassVar[bool]     # applies set_link / link_down / link_up (emulated, or simulated flows)
 
     @classmethod
     def run(cls, sc: Any, rd: Any, *, scenario_path: str | None = None) -> dict[str, Any] | None:

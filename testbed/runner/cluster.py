@@ -611,6 +611,7 @@ class ClusterBackend(MininetBackend):
 
     name = "mininet-cluster"
     emulates_links = True
+    link_faults = True
 
     @classmethod
     def capacity_bound(cls, prefix: str, emulation: Any) -> tuple[float, str] | None:

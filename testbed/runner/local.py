@@ -29,6 +29,7 @@ def free_port(host: str) -> int:
 class LocalBackend(LiveBackend):
     name = "local"
     emulates_links = False
+    link_faults = False
     impairment_backend = "none"
 
     def __init__(self, prefix: str = "") -> None:

@@ -25,6 +25,7 @@ FIDELITY_INTERVAL_S = 0.5
 class MininetBackend(LiveBackend):
     name = "mininet"
     emulates_links = True
+    link_faults = True
 
     def __init__(self, prefix: str):
         self.prefix = prefix

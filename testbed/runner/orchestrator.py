@@ -132,9 +132,9 @@ def plan_run(sc: Any, backend: str) -> tuple[Any, dict[str, NodePlan], str]:
     client = clients[0].name if clients else next(n for n in ("client", "loadgen") if n not in nodes)
     nodes[client] = NodePlan(client, "client", clients[0].name if clients else ROOT)
     for i, f in enumerate(sc.faults):
-        if f.action in LINK_ACTIONS and not backend_class(backend).emulates_links:
-            problems.append((f"faults[{i}].action", f"{f.action} needs emulated links: use the mininet backend "
-                                                    f"(the {backend} backend has none)"))
+        if f.action in LINK_ACTIONS and not backend_class(backend).link_faults:
+            problems.append((f"faults[{i}].action", f"{f.action} needs emulated or simulated links: use the "
+                                                    f"mininet or sim backend (the {backend} backend has none)"))
         if f.action == "restart" and f.target == BROKER:
             continue
         if f.action not in LINK_ACTIONS and (f.target not in nodes or nodes[f.target].role == "client"):
