@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -581,7 +582,8 @@ KV_LAST_TRY_MIN_WALL_S = 0.05
 
 def kv_retry_delay_s(refusals: int) -> float:
     """Model seconds to wait after the ``refusals``-th refusal before asking again."""
-    return min(KV_RETRY_MAX_S, KV_RETRY_MIN_S * 2 ** (max(1, refusals) - 1))
+    doublings = min(max(1, refusals) - 1, math.ceil(math.log2(KV_RETRY_MAX_S / KV_RETRY_MIN_S)))
+    return min(KV_RETRY_MAX_S, KV_RETRY_MIN_S * 2 ** doublings)  # the exponent bounded: a long wait never overflows
 
 
 def plan_prefill(queue: Sequence[P], budget: int, chunk_tokens: int) -> list[tuple[P, int]]:

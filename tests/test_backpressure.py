@@ -138,3 +138,13 @@ async def test_handoff_gives_up_when_room_never_comes(tmp_path):
         assert (await a)[-1] == {"type": "done", "output_tokens": 1500}
     [end] = [e for e in events(pcfg, "kv_end") if e["request_id"] == "c"]
     assert end["ok"] is False and "refused after" in end["reason"]
+
+
+def test_retry_delay_doubles_to_its_cap_and_never_overflows():
+    """1, 2, 4, 8, 16, 16 ... model ms; a prefill node refused for minutes (10^5 refusals, as a
+    KV-bound simulated deployment reaches) still gets the cap, not an OverflowError."""
+    from nodes.engine import KV_RETRY_MAX_S, kv_retry_delay_s
+
+    assert [kv_retry_delay_s(n) * 1e3 for n in range(1, 8)] == [1, 2, 4, 8, 16, 16, 16]
+    assert kv_retry_delay_s(0) == kv_retry_delay_s(1)
+    assert kv_retry_delay_s(100_000) == KV_RETRY_MAX_S
