@@ -563,7 +563,10 @@ class _Sender:
         self.crcs = np.zeros(n, dtype=np.uint32)
         self.crc_known = np.zeros(n, dtype=bool)
         self.nacked = 0
-        self.acked_sent_t = 0.0   # send time of the latest-sent packet acknowledged so far
+        self.path = np.zeros(n, dtype=np.int16)          # the destination (rail) a packet last went by
+        # per path, the send time of the latest-sent packet acknowledged so far: a packet is lost
+        # when a later one on its own path was acknowledged first (paths reorder among themselves)
+        self.acked_sent_t = np.zeros(max(1, len(dests)), dtype=np.float64)
         self.rate_max_bps = rate_bps
         self.rate_bps = rate_bps
         self.rto_model_s = rto_s
@@ -642,9 +645,9 @@ class _Sender:
                 bits = np.unpackbits(np.frombuffer(body, np.uint8, nb, SACK_FIXED.size)).astype(bool)
                 bits = bits[:len(self.acked) - cum]
                 self.acked[cum:cum + len(bits)] |= bits
-            fresh = self.acked & ~before
-            if fresh.any():   # the latest send time now acknowledged: loss detection by SACK
-                self.acked_sent_t = max(self.acked_sent_t, float(self.sent_t[fresh].max()))
+            fresh = np.flatnonzero(self.acked & ~before)
+            if len(fresh):   # the latest send time now acknowledged on each path: loss detection by SACK
+                np.maximum.at(self.acked_sent_t, self.path[fresh], self.sent_t[fresh])
             self.nacked = int(np.count_nonzero(self.acked))
             self._rtt(((_now_us() - tsecr) & 0xFFFFFFFF) / 1e6)
             self.wake.set()
@@ -693,6 +696,7 @@ class _Sender:
         self.eps[i].send(hdr + data)
         self.stats.per_dest_bytes[i] += n
         self.sent_t[psn] = now
+        self.path[psn] = i
         self.stats.sent += 1
         if retransmit:
             self.stats.retransmitted += 1
@@ -833,10 +837,17 @@ async def _pump(tx: _Sender, ready: list[int]) -> None:
             budget = min(budget + (now - last) * tx.rate_bps / 8, max(8 * pkt_wire, tx.rate_bps / 8 * 2 * RTO_FLOOR_S))
         last = now
         outstanding = (tx.sent_t > 0) & ~tx.acked
-        # lost: its timer expired, or a packet sent in a later burst was acknowledged before it
-        # (SACK-based detection, about one RTT, not bound to the host's timer floor; packets of
-        # one burst share a send time, so reordering within a burst or across paths is not loss)
-        expired = np.flatnonzero(outstanding & ((now - tx.sent_t > rto) | (tx.sent_t < tx.acked_sent_t)))
+        # lost: its timer expired, or a packet sent on the same path in a later burst was
+        # acknowledged before it (SACK-based detection, about one RTT, not bound to the host's
+        # timer floor; packets of one burst share a send time, and paths (rails) have queues of
+        # their own, so reordering within a burst or across paths is not loss)
+        # (once every packet has been sent, a path's last packets have no later ones on it to be
+        # overtaken by: then a later acknowledgement on any path counts, so a tail loss does not
+        # wait for the timer; spurious resends of a tail cost an idle link little)
+        overtaken = tx.sent_t < tx.acked_sent_t[tx.path]
+        if next_new >= n:
+            overtaken |= tx.sent_t < tx.acked_sent_t.max()
+        expired = np.flatnonzero(outstanding & ((now - tx.sent_t > rto) | overtaken))
         inflight = int(np.count_nonzero(outstanding)) - len(expired)
         rtt = max(tx.srtt, RTO_FLOOR_S)
         cap = max(64, int(4 * tx.rate_bps / 8 * rtt / pkt_wire)) if paced else 256
