@@ -135,14 +135,13 @@ class DecodeNode(StreamingNode):
             self.timeline.event("decode_admitted", gen.request_id, batch_size=len(self.running))
 
     async def run(self) -> None:
-        port = self.config.kv.port
-        await self.receiver.start(self.config.kv.host, port)
-        for addr in self.config.kv_addrs:      # one listener per further rail (kv.host is rail 0's)
-            if addr != self.config.kv.host:
-                await self.receiver.start(addr, self.receiver.port if port == 0 else port)
+        # the KV receiver's address on each rail (kv.host is rail 0's): a TCP listener on each,
+        # and a UDP socket on each for SRD, which sprays a message over every rail
+        rails = [self.config.kv.host] + [a for a in self.config.kv_addrs if a != self.config.kv.host]
+        await self.receiver.start(rails[0], self.config.kv.port)
+        for addr in rails[1:]:
+            await self.receiver.start(addr, self.receiver.port)
         try:
-            # SRD sprays a message over every rail: a socket bound to each rail's address
-            rails = [self.config.kv.host] + [a for a in self.config.kv_addrs if a != self.config.kv.host]
             await self.srd_receiver.start(rails, self.receiver.port)
             await self._scheduler()
         finally:

@@ -469,6 +469,39 @@ async def _expect(reader: asyncio.StreamReader, want: FrameType, timeout_s: floa
 
 # ---------------------------------------------------------------- sender
 
+def check_outgoing(begin: KvBegin, chunk_bytes: int | None = None) -> None:
+    """A sender's checks of what it is asked to send (every transport): ValueError, a caller's bug."""
+    if chunk_bytes is not None and not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
+    if begin.layers < 1 or begin.total_bytes < 0 or begin.layout not in LAYOUTS:
+        raise ValueError(f"bad KvBegin {begin}")
+    if not REQUEST_ID_RE.match(begin.request_id):
+        raise ValueError(f"bad request id {begin.request_id!r}")
+
+
+def check_ack(ack: KvAck, begin: KvBegin) -> None:
+    """The receiver's final answer to a transfer (every transport): verified, for this request and
+    every byte, or a KvTransferError with the receiver's code."""
+    if not ack.verified:
+        raise KvTransferError(f"rejected by receiver: {ack.reason}", ack.code)
+    if ack.request_id != begin.request_id or ack.bytes_verified != begin.total_bytes:
+        raise KvTransferError(f"ACK for {ack.request_id!r}/{ack.bytes_verified} B does not match "
+                              f"{begin.request_id!r}/{begin.total_bytes} B", Code.MALFORMED)
+
+
+async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes,
+                           timeout_s: float) -> None:
+    """The sender's side of a connection's HMAC handshake: HELLO in, AUTH out, AUTH_OK checked."""
+    nonce_s = await _expect(reader, FrameType.HELLO, timeout_s)
+    if len(nonce_s) != NONCE_LEN:
+        raise KvTransferError("HELLO with a bad nonce length", Code.MALFORMED)
+    nonce_c = os.urandom(NONCE_LEN)
+    writer.write(frame(FrameType.AUTH, nonce_c + client_mac(secret, nonce_s, nonce_c)))
+    mac = await _expect(reader, FrameType.AUTH_OK, timeout_s)
+    if not hmac.compare_digest(mac, server_mac(secret, nonce_c, nonce_s)):
+        raise KvTransferError("receiver failed authentication", Code.AUTH_FAILED)
+
+
 async def send_kv(host: str, port: int, secret: bytes, begin: KvBegin, *, chunk_bytes: int,
                   layer_ready: Callable[[int], Awaitable[None]] | None = None,
                   local_addr: str | None = None, timeout_s: float = 60.0) -> KvResult:
@@ -477,12 +510,7 @@ async def send_kv(host: str, port: int, secret: bytes, begin: KvBegin, *, chunk_
     With ``layer_ready`` (layer-wise mode) layer l is sent only after ``await layer_ready(l)``.
     Backpressure: every chunk waits for the socket buffer to drain before the next one.
     """
-    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
-        raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
-    if begin.layers < 1 or begin.total_bytes < 0 or begin.layout not in LAYOUTS:
-        raise ValueError(f"bad KvBegin {begin}")
-    if not REQUEST_ID_RE.match(begin.request_id):
-        raise ValueError(f"bad request id {begin.request_id!r}")
+    check_outgoing(begin, chunk_bytes)
     started = time.perf_counter()
     writer: asyncio.StreamWriter | None = None
     ack_task: asyncio.Task | None = None
@@ -493,14 +521,7 @@ async def send_kv(host: str, port: int, secret: bytes, begin: KvBegin, *, chunk_
                     host, port, local_addr=(local_addr, 0) if local_addr else None)
             except OSError as exc:
                 raise KvTransferError(f"connect to {host}:{port} failed: {exc}", Code.UNREACHABLE) from None
-            nonce_s = await _expect(reader, FrameType.HELLO, timeout_s)
-            if len(nonce_s) != NONCE_LEN:
-                raise KvTransferError("HELLO with a bad nonce length", Code.MALFORMED)
-            nonce_c = os.urandom(NONCE_LEN)
-            writer.write(frame(FrameType.AUTH, nonce_c + client_mac(secret, nonce_s, nonce_c)))
-            mac = await _expect(reader, FrameType.AUTH_OK, timeout_s)
-            if not hmac.compare_digest(mac, server_mac(secret, nonce_c, nonce_s)):
-                raise KvTransferError("receiver failed authentication", Code.AUTH_FAILED)
+            await client_handshake(reader, writer, secret, timeout_s)
             writer.write(encode_begin(begin))
             ack_task = asyncio.ensure_future(_expect(reader, FrameType.ACK, timeout_s))
             running, chunks = await _send_chunks(writer, begin, chunk_bytes, layer_ready, ack_task)
@@ -514,11 +535,7 @@ async def send_kv(host: str, port: int, secret: bytes, begin: KvBegin, *, chunk_
                 ack = decode_ack(await ack_task)
             except (ConnectionError, OSError) as exc:
                 raise KvTransferError(f"connection lost: {exc}", Code.TRUNCATED) from None
-            if not ack.verified:
-                raise KvTransferError(f"rejected by receiver: {ack.reason}", ack.code)
-            if ack.request_id != begin.request_id or ack.bytes_verified != begin.total_bytes:
-                raise KvTransferError(f"ACK for {ack.request_id!r}/{ack.bytes_verified} B does not match "
-                                      f"{begin.request_id!r}/{begin.total_bytes} B", Code.MALFORMED)
+            check_ack(ack, begin)
             return KvResult(bytes_sent=begin.total_bytes, duration_s=time.perf_counter() - started)
     except TimeoutError:
         raise KvTransferError(f"transfer not acknowledged within {timeout_s:g} s", Code.TIMEOUT) from None
@@ -674,14 +691,7 @@ class KvPeer:
                 except OSError as exc:   # no listener, no route: the sender asks again (UNREACHABLE)
                     raise KvTransferError(f"connect to {host}:{self.port} failed: {exc}", Code.UNREACHABLE) from None
                 try:
-                    nonce_s = await _expect(reader, FrameType.HELLO, timeout_s)
-                    if len(nonce_s) != NONCE_LEN:
-                        raise KvTransferError("HELLO with a bad nonce length", Code.MALFORMED)
-                    nonce_c = os.urandom(NONCE_LEN)
-                    writer.write(frame(FrameType.AUTH, nonce_c + client_mac(self.secret, nonce_s, nonce_c)))
-                    mac = await _expect(reader, FrameType.AUTH_OK, timeout_s)
-                    if not hmac.compare_digest(mac, server_mac(self.secret, nonce_c, nonce_s)):
-                        raise KvTransferError("receiver failed authentication", Code.AUTH_FAILED)
+                    await client_handshake(reader, writer, self.secret, timeout_s)
                 except BaseException:
                     writer.close()
                     raise
@@ -698,13 +708,8 @@ class KvPeer:
         """Push one request's KV cache striped over the rails; returns once the receiver
         verified every byte. Layer l's chunks wait for ``await layer_ready(l)``. Backpressure:
         a chunk waits for its connection's socket buffer to drain before the next one."""
-        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
-            raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
-        if begin.layers < 1 or begin.total_bytes < 0 or begin.layout not in LAYOUTS:
-            raise ValueError(f"bad KvBegin {begin}")
+        check_outgoing(begin, chunk_bytes)
         rid = begin.request_id
-        if not REQUEST_ID_RE.match(rid):
-            raise ValueError(f"bad request id {rid!r}")
         if rid in self.pending:
             raise ValueError(f"a transfer of {rid!r} to this peer is already in flight")
         started = time.perf_counter()
@@ -761,11 +766,7 @@ class KvPeer:
                 del self.pending[rid]
             if waiter.done() and not waiter.cancelled():
                 waiter.exception()
-        if not ack.verified:
-            raise KvTransferError(f"rejected by receiver: {ack.reason}", ack.code)
-        if ack.bytes_verified != begin.total_bytes:
-            raise KvTransferError(f"ACK for {ack.request_id!r}/{ack.bytes_verified} B does not match "
-                                  f"{rid!r}/{begin.total_bytes} B", Code.MALFORMED)
+        check_ack(ack, begin)
         return KvResult(bytes_sent=begin.total_bytes, duration_s=time.perf_counter() - started)
 
     async def close(self) -> None:

@@ -65,15 +65,17 @@ class PrefillNode(ComputeNode):
         self.timer = StepTimer(self.clock, self.timeline, "prefill")
         self.transfers: set[asyncio.Task[None]] = set()
         self.kv_peers: dict[tuple[tuple[str, ...], int], KvPeer] = {}
+        # this node's EFA addresses, rail order: a connection (or SRD path) to a receiver's rail k
+        # is bound to rail k mod n, which picks the rail it leaves by
+        self.kv_binds = list(config.kv_addrs) or ([config.kv_bind] if config.kv_bind else [])
         self.app.router.add_post("/internal/prefill", self._prefill)
 
     def kv_peer(self, addrs: list[str], port: int) -> KvPeer:
         """The persistent, striped connections to one decode node's KV receiver (one per rail)."""
         key = (tuple(addrs), port)
         if key not in self.kv_peers:
-            cfg = self.config
-            binds = list(cfg.kv_addrs) or ([cfg.kv_bind] if cfg.kv_bind else [])
-            self.kv_peers[key] = KvPeer(list(addrs), port, bytes.fromhex(cfg.kv_transfer.secret_hex), binds=binds)
+            self.kv_peers[key] = KvPeer(list(addrs), port, bytes.fromhex(self.config.kv_transfer.secret_hex),
+                                        binds=self.kv_binds)
         return self.kv_peers[key]
 
     async def _warm_peers(self) -> None:
@@ -211,8 +213,7 @@ class PrefillNode(ComputeNode):
         secret = bytes.fromhex(kv.secret_hex)
         addrs = job.decode.get("addrs") or [job.decode["host"]]
         if kv.transport == "srd":
-            # rail k of the receiver from this node's rail k mod n (its bound address picks the rail)
-            binds = list(cfg.kv_addrs) or ([cfg.kv_bind] if cfg.kv_bind else [])
+            binds = self.kv_binds
             return await send_kv_srd([(a, job.decode["port"]) for a in addrs], secret, begin, mtu=kv.mtu,
                                      rate_bps=kv.rate_bps, tdf=cfg.tdf, rto_model_s=kv.rto_s, layer_ready=layer_ready,
                                      local_addrs=[binds[k % len(binds)] for k in range(len(addrs))] if binds else None,

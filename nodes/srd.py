@@ -47,10 +47,9 @@ from typing import Awaitable, Callable
 
 import numpy as np
 
-from core.vocab import REQUEST_ID_RE
-from nodes.kvproto import (LAYOUTS, NONCE_LEN, MAC_LEN, Code, KvAck, KvBegin, KvResult, KvTransferError, _Body,
-                           FrameType, ack_body, begin_body, check_begin, client_mac, decode_ack, decode_begin,
-                           layer_span, payload_view, server_mac, verify_payload)
+from nodes.kvproto import (NONCE_LEN, MAC_LEN, Code, KvAck, KvBegin, KvResult, KvTransferError, _Body,
+                           FrameType, ack_body, begin_body, check_ack, check_begin, check_outgoing, client_mac,
+                           decode_ack, decode_begin, layer_span, payload_view, server_mac, verify_payload)
 
 SRD_MAGIC = b"PDSR"
 SRD_VERSION = 1
@@ -714,10 +713,7 @@ async def send_kv_srd(dests: list[tuple[str, int]], secret: bytes, begin: KvBegi
     the receiver's announced rate per rail. ``rto_model_s`` is model time (x ``tdf``)."""
     if not dests:
         raise ValueError("send_kv_srd needs at least one destination")
-    if begin.layers < 1 or begin.total_bytes < 0 or begin.layout not in LAYOUTS:
-        raise ValueError(f"bad KvBegin {begin}")
-    if not REQUEST_ID_RE.match(begin.request_id):
-        raise ValueError(f"bad request id {begin.request_id!r}")
+    check_outgoing(begin)
     pbytes = payload_bytes_for_mtu(mtu)
     if pbytes < MIN_PACKET_BYTES:
         raise ValueError(f"MTU {mtu} leaves {pbytes} payload bytes per packet (< {MIN_PACKET_BYTES})")
@@ -760,12 +756,7 @@ async def send_kv_srd(dests: list[tuple[str, int]], secret: bytes, begin: KvBegi
             await _pump(tx, ready)
             if tx.ack is None:
                 await _finish(tx)
-            ack = tx.ack
-            if not ack.verified:
-                raise KvTransferError(f"rejected by receiver: {ack.reason}", ack.code)
-            if ack.request_id != begin.request_id or ack.bytes_verified != begin.total_bytes:
-                raise KvTransferError(f"ACK for {ack.request_id!r}/{ack.bytes_verified} B does not match "
-                                      f"{begin.request_id!r}/{begin.total_bytes} B", Code.MALFORMED)
+            check_ack(tx.ack, begin)
             return KvResult(bytes_sent=begin.total_bytes, duration_s=time.perf_counter() - started,
                             transport="srd", packets=stats.packets, retransmitted=stats.retransmitted)
     except TimeoutError:
