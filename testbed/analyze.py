@@ -493,12 +493,7 @@ def _srd_transfer(sid: int, dgs: list[_Datagram], run: dict[str, float], bin_s: 
             covered += off + nbytes - lo
             reach = off + nbytes
     total = begin.total_bytes if begin is not None else None
-    if ack is None:
-        status, reason = "incomplete", None
-    elif ack.verified:
-        status, reason = "verified", None
-    else:
-        status, reason = "rejected", f"{ack.sprintf('%code%')}: {_text(ack.reason)}"
+    status, reason = _ack_status(ack)
     rid = _text(begin.request_id) if begin is not None else (_text(ack.request_id) or None if ack else None)
     start = start_t if start_t is not None else (begin_t if begin_t is not None else first_t)
     duration = (last_t - begin_t) if last_t is not None and begin_t is not None else None
@@ -562,6 +557,16 @@ def _timing(start: float | None, first_t: float | None, begin_t: float | None, l
     }
 
 
+def _ack_status(ack: Any) -> tuple[str, str | None]:
+    """A transfer's outcome from its ACK (a TCP or SRD ACK layer, or None): incomplete,
+    verified, or rejected with the receiver's code and reason."""
+    if ack is None:
+        return "incomplete", None
+    if ack.verified:
+        return "verified", None
+    return "rejected", f"{ack.sprintf('%code%')}: {_text(ack.reason)}"
+
+
 def _text(value: bytes) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
@@ -605,12 +610,7 @@ def _transfer(conn: _Conn, client: tuple[str, int], server: tuple[str, int], run
     end = next((f for f in up_frames if isinstance(f.pkt, PDKVEnd)), None)
     ack = next((f for f in down_frames if isinstance(f.pkt, PDKVAck)), None)
     chunks = [f for f in up_frames if isinstance(f.pkt, PDKVChunk)]
-    if ack is None:
-        status, reason = "incomplete", None
-    elif ack.pkt.verified:
-        status, reason = "verified", None
-    else:
-        status, reason = "rejected", f"{ack.pkt.sprintf('%code%')}: {_text(ack.pkt.reason)}"
+    status, reason = _ack_status(ack.pkt if ack else None)
     request_id = _text(begin.pkt.request_id) if begin else (_text(ack.pkt.request_id) or None if ack else None)
     start = conn.syn_t if conn.syn_t is not None else conn.start_t
     ack_t = ack.time if ack else down.last_new_t
@@ -727,12 +727,7 @@ def striped_transfers(stripes: list[_StripeSeen], acks: dict[str, list[_Frame]],
         # the ACK that follows this attempt's BEGIN (an earlier try of the request has its own)
         ack = next((a for a in sorted(acks.get(rid, []), key=lambda a: a.time or 0.0)
                     if a.time is not None and a.time >= begin_t), None)
-        if ack is None:
-            status, reason = "incomplete", None
-        elif ack.pkt.verified:
-            status, reason = "verified", None
-        else:
-            status, reason = "rejected", f"{ack.pkt.sprintf('%code%')}: {_text(ack.pkt.reason)}"
+        status, reason = _ack_status(ack.pkt if ack else None)
         refused = status == "rejected" and not spans
         duration = (last_t - begin_t) if last_t is not None else None
         nbytes = sum(st.bytes for st in group)
