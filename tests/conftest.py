@@ -1,6 +1,7 @@
 """Shared test fixtures."""
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -18,6 +19,60 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "root" in item.keywords:
             item.add_marker(skip)
+
+
+# Two suites may run on one machine at once (two checkouts, CI beside a developer). What a test
+# module creates machine-wide (namespaces, interfaces, iptables rules, /run/pdtb registries of the
+# fixed TEST_PREFIXES, loopback daemons of the local backend) would collide, and each suite's leak
+# check would see the other's. So every module runs holding a machine-wide lock, except modules
+# marked ``concurrent_safe``: those create nothing outside their tmp_path and their own child
+# processes, and run while the other suite holds the lock.
+SUITE_LOCK = Path("/run/pdtb/tests.lock")
+
+
+class _SuiteLock:
+    """The machine-wide flock, held from a module's first test until the next module that does not need it."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+
+    def hold(self) -> None:
+        if self._fd is None:
+            SUITE_LOCK.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(SUITE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+_SUITE_LOCK = _SuiteLock()
+
+
+def concurrent_safe(item: pytest.Item) -> bool:
+    """Whether the item's module is marked ``pytestmark = pytest.mark.concurrent_safe``."""
+    module = item.getparent(pytest.Module)
+    return module is not None and module.get_closest_marker("concurrent_safe") is not None
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    # Outermost wrapper, so the wait for the lock is not counted in pytest-timeout's per-test limit.
+    # The previous module's module-scoped fixtures (its leak check) were torn down in the previous
+    # item's protocol, so switching here never drops the lock under a module that still needs it.
+    if os.geteuid() == 0 and not concurrent_safe(item):
+        _SUITE_LOCK.hold()
+    else:
+        _SUITE_LOCK.release()
+    yield
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    _SUITE_LOCK.release()
 
 
 @pytest.fixture
@@ -91,17 +146,24 @@ def _project_state() -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module", autouse=True)
 def no_leaks(request: pytest.FixtureRequest):
-    """After every test module (as root): nothing of the project is left that was not there before."""
+    """After every test module (as root): nothing of the project is left that was not there before.
+    A ``concurrent_safe`` module runs while another suite may change the machine-wide state, so
+    only its own child processes are checked."""
     if os.geteuid() != 0:
         yield
         return
     import time
 
-    before = _project_state()
+    def state() -> dict[str, list[str]]:
+        if concurrent_safe(request.node):
+            return {"processes": [f"{pid} {cmd}" for pid, cmd in sorted(_descendants(os.getpid()).items())]}
+        return _project_state()
+
+    before = state()
     yield
     deadline = time.monotonic() + LEAK_GRACE_S
     while True:
-        after = _project_state()
+        after = state()
         leaked = {k: sorted(set(v) - set(before.get(k, []))) for k, v in after.items()}
         leaked = {k: v for k, v in leaked.items() if v}
         if not leaked or time.monotonic() > deadline:

@@ -20,6 +20,8 @@ from nodes.profiles import load_hardware, load_model
 from daemon_helpers import events, free_port, running
 from test_decode import push_kv
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 MODEL = "qwen3-32b"
 HW = "cs3"  # both roles: a CS-3 pair holds ~86k tokens of this model's KV, so a few long prompts fill it
 SECRET = "ab" * 32

@@ -16,6 +16,8 @@ from nodes.config import ClientSettings, Endpoint, NodeConfig
 from nodes.timeline import read_timeline
 from test_router import MODEL, REPO, Cluster, free_port
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 
 @pytest.fixture
 async def cluster(tmp_path):

@@ -18,6 +18,8 @@ from nodes.tokenizer import token_text
 
 from daemon_helpers import events, free_port, running, INTERNAL_SECRET
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 MODEL = "qwen3-32b"
 HW = "h100"
 

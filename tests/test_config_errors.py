@@ -13,6 +13,8 @@ from testbed.config.kinds import load_any
 from core.config import ConfigError
 from nodes.profiles import HARDWARE_DIR, MODEL_DIR, load_hardware, load_model
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -10,6 +10,8 @@ import pytest
 from nodes.costmodel import CostModel, StepCost, expected_tokens_per_step
 from nodes.profiles import hardware_names, load_hardware, load_model, model_names
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 PAIRS = list(itertools.product(hardware_names(), model_names()))
 
 

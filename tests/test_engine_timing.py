@@ -12,6 +12,8 @@ from nodes.clock import ModelClock
 from nodes.engine import StepTimer, plan_prefill
 from nodes.timeline import Timeline, read_timeline
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 
 async def test_a_late_step_does_not_push_the_steps_after_it(tmp_path: Path):
     clock = ModelClock(t0_wall=time.time(), tdf=1.0)

@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 from hypothesis import HealthCheck, given, settings, strategies as st
+import pytest
 
 from nodes.auth import INTERNAL_AUTH_HEADER
 from nodes.decode import DecodeNode
@@ -18,6 +19,8 @@ from nodes.decode import DecodeNode
 from daemon_helpers import events, running
 from test_decode import config as decode_config, generate, generate_with_kv
 from test_router import MODEL, cluster, post  # noqa: F401  (cluster is a fixture)
+
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
 
 FUZZ_EXAMPLES = int(os.environ.get("PDTB_FUZZ_EXAMPLES", "120"))  # per property; benchmarks/fuzz_router.py: more
 

@@ -8,12 +8,15 @@ import asyncio
 import os
 
 from hypothesis import HealthCheck, given, settings, strategies as st
+import pytest
 
 from nodes import kvproto as kp
 from nodes.kvproto import FrameType
 
 from test_hostile import FUZZ_EXAMPLES
 from test_kvproto import HOST, SECRET, begin, good_transfer_still_works, raw_session, receiver  # noqa: F401
+
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
 
 FUZZ = settings(max_examples=max(20, FUZZ_EXAMPLES // 2), deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

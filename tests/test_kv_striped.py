@@ -13,6 +13,8 @@ import pytest
 from nodes import kvproto as kp
 from nodes.kvproto import Code, FrameType, KvBegin, KvPeer, KvReceiver, KvTransferError
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 SECRET = b"per-run-secret"
 RAILS = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
 

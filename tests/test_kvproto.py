@@ -12,6 +12,8 @@ import pytest
 from nodes import kvproto as kp
 from nodes.kvproto import Code, FrameType, KvBegin, KvReceiver, KvTransferError, send_kv
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 SECRET = b"per-run-secret"
 HOST = "127.0.0.1"
 

@@ -9,6 +9,8 @@ import pytest
 
 from testbed.metrics import compute_summary, goodput, request_records, stats, summarize
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 
 def ev(t: float, node: str, event: str, rid: str | None = None, **fields) -> dict:
     return {"t_wall": 1000.0 + t, "t_model": t, "node": node, "event": event, "request_id": rid, **fields}

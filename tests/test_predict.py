@@ -13,6 +13,8 @@ from testbed.cli import main
 from testbed.config.scenario import load_scenario
 from testbed.predict import KV_SETUP_RTTS, kv_handoff, predict
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 
 def test_whole_handoff_is_setup_serialization_latency() -> None:
     exposed, serial = kv_handoff(0.3, 32, 10**9, 8e9, 1e-3, 4e-3, "whole")

@@ -18,6 +18,8 @@ from nodes.timeline import read_timeline
 
 from daemon_helpers import events, free_port, running, wire_bytes
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 MODEL = "qwen3-32b"
 HW = "trn2"
 SECRET = "ab" * 32

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from nodes.profiles import hardware_names, load_hardware, load_model, model_names
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 KIB = 1024
 
 

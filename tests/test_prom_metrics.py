@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
+import pytest
 
 from nodes.decode import DecodeNode
 
 from daemon_helpers import events, running, wire_bytes
 from test_decode import config as decode_config, generate, generate_with_kv
 from test_router import MODEL, cluster, post  # noqa: F401  (cluster is a fixture)
+
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
 
 
 async def scrape(url: str) -> dict[str, float]:

@@ -17,6 +17,8 @@ from fabric.topology import LinkParams, load_topology
 from sim.network import Port
 from sim.run import kv_stripes
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 BASE = {
     "kind": "topology",
     "name": "t",

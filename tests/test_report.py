@@ -13,6 +13,8 @@ from testbed.metrics import compute_summary
 from testbed.progress import RunProgress, print_summary_table
 from testbed.report import write_report, write_sweep_report
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 
 def ev(t: float, node: str, event: str, rid: str | None = None, **fields) -> dict:
     return {"t_wall": 1000.0 + t, "t_model": t, "node": node, "event": event, "request_id": rid, **fields}

@@ -23,6 +23,8 @@ from nodes.router import DEFAULT_CONTEXT_TOKENS, ROUTER_KEY, ApiError, make_app,
 from nodes.timeline import read_timeline
 from nodes.tokenizer import count_chat_tokens, count_tokens, synthetic_text, token_text
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 MODEL = "llama-3-1-8b"
 REPO = Path(__file__).resolve().parent.parent
 

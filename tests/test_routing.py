@@ -9,6 +9,8 @@ import pytest
 from nodes.config import RouterSettings
 from nodes.routing import DECODE_POLICIES, PREFILL_POLICIES, KvAware, LeastLoaded, RoundRobin, make_policy
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 
 @dataclass(frozen=True)
 class Node:

@@ -15,6 +15,8 @@ from testbed.cli import main
 from testbed.config.scenario import load_scenario
 from testbed.predict import predict
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "scenarios" / "quickstart.yaml"
 

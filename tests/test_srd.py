@@ -14,6 +14,8 @@ from nodes import srd
 from nodes.kvproto import Code, KvBegin, KvTransferError
 from nodes.srd import SrdReceiver, SrdStats, SrdType, send_kv_srd
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 SECRET = b"per-run-secret"
 HOSTS = ["127.0.0.1", "127.0.0.2"]   # two "rails": loopback answers on all of 127/8
 

@@ -6,6 +6,8 @@ import pytest
 from nodes.tokenizer import (WORDS, count_chat_tokens, count_tokens, render_chat, synthetic_prompt,
                              synthetic_text, synthetic_word, token_text, tokenize)
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 
 @pytest.mark.parametrize("text, tokens", [
     ("", []),

@@ -12,6 +12,8 @@ from fabric.topology import LinkParams, load_topology, topology_names
 from testbed.config.kinds import load_any
 from core.config import ConfigError
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 BASE = {
     "kind": "topology",
     "name": "t",

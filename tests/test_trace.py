@@ -8,6 +8,8 @@ import pytest
 from core.config import ConfigError
 from testbed.trace import parse_timestamp_ns, read_trace, replay
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 SMALL = """TIMESTAMP,ContextTokens,GeneratedTokens
 2023-11-16 18:17:03.9799600,4808,10
 2023-11-16 18:17:04.0319600,3180,8

@@ -7,6 +7,8 @@ from core.units import (UnitError, parse_bandwidth, parse_byte_rate, parse_bytes
                            parse_ratio)
 from nodes.profiles.models import parse_count
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 
 @pytest.mark.parametrize("text, expected", [
     ("3.2Tbps", 3.2e12), ("400Gbps", 400e9), ("1.2Tbit/s", 1.2e12), ("100 Mbps", 100e6), ("1bps", 1.0),

@@ -8,9 +8,13 @@ import re
 from pathlib import Path
 from typing import get_args
 
+import pytest
+
 from core.vocab import REQUEST_ID_RE, DecodePolicy, PrefillPolicy, request_id
 from nodes.routing import DECODE_POLICIES, PREFILL_POLICIES
 from nodes.timeline import EVENTS
+
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = [p for d in ("nodes", "testbed", "sim", "fabric", "core") for p in (REPO / d).rglob("*.py")]

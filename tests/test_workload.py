@@ -14,6 +14,8 @@ from core.vocab import request_id
 from testbed.workload import (arrival_times, generate_workload, read_workload, sample_lengths,
                               write_workload)
 
+pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
+
 N = 20000
 
 
