@@ -131,7 +131,7 @@ def run_sim(sc: Any, rd: Any, *, scenario_path: str | None = None, log: Any = No
     timelines: list[Timeline] = []
 
     def timeline(name: str) -> Timeline:
-        tl = Timeline(rd.timeline(name), name, clock, now_wall=lambda: env.now)
+        tl = Timeline(rd.timeline(name), name, clock, now_wall=lambda: env.now, line_buffered=False)
         timelines.append(tl)
         return tl
 
