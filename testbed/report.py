@@ -21,8 +21,8 @@ matplotlib.use("Agg")  # files only: no display on the test machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nodes.timeline import read_run_timeline  # noqa: E402
-from testbed.metrics import compute_summary, expected_request_ids, request_records  # noqa: E402
+from testbed.metrics import (compute_summary, expected_request_ids, request_records, run_events,  # noqa: E402
+                             summarize_run)
 from testbed.runner.rundir import write_csv  # noqa: E402
 from core.units import parse_bandwidth, parse_duration, parse_ratio  # noqa: E402
 
@@ -290,14 +290,18 @@ def _summary_html(summary: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write ``report.html`` and the PNGs into ``run_dir`` (computing summary.json if absent)."""
+def write_report(run_dir: str | Path, records: list[dict[str, Any]] | None = None) -> Path:
+    """Write ``report.html`` and the PNGs into ``run_dir`` (computing summary.json if absent);
+    ``records``: the run's request records when the caller has them (``summarize_run``)."""
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else compute_summary(run_dir)
+    if not summary_path.exists():
+        summary, records = summarize_run(run_dir)
+    else:
+        summary = json.loads(summary_path.read_text())
+        if records is None:
+            records = request_records(run_events(run_dir), expected_request_ids(run_dir))
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    events = read_run_timeline(run_dir)
-    records = request_records(events, expected_request_ids(run_dir))
     done = [r for r in records if r["completed"]]
     slo = summary.get("slo") or {}
     prediction = run.get("prediction") or {}
