@@ -523,6 +523,7 @@ def scenario_predictor(run_dir: Path, run: dict[str, Any]) -> SizePredictor | No
     """``pdtb predict`` at any request size from the run's ``scenario.yaml`` (None when that
     cannot be loaded, e.g. a run directory of an older version or without profiles)."""
     from core.config import ConfigError
+    from fabric.topology import load_topology
     from testbed.config.scenario import check_references, scenario_from_data
     from testbed.predict import predict
 
@@ -535,11 +536,12 @@ def scenario_predictor(run_dir: Path, run: dict[str, Any]) -> SizePredictor | No
     except (OSError, yaml.YAMLError, AttributeError, ConfigError):
         return None
     byte_scale = run.get("byte_scale")
+    topo = load_topology(sc.topology_ref())
 
     @lru_cache(maxsize=None)
     def at(prompt_tokens: int, output_tokens: int) -> dict[str, Any]:
         return predict(sc, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-                       byte_scale=byte_scale).to_dict()
+                       byte_scale=byte_scale, topo=topo).to_dict()
     return at
 
 
