@@ -29,9 +29,10 @@ All values are SI: seconds, bytes, FLOP/s.
 """
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, replace
-from typing import Literal, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Literal, Sequence
 
 from nodes.profiles.hardware import HardwareProfile, Overheads, Speculative
 from nodes.profiles.models import ModelProfile
@@ -111,6 +112,31 @@ class SpeculativeStep:
                        flops=v.flops / e, bytes=v.bytes / e, tokens_per_step=e)
 
 
+@dataclass(frozen=True)
+class ModelTerms:
+    """The model profile's derived figures that a step reads, computed once per cost model.
+
+    Each is a property that sums over the architecture again on every access, and a simulated
+    run asks for them on every decode step; the values are the profile's, unchanged.
+    ``touched_block_params`` is the profile's method, memoised by token count."""
+
+    layers: int
+    hidden_size: int
+    active_block_params: int
+    head_params: int
+    active_mlp_width: int
+    attn_flops_per_pair: int
+    kv_bytes_per_token: int
+    weight_dtype_bytes: float
+    weight_bytes: int
+    touched_block_params: Callable[[int], float]
+
+    @classmethod
+    def of(cls, model: ModelProfile) -> "ModelTerms":
+        values = {f.name: getattr(model, f.name) for f in fields(cls) if f.name != "touched_block_params"}
+        return cls(**values, touched_block_params=functools.cache(model.touched_block_params))
+
+
 class CostModel:
     """Step times of ``model`` on one node of ``hardware``.
 
@@ -122,6 +148,7 @@ class CostModel:
     def __init__(self, hardware: HardwareProfile, model: ModelProfile, *, include_head: bool = True):
         self.hw = hardware
         self.model = model
+        self.terms = ModelTerms.of(model)
         self.include_head = include_head
         self._peak = hardware.peak_flops_for(model.compute_dtype or model.dtype)
         self.speculative: Speculative | None = None
@@ -134,6 +161,7 @@ class CostModel:
                 plain = hardware.model_copy(update={"decode": hardware.decode.model_copy(update={"speculative": None})})
                 self.draft = CostModel(plain, draft_model, include_head=include_head)
                 self.speculative = spec
+        self._systems = self._count_systems()
 
     # ---- capacity ---------------------------------------------------------------------------
 
@@ -141,14 +169,17 @@ class CostModel:
         """Model bytes of the KV cache of ``tokens`` tokens (unscaled by byte scale)."""
         if tokens < 0:
             raise ValueError("tokens must be >= 0")
-        return int(tokens) * self.model.kv_bytes_per_token
+        return int(tokens) * self.terms.kv_bytes_per_token
 
     def systems(self) -> int:
         """Systems the model spans: 1, or for a multi-system profile as many as its weights need."""
+        return self._systems
+
+    def _count_systems(self) -> int:
         if self.hw.multi_system is None:
             return 1
         per_system = self.hw.memory_bytes * self.hw.memory_usable
-        return max(1, math.ceil(self.model.weight_bytes / per_system))
+        return max(1, math.ceil(self.terms.weight_bytes / per_system))
 
     def memory_capacity_bytes(self) -> int:
         """Usable memory for weights and KV across the chips (and systems) the model occupies."""
@@ -158,7 +189,7 @@ class CostModel:
         """Whether the weights fit, leaving some room for KV."""
         if self.hw.multi_system is not None and self.systems() > self.hw.multi_system.max_systems:
             return False
-        return self.model.weight_bytes < self.memory_capacity_bytes()
+        return self.terms.weight_bytes < self.memory_capacity_bytes()
 
     def kv_capacity_bytes(self) -> int:
         """KV room: the memory left after the weights (0 when the model does not fit), or a
@@ -168,10 +199,10 @@ class CostModel:
         wafer = self.hw.wafer
         if wafer is not None and wafer.kv_memory == "external":
             return int(wafer.kv_external_capacity * self.systems())
-        return self.memory_capacity_bytes() - self.model.weight_bytes
+        return self.memory_capacity_bytes() - self.terms.weight_bytes
 
     def max_kv_tokens(self) -> int:
-        return self.kv_capacity_bytes() // self.model.kv_bytes_per_token
+        return self.kv_capacity_bytes() // self.terms.kv_bytes_per_token
 
     # ---- steps ----------------------------------------------------------------------------
 
@@ -239,7 +270,7 @@ class CostModel:
     # ---- GPU and Trainium: a roofline per operator class over tensor-parallel chips -----------
 
     def _roofline_step(self, seqs: list[tuple[int, int]], over: Overheads, starts: bool, prefill: bool) -> StepCost:
-        m, hw = self.model, self.hw
+        m, hw = self.terms, self.hw
         tokens = sum(n for n, _ in seqs)
         wbytes = m.weight_dtype_bytes
         kvb = m.kv_bytes_per_token
@@ -282,7 +313,7 @@ class CostModel:
     def _all_reduce_s(self, tokens: int) -> float:
         """Two ring all-reduces per layer of the step's activations (``tokens x hidden x 2 B``)
         over the node's scale-up links (NVLink, NeuronLink)."""
-        m, hw = self.model, self.hw
+        m, hw = self.terms, self.hw
         if hw.chips <= 1 or hw.interconnect is None:
             return 0.0
         n = hw.chips
@@ -302,7 +333,7 @@ class CostModel:
         attention and the hops across its region). B tokens make ``ceil(B / lanes)``
         micro-batches; the pipeline of L layers takes ``(L + micro-batches - 1)`` layer times,
         and a micro-batch crosses S - 1 system links (latency + its activations over the link)."""
-        m, hw = self.model, self.hw
+        m, hw = self.terms, self.hw
         wafer, ms = hw.wafer, hw.multi_system
         assert wafer is not None
         s = self.systems()

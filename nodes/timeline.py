@@ -1,7 +1,8 @@
 """Per-node, per-request event log (JSONL).
 
 Each line: ``{"t_wall", "t_model", "node", "event", "request_id", ...fields}``.
-Lines are flushed as written so a crash loses nothing already done. Event names
+A daemon's lines are flushed as written so a crash loses nothing already done (the simulator,
+which cannot crash mid-run, buffers them: ``line_buffered=False``). Event names
 are listed in ``EVENTS`` and documented in docs/timeline.md; the metrics code reads them.
 """
 from __future__ import annotations
@@ -28,17 +29,20 @@ EVENTS = frozenset({
     "node_start", "node_stop", "control", "step_timing", "auth_rejected",
 })
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps builds an encoder per call for these separators
+
 
 class Timeline:
     def __init__(self, path: str | Path, node: str, clock: ModelClock,
-                 now_wall: Callable[[], float] = time.time):
-        """``now_wall``: where the wall time of an event comes from (the simulator's virtual clock)."""
+                 now_wall: Callable[[], float] = time.time, line_buffered: bool = True):
+        """``now_wall``: where the wall time of an event comes from (the simulator's virtual clock);
+        ``line_buffered``: each event reaches the OS at once (a daemon), or in large writes."""
         self.path = Path(path)
         self.now_wall = now_wall
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.node = node
         self.clock = clock
-        self._file = open(self.path, "a", buffering=1)  # line-buffered: each event reaches the OS at once
+        self._file = open(self.path, "a", buffering=1 if line_buffered else 1 << 20)
         self.observers: list[Callable[[dict[str, Any]], None]] = []  # e.g. the Prometheus metrics
 
     def event(self, event: str, request_id: str | None = None, **fields: Any) -> dict[str, Any]:
@@ -47,7 +51,7 @@ class Timeline:
         wall = self.now_wall()
         record = {"t_wall": wall, "t_model": self.clock.to_model(wall), "node": self.node,
                   "event": event, "request_id": request_id, **fields}
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._file.write(_encode(record) + "\n")
         for observe in self.observers:
             observe(record)
         return record

@@ -140,7 +140,7 @@ class FlowNetwork:
         flow = Flow(ports, nbytes * 8.0 * stretch, done, latency_s=latency)
         self._advance()
         if flow.remaining_bits <= 0 or not ports:
-            self.env.process(self._deliver(flow))
+            self._deliver(flow)
             return done
         self.flows.append(flow)
         self._reschedule()
@@ -167,9 +167,9 @@ class FlowNetwork:
         if self._wake is not None and not self._wake.triggered:
             self._wake.succeed()
 
-    def _deliver(self, flow: Flow):
-        yield self.env.timeout(flow.latency_s)
-        flow.done.succeed()
+    def _deliver(self, flow: Flow) -> None:
+        """The flow's last bit arrives one path latency after it left (a timeout's callback)."""
+        self.env.timeout(flow.latency_s).callbacks.append(lambda _: flow.done.succeed())
 
     def _run(self):
         while True:
@@ -187,5 +187,5 @@ class FlowNetwork:
             if ended:
                 self.flows = [f for f in self.flows if f not in ended]
                 for f in ended:
-                    self.env.process(self._deliver(f))
+                    self._deliver(f)
                 max_min_rates(self.flows, self.capacity)

@@ -425,10 +425,11 @@ class SimRouter:
         req = self.inflight.get(rid)
         if req is None or req.ended:
             return
-        self.env.process(self._relay(node, req, count, done))
+        self.env.timeout(self.to_client_s(node)).callbacks.append(lambda _: self._relay(node, req, count, done))
 
-    def _relay(self, node: str, req: _InFlight, count: int, done: bool):
-        yield self.env.timeout(self.to_client_s(node))
+    def _relay(self, node: str, req: _InFlight, count: int, done: bool) -> None:
+        """The token reaches the client one frontend path later (a timeout's callback: a process
+        per token would cost two more SimPy events)."""
         if req.ended:
             return
         if count == 0 and done:  # the node failed the request

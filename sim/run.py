@@ -85,7 +85,7 @@ class SimBackend:
 def run_sim(sc: Any, rd: Any, *, scenario_path: str | None = None, log: Any = None) -> dict[str, Any]:
     """Simulate ``sc`` into the run directory ``rd`` (a RunDir); returns the summary."""
     from testbed.config.scenario import LINK_ACTIONS
-    from testbed.metrics import compute_summary
+    from testbed.metrics import summarize_run
     from testbed.predict import predict
     from testbed.report import write_report
     from testbed.runner.orchestrator import batching, plan_run
@@ -131,7 +131,7 @@ def run_sim(sc: Any, rd: Any, *, scenario_path: str | None = None, log: Any = No
     timelines: list[Timeline] = []
 
     def timeline(name: str) -> Timeline:
-        tl = Timeline(rd.timeline(name), name, clock, now_wall=lambda: env.now)
+        tl = Timeline(rd.timeline(name), name, clock, now_wall=lambda: env.now, line_buffered=False)
         timelines.append(tl)
         return tl
 
@@ -243,6 +243,6 @@ def run_sim(sc: Any, rd: Any, *, scenario_path: str | None = None, log: Any = No
     rd.update_run_json(faults=faults)
     rd.update_run_json(finished_wall=time.time(), finished=utc_stamp(), stop_reason="completed",
                        sim_wall_s=time.time() - wall0, sim_model_s=env.now)
-    summary = compute_summary(rd.root)
-    rd.update_run_json(report=str(write_report(rd.root)))
+    summary, records = summarize_run(rd.root)
+    rd.update_run_json(report=str(write_report(rd.root, records)))
     return summary

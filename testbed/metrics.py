@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from array import array
 from collections import Counter, defaultdict
 from functools import lru_cache
 from pathlib import Path
@@ -20,7 +21,7 @@ import yaml
 
 from fabric.fidelity import judge_step_timing
 from core.vocab import COMPUTE_ROLES, request_id
-from nodes.timeline import read_run_timeline
+from nodes.timeline import read_timeline
 from testbed.runner.rundir import write_atomically, write_csv
 
 SCHEMA = "pdtb.summary/1"
@@ -30,9 +31,11 @@ STEP_ERROR_THRESHOLD = 0.05
 _CLIENT_EVENTS = ("client_sent", "client_first_token", "client_done", "client_failed")
 
 
-def stats(values: Iterable[float], scale: float = 1.0) -> dict[str, float | int | None]:
-    """count, mean, p50, p90, p99 (linear interpolation) of ``values x scale``; None when empty."""
-    arr = np.asarray([v for v in values if v is not None], dtype=float) * scale
+def stats(values: Iterable[float] | np.ndarray, scale: float = 1.0) -> dict[str, float | int | None]:
+    """count, mean, p50, p90, p99 (linear interpolation) of ``values x scale``; None when empty
+    (an array is taken as it is: a run's ITLs are millions, too many to pass one by one)."""
+    arr = (values if isinstance(values, np.ndarray) else
+           np.asarray([v for v in values if v is not None], dtype=float)) * scale
     if arr.size == 0:
         return {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None}
     p50, p90, p99 = np.percentile(arr, [50, 90, 99])
@@ -47,15 +50,6 @@ def reason_kind(reason: str) -> str:
     return reason.split(": ", 1)[0]
 
 
-def _by_request(events: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    out: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    for e in events:
-        rid = e.get("request_id")
-        if rid is not None:
-            out[rid][e["event"]].append(e)
-    return out
-
-
 def _first(evs: dict[str, list[dict[str, Any]]], name: str) -> dict[str, Any] | None:
     lst = evs.get(name)
     return min(lst, key=lambda e: e["t_model"]) if lst else None
@@ -65,16 +59,85 @@ def _t(e: dict[str, Any] | None) -> float | None:
     return None if e is None else float(e["t_model"])
 
 
-def _router_nodes(events: list[dict[str, Any]]) -> set[str]:
-    """Nodes that are routers: they say so at start, or they log request arrivals."""
-    return {e.get("node") for e in events
-            if (e["event"] == "node_start" and e.get("role") == "router") or e["event"] == "arrival"}
+def _token_times(e: dict[str, Any] | None) -> np.ndarray:
+    """An event's ``token_times`` as an array (empty without the event or the field)."""
+    times = (e or {}).get("token_times")
+    return times if isinstance(times, np.ndarray) else np.asarray([float(t) for t in times or []], dtype=float)
+
+
+_KEPT_FIELDS: dict[str, tuple[str, ...]] = {
+    "client_sent": ("prompt_tokens", "output_tokens"), "client_first_token": (),
+    "client_done": ("output_tokens", "token_times"), "client_failed": ("reason",), "failed": ("reason", "node"),
+    "arrival": ("prompt_tokens", "max_tokens"), "routed": ("prefill", "decode"), "done": ("prompt_tokens", "output_tokens"),
+    "prefill_queued": (), "prefill_start": (), "prefill_end": (), "kv_start": ("bytes", "model_bytes", "mode"),
+    "kv_end": ("ok", "bytes", "reason"), "kv_wait_start": (), "kv_granted": (), "kv_hold_wait": (),
+    "decode_queued": (), "decode_admitted": (), "first_token": (), "decode_done": ("token_times",),
+}
+"""The per-request events the records read, and the fields of each they read."""
+
+
+class RunEvents:
+    """What the records and node summaries read from a run's events, gathered in one pass.
+
+    A run's timeline can hold millions of events (a simulated cluster logs every decode step),
+    so instead of keeping them all, this keeps per request the first event of each name that
+    :func:`request_records` reads (every ``failed``), stripped to the fields it reads with token
+    times as arrays, and per node its steps' planned and late times as arrays. Fed the events
+    in the order a list holds them, it gives what the list would: the earliest ``t_model`` of a
+    name, the first of equal ones."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        self.routers: set[str] = set()  # nodes that say they are routers at start, or log arrivals
+        self.info: dict[str, dict[str, Any]] = {}
+        self.prefill: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+        self.decode_q: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+        self.steps: dict[str, tuple[array, array]] = defaultdict(lambda: (array("d"), array("d")))
+
+    @classmethod
+    def of(cls, events: Iterable[dict[str, Any]]) -> "RunEvents":
+        run = cls()
+        for e in events:
+            run.add(e)
+        return run
+
+    def add(self, e: dict[str, Any]) -> None:
+        node, ev, rid = e.get("node"), e["event"], e.get("request_id")
+        if ev == "node_start":
+            self.info[node] = {"role": e.get("role"), "hardware": e.get("hardware")}
+            if e.get("role") == "router":
+                self.routers.add(node)
+        elif ev == "step_timing":
+            planned, late = self.steps[node]
+            planned.append(float(e.get("planned_s") or 0))
+            late.append(float(e.get("late_s") or 0))
+        elif ev == "arrival":
+            self.routers.add(node)
+        if rid is None:
+            return
+        if ev in ("prefill_queued", "prefill_start", "prefill_end"):
+            self.prefill[node][rid].setdefault(ev, float(e["t_model"]))
+        elif ev in ("decode_queued", "decode_admitted"):
+            self.decode_q[node][rid].setdefault(ev, float(e["t_model"]))
+        keep = _KEPT_FIELDS.get(ev)
+        if keep is None:
+            return
+        evs = self.requests.setdefault(rid, {})
+        kept = evs.get(ev)
+        if ev == "failed" or kept is None or e["t_model"] < kept[0]["t_model"]:
+            slim = {"t_model": e["t_model"], **{k: e[k] for k in keep if k in e}}
+            if "token_times" in slim:
+                slim["token_times"] = np.asarray([float(t) for t in slim["token_times"] or []], dtype=float)
+            if ev == "failed":
+                evs.setdefault(ev, []).append(slim)
+            else:
+                evs[ev] = [slim]
 
 
 def _client_timing(evs: dict[str, list[dict[str, Any]]], expected: bool) -> dict[str, Any]:
     """A request's user-side times from the load generator's ``client_*`` events."""
     sent, done, cfail = _first(evs, "client_sent"), _first(evs, "client_done"), _first(evs, "client_failed")
-    times = [float(t) for t in (done or {}).get("token_times") or []]
+    times = _token_times(done)
     first_token = _t(_first(evs, "client_first_token"))
     rec: dict[str, Any] = {
         "source": "client",
@@ -83,8 +146,8 @@ def _client_timing(evs: dict[str, list[dict[str, Any]]], expected: bool) -> dict
         "sent_s": _t(sent), "first_token_s": first_token, "done_s": _t(done), "failed_s": _t(cfail),
         "completed": done is not None, "token_times": times, "reason": None,
         "_n_out": None if done is None else done.get("output_tokens"),
-        "_first_s": times[0] if times else first_token,
-        "_last_s": times[-1] if times else _t(done),
+        "_first_s": float(times[0]) if len(times) else first_token,
+        "_last_s": float(times[-1]) if len(times) else _t(done),
     }
     if done is None:
         # the client's (or, at teardown, the orchestrator's) reason wins: a request never sent
@@ -110,7 +173,7 @@ def _router_timing(evs: dict[str, list[dict[str, Any]]], routers: set[str]) -> d
     router_fails = [e for e in fails if e.get("node") in routers] or fails
     fail = min(router_fails, key=lambda e: e["t_model"]) if router_fails else None
     node_done = _first(evs, "decode_done")
-    times = [float(t) for t in (node_done or {}).get("token_times") or []] if done is not None else []
+    times = _token_times(node_done if done is not None else None)
     first_token = _t(_first(evs, "first_token"))
     rec: dict[str, Any] = {
         "source": "router",
@@ -121,7 +184,7 @@ def _router_timing(evs: dict[str, list[dict[str, Any]]], routers: set[str]) -> d
         "done_s": _t(done), "failed_s": None if done is not None else _t(fail),
         "completed": done is not None, "token_times": times, "reason": None,
         "_n_out": None if done is None else done.get("output_tokens"),
-        "_first_s": first_token if first_token is not None else times[0] if times else None,
+        "_first_s": first_token if first_token is not None else float(times[0]) if len(times) else None,
         "_last_s": _t(done),
     }
     if done is None:
@@ -129,16 +192,17 @@ def _router_timing(evs: dict[str, list[dict[str, Any]]], routers: set[str]) -> d
     return rec
 
 
-def request_records(events: list[dict[str, Any]], expected_ids: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """One record per request: user-side latencies and the server-side phases (model seconds).
+def request_records(events: Iterable[dict[str, Any]] | RunEvents, expected_ids: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """One record per request: user-side latencies and the server-side phases (model seconds;
+    ``token_times`` and ``itl_s`` as arrays).
 
     ``expected_ids`` (the workload's request ids) adds requests that the client never sent.
     A request without any ``client_*`` event (one a user sent to ``pdtb up``) is timed from
     the router's events instead (``source: "router"``).
     """
-    grouped = _by_request(events)
+    run = events if isinstance(events, RunEvents) else RunEvents.of(events)
+    grouped, routers = run.requests, run.routers
     expected = set(expected_ids)
-    routers = _router_nodes(events)
     records = []
     for rid in sorted(set(grouped) | expected):
         evs = grouped.get(rid, {})
@@ -151,7 +215,7 @@ def request_records(events: list[dict[str, Any]], expected_ids: Iterable[str] = 
         else:
             rec = {"request_id": rid, **_router_timing(evs, routers)}
         n_out, first, last = rec.pop("_n_out"), rec.pop("_first_s"), rec.pop("_last_s")
-        rec.update({"ttft_s": None, "tpot_s": None, "e2e_s": None, "itl_s": []})
+        rec.update({"ttft_s": None, "tpot_s": None, "e2e_s": None, "itl_s": np.empty(0)})
         if rec["completed"] and rec["sent_s"] is not None:
             times = rec["token_times"]
             n_out = int(n_out if n_out is not None else len(times))
@@ -162,7 +226,7 @@ def request_records(events: list[dict[str, Any]], expected_ids: Iterable[str] = 
                 rec["e2e_s"] = last - rec["sent_s"]
             if n_out > 1 and rec["ttft_s"] is not None and rec["e2e_s"] is not None:
                 rec["tpot_s"] = (rec["e2e_s"] - rec["ttft_s"]) / (n_out - 1)
-            rec["itl_s"] = [b - a for a, b in zip(times, times[1:])]
+            rec["itl_s"] = np.diff(times)
         routed = _first(evs, "routed") or {}
         kv_start, kv_end = _first(evs, "kv_start"), _first(evs, "kv_end")
         rec.update({
@@ -301,22 +365,11 @@ def _queue_depth_max(pairs: list[tuple[float, float | None]]) -> int:
     return best
 
 
-def node_summary(events: list[dict[str, Any]], window: tuple[float | None, float | None]) -> dict[str, dict[str, Any]]:
+def node_summary(events: Iterable[dict[str, Any]] | RunEvents,
+                 window: tuple[float | None, float | None]) -> dict[str, dict[str, Any]]:
     """Per compute node: busy fraction of the run window, queueing and step lateness."""
-    info: dict[str, dict[str, Any]] = {}
-    prefill: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
-    decode_q: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
-    steps: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for e in events:
-        node, ev, rid = e.get("node"), e["event"], e.get("request_id")
-        if ev == "node_start":
-            info[node] = {"role": e.get("role"), "hardware": e.get("hardware")}
-        elif ev in ("prefill_queued", "prefill_start", "prefill_end") and rid is not None:
-            prefill[node][rid].setdefault(ev, float(e["t_model"]))
-        elif ev in ("decode_queued", "decode_admitted") and rid is not None:
-            decode_q[node][rid].setdefault(ev, float(e["t_model"]))
-        elif ev == "step_timing":
-            steps[node].append(e)
+    run = events if isinstance(events, RunEvents) else RunEvents.of(events)
+    info, prefill, decode_q, steps = run.info, run.prefill, run.decode_q, run.steps
     start, end = window
     span = (end - start) if start is not None and end is not None and end > start else None
     out: dict[str, dict[str, Any]] = {}
@@ -326,8 +379,9 @@ def node_summary(events: list[dict[str, Any]], window: tuple[float | None, float
                      if "prefill_start" in p and "prefill_end" in p]
         # steps run back to back on planned deadlines, so their planned lengths are the busy time;
         # a node that logs no steps is busy while a prefill batch runs
-        if steps[node]:
-            busy = sum(float(s.get("planned_s") or 0) for s in steps[node])
+        planned, late = steps[node] if node in steps else ((), ())
+        if planned:
+            busy = sum(planned)
         else:
             busy = _union_length(intervals)
         waits, pairs = [], []
@@ -338,8 +392,6 @@ def node_summary(events: list[dict[str, Any]], window: tuple[float | None, float
                     pairs.append((p[enter], p.get(leave)))
                     if leave in p:
                         waits.append(p[leave] - p[enter])
-        late = [float(s.get("late_s") or 0) for s in steps[node]]
-        planned = [float(s.get("planned_s") or 0) for s in steps[node]]
         errors = [max(lt, 0.0) / pl for lt, pl in zip(late, planned) if pl > 0]
         out[node] = {
             **info.get(node, {"role": None, "hardware": None}),
@@ -347,7 +399,7 @@ def node_summary(events: list[dict[str, Any]], window: tuple[float | None, float
             "busy_fraction": min(busy / span, 1.0) if span else None,
             "queue_wait_ms": stats(waits, 1e3),
             "max_queue_depth": _queue_depth_max(pairs),
-            "steps": len(steps[node]),
+            "steps": len(planned),
             "step_planned_ms_p50": float(np.median(planned)) * 1e3 if planned else None,
             "step_late_ms": {"p50": float(np.percentile(late, 50)) * 1e3 if late else None,
                              "p99": float(np.percentile(late, 99)) * 1e3 if late else None,
@@ -404,6 +456,24 @@ def _median_ms(values: list[float]) -> float | None:
     return float(np.median(values)) * 1e3 if values else None
 
 
+def _in_flight_counts(spans: list[tuple[float, float | None]], windows: list[tuple[float, float]]) -> list[int]:
+    """For each window (sent, done): how many spans (sent, ended or None: never) overlap it,
+    ``s < done and (e is None or e > sent)``, by sorted counts instead of a scan per window:
+    the spans that start before ``done`` less those of them that ended by ``sent``."""
+    starts = np.sort(np.asarray([s for s, _ in spans], dtype=float))
+    ordered = [(s, e) for s, e in spans if e is not None and s <= e]  # ended by sent implies started before done
+    odd = [(s, e) for s, e in spans if e is not None and s > e]        # ended before it started: counted one by one
+    ends = np.sort(np.asarray([e for _, e in ordered], dtype=float))
+    out = []
+    for sent, done in windows:
+        if not sent < done:  # an empty window: the shortcut's premise fails, so count directly
+            out.append(sum(1 for s, e in spans if s < done and (e is None or e > sent)))
+            continue
+        n = int(np.searchsorted(starts, done, side="left")) - int(np.searchsorted(ends, sent, side="right"))
+        out.append(n - sum(1 for s, e in odd if s < done and e <= sent))
+    return out
+
+
 def low_load_check(records: list[dict[str, Any]], prediction: dict[str, Any] | None,
                    predictor: SizePredictor | None = None) -> dict[str, Any] | None:
     """Measured vs predicted for requests that ran alone (no other request in flight at the client).
@@ -418,8 +488,7 @@ def low_load_check(records: list[dict[str, Any]], prediction: dict[str, Any] | N
     # a request that never finished counts as in flight from its sending to the end of the run
     spans = [(r["sent_s"], r["done_s"] if r["done_s"] is not None else r["failed_s"])
              for r in records if r["sent_s"] is not None]
-    alone = [r for r in done
-             if sum(1 for s, e in spans if s < r["done_s"] and (e is None or e > r["sent_s"])) == 1]
+    alone = [r for r, n in zip(done, _in_flight_counts(spans, [(r["sent_s"], r["done_s"]) for r in done])) if n == 1]
     sized = [r for r in alone if r["prompt_tokens"] and r.get("output_tokens_received")]
     per_request = predictor is not None and bool(sized)
     if per_request:
@@ -456,6 +525,7 @@ def scenario_predictor(run_dir: Path, run: dict[str, Any]) -> SizePredictor | No
     """``pdtb predict`` at any request size from the run's ``scenario.yaml`` (None when that
     cannot be loaded, e.g. a run directory of an older version or without profiles)."""
     from core.config import ConfigError
+    from fabric.topology import load_topology
     from testbed.config.scenario import check_references, scenario_from_data
     from testbed.predict import predict
 
@@ -468,20 +538,23 @@ def scenario_predictor(run_dir: Path, run: dict[str, Any]) -> SizePredictor | No
     except (OSError, yaml.YAMLError, AttributeError, ConfigError):
         return None
     byte_scale = run.get("byte_scale")
+    topo = load_topology(sc.topology_ref())
 
     @lru_cache(maxsize=None)
     def at(prompt_tokens: int, output_tokens: int) -> dict[str, Any]:
         return predict(sc, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-                       byte_scale=byte_scale).to_dict()
+                       byte_scale=byte_scale, topo=topo).to_dict()
     return at
 
 
-def summarize(events: list[dict[str, Any]], run: dict[str, Any], fidelity: dict[str, Any] | None = None,
+def summarize(events: Iterable[dict[str, Any]] | RunEvents, run: dict[str, Any], fidelity: dict[str, Any] | None = None,
               expected_ids: Iterable[str] = (), records: list[dict[str, Any]] | None = None,
               predictor: SizePredictor | None = None) -> dict[str, Any]:
     """summary.json's content from a run's events, its run.json and its fidelity.json
     (``records``: the events' request_records when the caller already has them; ``predictor``:
     predictions at each lone request's own size, see :func:`low_load_check`)."""
+    if not isinstance(events, RunEvents):
+        events = RunEvents.of(events)
     if records is None:
         records = request_records(events, expected_ids)
     start, end = run_window(records)
@@ -505,7 +578,7 @@ def summarize(events: list[dict[str, Any]], run: dict[str, Any], fidelity: dict[
         "timed_by": {src: sum(1 for r in records if r["source"] == src) for src in ("client", "router")},
         "ttft_ms": stats((r["ttft_s"] for r in completed), 1e3),
         "tpot_ms": stats((r["tpot_s"] for r in completed), 1e3),
-        "itl_ms": stats((x for r in completed for x in r["itl_s"]), 1e3),
+        "itl_ms": stats(np.concatenate([r["itl_s"] for r in completed] or [np.empty(0)]), 1e3),
         "e2e_ms": stats((r["e2e_s"] for r in completed), 1e3),
         "throughput": {
             "output_tokens_per_s": out_tokens / duration if duration else None,
@@ -570,21 +643,32 @@ def request_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     } for r in records]
 
 
+def run_events(run_dir: str | Path) -> RunEvents:
+    """A run directory's timeline, streamed file by file into what the summary reads."""
+    return RunEvents.of(e for path in sorted((Path(run_dir) / "timeline").glob("*.jsonl")) for e in read_timeline(path))
+
+
 def run_request_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     """``requests.csv``'s rows computed from a run directory's timeline (also while it runs)."""
     run_dir = Path(run_dir)
-    return request_rows(request_records(read_run_timeline(run_dir), expected_request_ids(run_dir)))
+    return request_rows(request_records(run_events(run_dir), expected_request_ids(run_dir)))
 
 
-def compute_summary(run_dir: str | Path) -> dict[str, Any]:
-    """Read a run directory, write ``summary.json`` and ``requests.csv`` into it and return the summary."""
+def summarize_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Read a run directory, write ``summary.json`` and ``requests.csv`` into it; returns the
+    summary and the request records (for a report written next, without reading the run again)."""
     run_dir = Path(run_dir)
     run = _read_json(run_dir / "run.json") or {}
     fidelity = _read_json(run_dir / "fidelity.json")
-    events = read_run_timeline(run_dir)
+    events = run_events(run_dir)
     records = request_records(events, expected_request_ids(run_dir))
     summary = summarize(events, run, fidelity, records=records, predictor=scenario_predictor(run_dir, run))
     write_csv(run_dir / "requests.csv", REQUEST_COLUMNS,
               [[row[c] for c in REQUEST_COLUMNS] for row in request_rows(records)])
     write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
-    return summary
+    return summary, records
+
+
+def compute_summary(run_dir: str | Path) -> dict[str, Any]:
+    """Read a run directory, write ``summary.json`` and ``requests.csv`` into it and return the summary."""
+    return summarize_run(run_dir)[0]

@@ -133,12 +133,15 @@ def mean_decode_step(cm: CostModel, prompt_tokens: int, output_tokens: int) -> f
 
 
 def predict(sc: ScenarioConfig, base_dir: Path | None = None, *, prompt_tokens: int | None = None,
-            output_tokens: int | None = None, byte_scale: float | None = None) -> Prediction:
+            output_tokens: int | None = None, byte_scale: float | None = None,
+            topo: TopologyConfig | None = None) -> Prediction:
     """The uncontended request's timeline for ``sc`` (see the module docstring).
 
-    ``byte_scale`` (the one a run chose when the scenario says ``auto``) only sets ``kv_wire_bytes``.
+    ``byte_scale`` (the one a run chose when the scenario says ``auto``) only sets ``kv_wire_bytes``;
+    ``topo``: the scenario's topology when the caller has loaded it (a 512-node one takes ~0.5 s
+    to parse, and a run's summary predicts up to 200 request sizes).
     """
-    topo = load_topology(sc.topology_ref())
+    topo = topo or load_topology(sc.topology_ref())
     hosts = selected_hosts(sc, topo)
     typ_p, typ_o = (typical_size(sc, base_dir) if prompt_tokens is None or output_tokens is None
                     else (prompt_tokens, output_tokens))

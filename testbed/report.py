@@ -21,11 +21,12 @@ matplotlib.use("Agg")  # files only: no display on the test machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nodes.timeline import read_run_timeline  # noqa: E402
-from testbed.metrics import compute_summary, expected_request_ids, request_records  # noqa: E402
+from testbed.metrics import (compute_summary, expected_request_ids, request_records, run_events,  # noqa: E402
+                             summarize_run)
 from testbed.runner.rundir import write_csv  # noqa: E402
 from core.units import parse_bandwidth, parse_duration, parse_ratio  # noqa: E402
 
+CDF_POINTS = 4000  # points a CDF is drawn through
 TIMELINE_SAMPLE = 40  # requests drawn in the per-request timeline
 PHASES = (("queue", "#bbbbbb"), ("prefill", "#1f77b4"), ("kv", "#ff7f0e"), ("decode wait", "#d9d9d9"),
           ("decode", "#2ca02c"))
@@ -75,14 +76,21 @@ def _page(title: str, body: str) -> str:
             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
 
 
-def _cdf(ax: plt.Axes, values: list[float], label: str | None = None) -> None:
+def _cdf(ax: plt.Axes, values: list[float] | np.ndarray, label: str | None = None) -> None:
+    """The empirical CDF, drawn through at most ``CDF_POINTS`` of its points (every one of a
+    large run's ITLs as a path costs hundreds of MB and looks the same at figure resolution)."""
     xs = np.sort(np.asarray(values, dtype=float))
-    ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post", label=label)
+    ys = np.arange(1, len(xs) + 1) / len(xs)
+    if len(xs) > CDF_POINTS:
+        keep = np.unique(np.linspace(0, len(xs) - 1, CDF_POINTS).round().astype(int))
+        xs, ys = xs[keep], ys[keep]
+    ax.step(xs, ys, where="post", label=label)
 
 
 # ---------------------------------------------------------------- run plots
-def plot_cdf(values: list[float], xlabel: str, title: str, path: Path, slo: float | None = None) -> Path | None:
-    if not values:
+def plot_cdf(values: list[float] | np.ndarray, xlabel: str, title: str, path: Path,
+             slo: float | None = None) -> Path | None:
+    if len(values) == 0:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.6))
     _cdf(ax, values)
@@ -148,11 +156,11 @@ def plot_throughput(records: list[dict[str, Any]], path: Path) -> Path | None:
     """Output tokens/s and completions/s over time, from the completed requests' token times
     (the client's, or the decode node's for requests timed by the router)."""
     done_recs = [r for r in records if r["completed"]]
-    times = [t for r in done_recs for t in r["token_times"]]
+    times = np.concatenate([r["token_times"] for r in done_recs] or [np.empty(0)])
     done = [r["done_s"] for r in done_recs if r["done_s"] is not None]
-    if not times:
+    if not len(times):
         return None
-    edges = _bins(min(times), max(times))
+    edges = _bins(float(times.min()), float(times.max()))
     width = edges[1] - edges[0]
     tok, _ = np.histogram(times, edges)
     req, _ = np.histogram(done, edges)
@@ -290,21 +298,25 @@ def _summary_html(summary: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write ``report.html`` and the PNGs into ``run_dir`` (computing summary.json if absent)."""
+def write_report(run_dir: str | Path, records: list[dict[str, Any]] | None = None) -> Path:
+    """Write ``report.html`` and the PNGs into ``run_dir`` (computing summary.json if absent);
+    ``records``: the run's request records when the caller has them (``summarize_run``)."""
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else compute_summary(run_dir)
+    if not summary_path.exists():
+        summary, records = summarize_run(run_dir)
+    else:
+        summary = json.loads(summary_path.read_text())
+        if records is None:
+            records = request_records(run_events(run_dir), expected_request_ids(run_dir))
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    events = read_run_timeline(run_dir)
-    records = request_records(events, expected_request_ids(run_dir))
     done = [r for r in records if r["completed"]]
     slo = summary.get("slo") or {}
     prediction = run.get("prediction") or {}
     plots = [
         (plot_cdf([r["ttft_s"] * 1e3 for r in done if r["ttft_s"] is not None], "TTFT (ms, model time)",
                   "TTFT CDF", run_dir / "ttft_cdf.png", slo.get("ttft_ms")), "TTFT CDF"),
-        (plot_cdf([x * 1e3 for r in done for x in r["itl_s"]], "inter-token latency (ms, model time)",
+        (plot_cdf(np.concatenate([r["itl_s"] for r in done] or [np.empty(0)]) * 1e3, "inter-token latency (ms, model time)",
                   "ITL CDF", run_dir / "itl_cdf.png", slo.get("tpot_ms")), "ITL CDF"),
         (plot_request_timeline(records, run_dir / "timeline.png"), "per-request timeline"),
         (plot_throughput(records, run_dir / "throughput.png"), "throughput"),

@@ -412,3 +412,23 @@ def test_the_simulator_decodes_by_the_speculative_profile(tmp_path) -> None:
     ratio = (CostModel(load_hardware("cs3-spec"), model).decode_step([1600]).time_s
              / CostModel(load_hardware("cs3"), model).decode_step([1600]).time_s)
     assert tpot["cs3-spec"] / tpot["cs3"] == pytest.approx(ratio, rel=0.10)
+
+
+@pytest.mark.parametrize("hw, model", [("cs3", "llama-3.1-8b"), ("cs3", "llama-3.1-405b"), ("trn2", "llama-3.3-70b"),
+                                       ("h200", "mixtral-8x7b"), ("h200x8", "deepseek-v3"), ("cs3-spec", "llama-3.1-70b")])
+def test_cached_terms_give_the_freshly_computed_costs(hw: str, model: str) -> None:
+    """A cost model computes its profile's derived figures once (ModelTerms, systems): after many
+    steps of other sizes it answers exactly as a cost model built afresh for each question."""
+    hardware, profile = load_hardware(hw), load_model(model)
+    warm = CostModel(hardware, profile)
+    assert all(getattr(warm.terms, f.name) == getattr(profile, f.name)
+               for f in dataclasses.fields(warm.terms) if f.name != "touched_block_params")
+    for tokens in (1, 7, 512, 4096):
+        assert warm.terms.touched_block_params(tokens) == profile.touched_block_params(tokens)
+    questions = [("prefill", ([1024, 512], [0, 256])), ("prefill", ([1], None)), ("decode_step", ([100, 2000, 4000],)),
+                 ("decode_step", ([2048] * 64,)), ("plain_decode_step", ([0],))]
+    for name, args in questions * 2:  # the second round is answered from warm caches
+        assert getattr(warm, name)(*args) == getattr(CostModel(hardware, profile), name)(*args)
+    fresh = CostModel(hardware, profile)
+    assert (warm.systems(), warm.kv_capacity_bytes(), warm.kv_bytes(1234)) == \
+           (fresh.systems(), fresh.kv_capacity_bytes(), fresh.kv_bytes(1234))

@@ -9,10 +9,11 @@ import pytest
 import simpy
 
 from core.config import ConfigError
-from nodes.timeline import EVENTS
+from nodes.timeline import EVENTS, read_run_timeline
 from sim.network import FlowNetwork, Flow, Port, max_min_rates
 from testbed.cli import main
 from testbed.config.scenario import load_scenario
+from testbed.metrics import expected_request_ids, scenario_predictor, summarize
 from testbed.predict import predict
 
 pytestmark = pytest.mark.concurrent_safe  # see tests/conftest.py
@@ -102,6 +103,29 @@ def test_quickstart_runs_in_virtual_time_into_a_normal_run_directory(tmp_path):
     again = tmp_path / "again"
     assert main(["run", str(QUICKSTART), "--backend", "sim", "--out", str(again), "--json"]) == 0
     assert json.loads((again / "summary.json").read_text())["ttft_ms"] == summary["ttft_ms"]
+
+
+def test_the_streamed_summary_is_the_summary_of_the_whole_sorted_timeline(tmp_path):
+    """summary.json comes from one streaming pass over the timeline files (metrics.RunEvents
+    keeps a slim record per request); it equals the summary of every event read into memory and
+    sorted by time, and the quickstart's figures as computed from that list before streaming
+    (bc5cb7e; a change to the cost model or the scheduling changes them, and this test with them)."""
+    out = tmp_path / "run"
+    assert main(["run", str(QUICKSTART), "--backend", "sim", "--out", str(out), "--json"]) == 0
+    streamed = json.loads((out / "summary.json").read_text())
+    run = json.loads((out / "run.json").read_text())
+    whole = summarize(read_run_timeline(out), run, json.loads((out / "fidelity.json").read_text()),
+                      expected_ids=expected_request_ids(out), predictor=scenario_predictor(out, run))
+    assert json.loads(json.dumps(whole)) == streamed
+    assert streamed["ttft_ms"]["p50"] == 68.16185891203362 and streamed["itl_ms"]["p99"] == 0.5925921608959106
+    assert streamed["itl_ms"]["count"] == 1260 and streamed["e2e_ms"]["mean"] == 113.13014692232207
+    assert streamed["kv_transfer"]["count"] == 20 and streamed["kv_transfer"]["time_ms"]["p50"] == 50.89839775143986
+    decode, prefill = streamed["nodes"]["decode0"], streamed["nodes"]["prefill0"]
+    assert (decode["steps"], decode["busy_s"], decode["step_planned_ms_p50"]) == (899, 0.5040458524661072,
+                                                                                  0.5555671479390578)
+    assert (prefill["steps"], prefill["busy_s"]) == (14, 0.7283020359901982)
+    assert streamed["prediction_check"]["requests"] == 3
+    assert streamed["prediction_check"]["ratio"]["ttft"] == 0.9999998193986936
 
 
 def test_colocated_scenario_and_the_bandwidth_that_makes_the_handoff_slow(tmp_path):

@@ -650,12 +650,12 @@ class Orchestrator:
 
     def finish(self) -> dict[str, Any]:
         """Account for every request, write summary.json and report.html; returns the summary."""
-        from testbed.metrics import compute_summary
+        from testbed.metrics import summarize_run
         from testbed.report import write_report
 
         self.account_for_requests()
-        summary = compute_summary(self.rd.root)
-        self.rd.update_run_json(report=str(write_report(self.rd.root)))
+        summary, records = summarize_run(self.rd.root)
+        self.rd.update_run_json(report=str(write_report(self.rd.root, records)))
         return summary
 
 
