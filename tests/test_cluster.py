@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -197,6 +198,9 @@ def test_fabric_across_two_servers(sshd, tmp_path):
         "ssh_port": int((sshd / "port").read_text())})
     net = ClusterFabricNet(topo, cluster=cluster, prefix=PREFIX, subnets=SUBNETS, tdf=1.0)
     assert sorted(net.tunnel_links) == ["d0-efa", "d0-fe", "mgmt-d0"]  # every link of d0, mgmt included
+    # started as under `nohup` (SIGHUP ignored, which children inherit): stop() must still end the
+    # remote host's ssh client (it once hung here for ever, in Mininet's wait for the shell)
+    hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         net.start()
         d0 = net.host_node("d0")
@@ -241,6 +245,7 @@ def test_fabric_across_two_servers(sshd, tmp_path):
             assert time.monotonic() < deadline, f"remote sleep {pid} outlived terminate()"
             time.sleep(0.05)
     finally:
+        signal.signal(signal.SIGHUP, hup)
         net.stop()
     assert our_links(PREFIX) == []
     assert not Path(REMOTE_REGISTRY.format(prefix=PREFIX)).exists()

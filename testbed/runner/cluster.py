@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import shlex
+import signal
 import socket
 import subprocess
 import time
@@ -191,6 +192,15 @@ class PdtbRemoteHost(RemoteHost):
         self.sshbase = ["ssh", "-q", *ssh_opts, "-tt"]
         self.pdtb_prefix = check_prefix(prefix)
         super().__init__(name, **kwargs)
+
+    @staticmethod
+    def _ignoreSignal() -> None:  # noqa: N802 (Mininet's name, called as the ssh client's preexec_fn)
+        """Mininet's own (a process group of its own, so the run's Ctrl-C does not reach the ssh
+        client), and SIGHUP back to its default: an ssh started with SIGHUP ignored (a run under
+        ``nohup``) keeps it ignored, so teardown's SIGHUP would not end it and Mininet's wait for
+        the host's shell would never return."""
+        os.setpgrp()
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
     def _popen(self, cmd: Any, sudo: bool = True, tt: bool = True, **params: Any) -> Any:
         if isinstance(cmd, str):
