@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -14,6 +15,13 @@ def alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat").read_text()
     return stat[stat.rfind(")") + 2] not in "ZX"
+
+
+def interruptible() -> None:
+    """preexec_fn for a `pdtb run` a test will send SIGINT to, as Ctrl-C at a terminal would: a
+    suite started in the background of a script inherits SIGINT ignored (POSIX, for asynchronous
+    commands), and Python then installs no KeyboardInterrupt handler in the child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(pred, timeout: float = 10.0) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from run_helpers import DECODE_HW, PREFIX, REPO, alive, no_leftovers, wait_for, write_scenario
+from run_helpers import DECODE_HW, PREFIX, REPO, alive, interruptible, no_leftovers, wait_for, write_scenario
 from core.pids import PidRegistry, kill_recorded, same_process
 from testbed.runner.process import Supervisor
 from testbed.runner.rundir import RunDir, make_run_id
@@ -161,7 +161,8 @@ def test_daemon_crash_is_recorded_and_every_request_accounted(tmp_path: Path) ->
 def test_sigint_to_pdtb_run_cleans_up_and_writes_summary(tmp_path: Path) -> None:
     scenario = write_scenario(tmp_path, requests=60, rate=4.0, output=32)
     out = tmp_path / "run"
-    proc = _pdtb("run", str(scenario), "--backend", "local", "--out", str(out), "--no-progress")
+    proc = _pdtb("run", str(scenario), "--backend", "local", "--out", str(out), "--no-progress",
+                 preexec_fn=interruptible)
     client_tl = out / "timeline" / "client.jsonl"
     try:
         assert wait_for(lambda: client_tl.exists() and b"client_done" in client_tl.read_bytes(), 40)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from run_helpers import no_leftovers, wait_for
+from run_helpers import interruptible, no_leftovers, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -63,7 +63,7 @@ def _clean_prefix():
 
 def _pdtb(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "testbed.cli", *args, "--prefix", PREFIX], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
 
 
 @pytest.mark.parametrize("transport", ["srd", "tcp"])
