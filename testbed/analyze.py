@@ -66,6 +66,7 @@ class _Direction:
     segments: int = 0
     retrans_segments: int = 0
     retrans_bytes: int = 0
+    late_segments: int = 0            # segments that filled a gap below max_end (see add)
     holes: list[list[int]] = field(default_factory=list)   # [start, end) offsets below max_end never seen
     samples: list[tuple[float, int]] = field(default_factory=list)   # (time, payload length)
     first_t: float | None = None
@@ -93,7 +94,13 @@ class _Direction:
         self.first_t = t if self.first_t is None else self.first_t
         self.last_t = t
         if off < self.max_end:
-            seen_before = min(self.max_end, off + length) - off - self._fill(off, off + length)
+            filled = self._fill(off, off + length)
+            # a gap filled late: reordered, or a retransmission whose original the capture missed
+            # (tshark flags the latter a retransmission when it comes later than its out-of-order
+            # threshold; bytes alone cannot tell the two apart)
+            if filled > 0:
+                self.late_segments += 1
+            seen_before = min(self.max_end, off + length) - off - filled
             if seen_before > 0:   # bytes captured before: a retransmission
                 self.retrans_segments += 1
                 self.retrans_bytes += seen_before
@@ -641,6 +648,7 @@ def _transfer(conn: _Conn, client: tuple[str, int], server: tuple[str, int], run
         "segments": up.segments,
         "retransmissions": up.retrans_segments,
         "retransmitted_bytes": up.retrans_bytes,
+        "late_segments": up.late_segments,
         "uncaptured_bytes": up.uncaptured_bytes,
         **_timing(conn.syn_t, first_t, data_t, last_t, ack_t, duration, session, rate, t0, tdf, scale),
         "series": _series(up, t0, tdf, scale, bin_s),
@@ -744,7 +752,7 @@ def striped_transfers(stripes: list[_StripeSeen], acks: dict[str, list[_Frame]],
             "chunks": len(spans), "chunk_payload_bytes": sum(length for _, length in spans),
             "chunks_tile_transfer": tiled,
             "tcp_payload_bytes": nbytes, "tcp_payload_bytes_wire": nbytes, "retransmissions": 0,
-            "retransmitted_bytes": 0, "uncaptured_bytes": 0,
+            "retransmitted_bytes": 0, "late_segments": 0, "uncaptured_bytes": 0,
             **_timing(None, begin_t, begin_t, last_t, ack_t, duration,
                       (ack_t - begin_t) if ack_t is not None else None, rate, t0, tdf, scale),
             "series": [],

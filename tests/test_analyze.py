@@ -127,7 +127,9 @@ def test_transfers_rebuilt_and_match_tshark(captured_run):
     for t in trs:
         assert t["tcp_payload_bytes_wire"] == sums[(t["client"], t["server"])]        # exactly
         assert t["tcp_payload_bytes_reverse"] == sums[(t["server"], t["client"])]
-        assert t["retransmissions"] == retrans.get(t["client"], 0)
+        # tshark also flags a retransmission whose original tcpdump dropped (a busy host): one of
+        # the segments that filled a gap late; with no gap filled the counts are equal
+        assert t["retransmissions"] <= retrans.get(t["client"], 0) <= t["retransmissions"] + t["late_segments"]
         # every stream byte was captured once, or more (retransmitted), or not at all (tcpdump dropped it)
         assert t["tcp_payload_bytes"] == (t["tcp_payload_bytes_wire"] - t["retransmitted_bytes"]
                                           + t["uncaptured_bytes"])
@@ -247,6 +249,7 @@ def test_retransmissions_counted_like_tshark(tmp_path, variant, link):
     assert t["retransmissions"] == (1 if duplicate else 0)
     assert t["retransmitted_bytes"] == (1400 if duplicate else 0)
     assert t["uncaptured_bytes"] == (1400 if variant == "dropped" else 0)   # a late segment fills its gap
+    assert t["late_segments"] == (1 if variant == "reordered" else 0)
     assert t["tcp_payload_bytes"] == t["tcp_payload_bytes_wire"] - t["retransmitted_bytes"] + t["uncaptured_bytes"]
     assert result["summary"]["uncaptured_bytes"] == t["uncaptured_bytes"]
     assert ("the captures missed 1400 stream bytes" in format_table(result)) == (variant == "dropped")
