@@ -233,12 +233,22 @@ class PrefillNode(ComputeNode):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + kv.timeout_s * cfg.tdf
         refusals = tries = 0
+        refused = ""   # the last refusal's reason
+
+        def given_up(reason: str, code: Code, last_try: str = "") -> KvTransferError:
+            return KvTransferError(f"{reason}; still refused after {tries} tries within {kv.timeout_s:g} s"
+                                   + (f" (the last try: {last_try})" if last_try else ""), code)
+
         try:
             while True:
                 try:
                     job.result = await self._send(job, begin, layer_ready, max(0.0, deadline - loop.time()))
                     break
                 except KvTransferError as e:
+                    if e.code == Code.TIMEOUT and refusals:
+                        # the handoff's time ran out while the receiver had no room: that is why it
+                        # failed, whether or not the last try's answer came back in time
+                        raise given_up(refused, Code.KV_FULL, e.reason) from None
                     if e.code not in (Code.KV_FULL, Code.UNREACHABLE):
                         raise
                     tries += 1
@@ -247,12 +257,12 @@ class PrefillNode(ComputeNode):
                             self.timeline.event("kv_wait_start", job.request_id, decode=job.decode["name"],
                                                 reason=e.reason)
                         refusals += 1
+                        refused = e.reason
                     else:  # the path is down (a link fault): ask again, as a transport would
                         self.timeline.event("kv_retry", job.request_id, decode=job.decode["name"], reason=e.reason)
                     retry_s = kv_retry_delay_s(tries) * cfg.tdf
                     if loop.time() + retry_s + KV_LAST_TRY_MIN_WALL_S >= deadline:
-                        raise KvTransferError(f"{e.reason}; still refused after {tries} tries within "
-                                              f"{kv.timeout_s:g} s", e.code) from None
+                        raise given_up(e.reason, e.code) from None
                     await asyncio.sleep(retry_s)
             extra = ({"packets": job.result.packets, "retransmitted": job.result.retransmitted}
                      if job.result.transport == "srd" else {})

@@ -14,6 +14,7 @@ import pytest
 from nodes.config import Endpoint, KvSettings, NodeConfig, PrefillSettings
 from nodes.costmodel import CostModel
 from nodes.decode import DecodeNode
+from nodes.kvproto import Code, KvTransferError
 from nodes.prefill import PrefillNode
 from nodes.profiles import load_hardware, load_model
 
@@ -150,3 +151,27 @@ def test_retry_delay_doubles_to_its_cap_and_never_overflows():
     assert [kv_retry_delay_s(n) * 1e3 for n in range(1, 8)] == [1, 2, 4, 8, 16, 16, 16]
     assert kv_retry_delay_s(0) == kv_retry_delay_s(1)
     assert kv_retry_delay_s(100_000) == KV_RETRY_MAX_S
+
+
+async def test_last_try_unanswered_after_refusals_reports_no_room(tmp_path):
+    """Refused, then the last try not answered before the handoff's time ran out (a busy
+    receiver): the failure names the refusals, which are why it failed, and the last try's end."""
+    t0 = time.time()
+    dcfg = node_config(tmp_path, "decode", "d1", t0)
+    pcfg = node_config(tmp_path, "prefill", "p1", t0).model_copy(
+        update={"kv_transfer": KvSettings(secret_hex=SECRET, timeout_s=0.5)})
+    answers = iter([KvTransferError("no KV room: test", Code.KV_FULL),
+                    KvTransferError("transfer not acknowledged within 0.2 s", Code.TIMEOUT)])
+
+    async def send(*_args, **_kwargs):
+        raise next(answers)
+
+    async with running(PrefillNode, pcfg) as (prefill, psession):
+        prefill._send = send
+        peer = {"name": "d1", "host": "127.0.0.1", "port": dcfg.kv.port}
+        async with psession.post(f"{pcfg.http.url}/internal/prefill",
+                                 json={"request_id": "c", "model": MODEL, "prompt_tokens": 100, "decode": peer}) as r:
+            assert r.status == 502
+            reason = (await r.json())["reason"]
+    assert "no KV room: test; still refused after 1 tries within 0.5 s" in reason
+    assert "(the last try: transfer not acknowledged within 0.2 s)" in reason
