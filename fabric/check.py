@@ -40,6 +40,9 @@ LOSS_RANGE = (0.005, 0.05)
 CHECK_NETWORKS = ("efa", "frontend")
 UDP_TARGET_PPS = 5000
 """UDP probe packets per second: ~15 000 in 3 s put a 0.5 % loss's +-30 % band at ~2.6 sigma."""
+CONTROL_HEADROOM_PACKETS = 16
+"""Queue places a loss-free probe leaves to iperf3's control connection, which shares the path."""
+LOSS_FREE_MIN_PACKETS = 100
 IPERF_PORT = 5301
 
 _ECHO_RE = re.compile(r"icmp_seq=(\d+) .*?time=([\d.]+) ms")
@@ -77,6 +80,7 @@ class Probe:
     loss: float
     src_rail: int = 0
     dst_rail: int = 0
+    queue_packets: int = 1000
     measured: dict[str, Any] = field(default_factory=dict)
     verdicts: dict[str, str] = field(default_factory=dict)
 
@@ -136,7 +140,7 @@ def expect(topo: TopologyConfig, route: Route, tdf: float, byte_scale: float) ->
                  byte_scale=byte_scale, rate_bps=min(rates) if rates else None,
                  rtt_s=2.0 * math.fsum(e["latency_s"] for e in emu),
                  loss=1.0 - math.prod(1.0 - e["loss"] for e in emu), src_rail=route.src_rail,
-                 dst_rail=route.dst_rail)
+                 dst_rail=route.dst_rail, queue_packets=min(e["queue_packets"] for e in emu))
 
 
 def _in_range(probe: Probe, cap_bps: float) -> bool:
@@ -250,22 +254,36 @@ def measure_tcp(net: Any, src: str, dst: str, cls: str, duration_s: float = 3.0,
     return float(data["end"]["sum_received"]["bits_per_second"])
 
 
-def udp_probe_shape(rate_bps: float | None) -> tuple[float, int]:
-    """(send rate bit/s, payload bytes) for a loss probe: about UDP_TARGET_PPS packets per second,
-    at most half the path's rate (so no queueing loss adds to the configured loss)."""
-    budget = 0.5 * rate_bps if rate_bps else 1400 * 8 * UDP_TARGET_PPS
-    length = int(min(1400, max(64, budget / 8 / UDP_TARGET_PPS)))
-    return min(budget, UDP_TARGET_PPS * length * 8.0), length
+def udp_probe_shape(rate_bps: float | None, pps: float = UDP_TARGET_PPS) -> tuple[float, int]:
+    """(send rate bit/s, payload bytes) for a loss probe: about ``pps`` packets per second, at
+    most half the path's rate (so no queueing loss adds to the configured loss)."""
+    budget = 0.5 * rate_bps if rate_bps else 1400 * 8 * pps
+    length = int(min(1400, max(64, budget / 8 / pps)))
+    return min(budget, pps * length * 8.0), length
+
+
+def loss_free_probe_packets(queue_packets: int) -> int:
+    """Packets a probe of a path without configured loss sends in all: no more than its smallest
+    queue holds (less the control connection's share). iperf3 paces UDP to an average since the
+    start, so a sender that a busy host stalls then catches up in a burst; a burst above the
+    link's rate queues, and past the queue's limit it is dropped (silently: UdpSndbufErrors), which
+    is congestion the probe made, not loss of the path. With no more packets than the queue holds
+    no burst can overflow it, whatever the host does (the receiver's 8 MB buffer and the delayer's
+    10 000-packet queue hold them too)."""
+    return max(LOSS_FREE_MIN_PACKETS, min(UDP_TARGET_PPS, queue_packets - CONTROL_HEADROOM_PACKETS))
 
 
 def measure_udp_loss(net: Any, src: str, dst: str, cls: str, rate_bps: float | None, duration_s: float = 3.0,
-                     port: int = IPERF_PORT, rails: tuple[int, int] | None = None) -> tuple[float, int]:
-    """(loss fraction, packets sent) of a paced UDP stream from ``src`` to ``dst``."""
-    rate, length = udp_probe_shape(rate_bps)
+                     port: int = IPERF_PORT, rails: tuple[int, int] | None = None,
+                     packets: int | None = None) -> tuple[float, int]:
+    """(loss fraction, packets sent) of a paced UDP stream from ``src`` to ``dst``: for
+    ``duration_s``, or exactly ``packets`` spread over it."""
+    rate, length = udp_probe_shape(rate_bps, packets / duration_s if packets else UDP_TARGET_PPS)
     # a 4 MB socket buffer (passed to the server too): a receiver that misses a time slice on a
     # busy host must not add socket-buffer drops to the link's configured loss
-    data = _iperf(net, src, dst, cls, ["-u", "-b", f"{int(rate)}", "-l", str(length), "-w", "4M",
-                                       "-t", f"{duration_s:g}"], port, duration_s + 20, rails)
+    count = ["-k", str(packets)] if packets else ["-t", f"{duration_s:g}"]
+    data = _iperf(net, src, dst, cls, ["-u", "-b", f"{int(rate)}", "-l", str(length), "-w", "4M", *count],
+                  port, duration_s + 20, rails)
     s = data["end"]["sum"]
     packets = int(s.get("packets", 0))
     if packets <= 0:
@@ -367,9 +385,11 @@ def measure_probes(net: Any, probes: list[Probe], duration_s: float = 3.0) -> No
             probe.measured["goodput_bps"] = attempt(i, measure_tcp, net, probe.src, probe.dst, probe.cls, duration_s,
                                                     port, rails)
         else:
-            udp_s = duration_s if probe.loss > 0 else 1.0     # a loss-free path only shows it loses nothing
-            udp = attempt(i, measure_udp_loss, net, probe.src, probe.dst, probe.cls, probe.rate_bps, udp_s,
-                          port, rails)
+            # a loss-free path only shows it loses nothing: ~1 s, no more packets than its queue holds
+            lossy = probe.loss > 0
+            udp = attempt(i, measure_udp_loss, net, probe.src, probe.dst, probe.cls, probe.rate_bps,
+                          duration_s if lossy else 1.0, port, rails,
+                          None if lossy else loss_free_probe_packets(probe.queue_packets))
             probe.measured["loss"], probe.measured["udp_packets"] = udp if udp is not None else (None, 0)
 
     def keys(probe: Probe) -> list[str]:

@@ -354,6 +354,33 @@ def test_probe_outside_tolerance_is_measured_once_more(monkeypatch):
     assert slow.measured["retried"] == ["goodput_bps"]
 
 
+def test_loss_free_probe_sends_no_more_packets_than_its_queue_holds(monkeypatch):
+    """A stalled iperf3 sender catches up in a burst; on a loss-free path the probe sends at most
+    what the path's smallest queue holds, so that burst cannot overflow it (a lossy path keeps
+    its duration: it needs the packets)."""
+    import fabric.check as check
+
+    pair = load_topology("pair")
+    probe = check.expect(pair, plan_routes(pair)[0], 100, 0.1)
+    assert probe.queue_packets == 1000                       # the topology's default queue
+    calls = []
+    monkeypatch.setattr(check, "measure_rtt", lambda *a: probe.rtt_s)
+    monkeypatch.setattr(check, "measure_tcp", lambda *a: probe.rate_bps)
+    monkeypatch.setattr(check, "measure_udp_loss", lambda *a: calls.append(a) or (0.0, a[8] or 15000))
+    small = check.Probe(**{**probe.__dict__, "queue_packets": 300, "measured": {}, "verdicts": {}})
+    lossy = check.Probe(**{**probe.__dict__, "loss": 0.01, "measured": {}, "verdicts": {}})
+    check.measure_probes(None, [probe, small, lossy], 3.0)
+    sent = {c[6]: (c[5], c[8]) for c in calls}               # port -> (duration, packets)
+    assert sent[check.IPERF_PORT] == (1.0, 1000 - check.CONTROL_HEADROOM_PACKETS)
+    assert sent[check.IPERF_PORT + 1] == (1.0, 300 - check.CONTROL_HEADROOM_PACKETS)
+    assert sent[check.IPERF_PORT + 2] == (3.0, None)
+    assert check.loss_free_probe_packets(10**6) == check.UDP_TARGET_PPS
+    assert check.loss_free_probe_packets(20) == check.LOSS_FREE_MIN_PACKETS
+    # the rate is that count over the second, at most half the path's rate
+    rate, length = check.udp_probe_shape(probe.rate_bps, 984)
+    assert rate <= 0.5 * probe.rate_bps and abs(rate / (8 * length) - 984) < 1
+
+
 def test_check_text_names_failures_and_the_capacity_behind_the_rates(monkeypatch, capsys):
     import argparse
 
