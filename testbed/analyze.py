@@ -185,6 +185,8 @@ def walk_frames(d: _Direction) -> tuple[list[_Frame], bool]:
             pkt = parse_frame(d.window(pos, min(HEADER_LEN + length, MAX_FIELDS_LEN), starts))
             if pkt is not None:
                 frames.append(_Frame(pos, d.time_at(pos, starts), pkt))
+            else:   # the header's length still leads to the next frame, but this one went unread
+                complete = False
             pos += HEADER_LEN + length
             continue
         complete = False

@@ -187,6 +187,29 @@ def test_cli_json_and_table(captured_run, capsys):
     assert "max |diff| vs timeline" in capsys.readouterr().out
 
 
+def test_frame_whose_fields_were_cut_makes_the_walk_incomplete():
+    """A capture cut a segment just after a CHUNK's 12-byte header (loopback's GSO packets come
+    out cut at 65,535 bytes): the walk still lands on every later frame from the header's length,
+    but that CHUNK cannot be read, so its payload is not counted and the walk is not complete
+    (it was reported complete once, with the sum of chunk payloads 1 MiB short)."""
+    from fabric.kvlayer import PDKVChunk
+    from testbed.analyze import _Direction, walk_frames
+
+    frames = [bytes(PDKVChunk(request_id=b"r1", layer=k, offset=k * 1000, data=bytes([k]) * 1000))
+              for k in range(3)]
+    stream = b"".join(frames)
+    cut = len(frames[0]) + kp.HEADER_LEN + 3              # inside the second CHUNK's fields
+    seg = cut + 500                                       # the first segment's length on the wire
+    whole, cut_short = _Direction(), _Direction()
+    for d, captured in ((whole, seg), (cut_short, cut)):
+        d.add(0.0, 1000, seg, stream[:captured])
+        d.add(0.001, 1000 + seg, len(stream) - seg, stream[seg:])
+    found, complete = walk_frames(whole)
+    assert complete and [f.pkt.layer for f in found] == [0, 1, 2]
+    found, complete = walk_frames(cut_short)
+    assert not complete and [f.pkt.layer for f in found] == [0, 2]
+
+
 def _crafted_run(tmp_path: Path, variant: str = "clean", link: str = "ip") -> Path:
     """A KV transfer written by scapy: ``clean``, or its second data segment ``duplicate`` (sent
     twice), ``dropped`` (missing from the capture) or ``reordered`` (after the third)."""
