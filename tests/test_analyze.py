@@ -100,13 +100,14 @@ def _tshark_stream_bytes(pcap: Path, port: int) -> dict[tuple[str, str], int]:
 
 
 def _tshark_behind(pcap: Path) -> dict[str, list[int]]:
-    """Per sender: [retransmissions, out-of-order segments] as tshark flags them. Both are data
-    segments that did not advance the stream; tshark tells them apart by timing (a segment
-    within its out-of-order threshold, ~the first RTT, of the highest one is "out-of-order"
-    even when its bytes were seen before), analyze by bytes (seen before, or filling a gap)."""
+    """Per sender: [retransmissions, out-of-order segments] as tshark flags them, data segments
+    only (a resent SYN or FIN carries no stream bytes). Neither advanced the stream; tshark
+    tells them apart by timing (a segment within its out-of-order threshold, ~the first RTT,
+    of the highest one is "out-of-order" even when its bytes were seen before), analyze by
+    bytes (seen before, or filling a gap)."""
     out = subprocess.run(["tshark", "-r", str(pcap), "-Y",
-                          "tcp.analysis.retransmission || tcp.analysis.fast_retransmission || "
-                          "tcp.analysis.spurious_retransmission || tcp.analysis.out_of_order",
+                          "tcp.len > 0 && (tcp.analysis.retransmission || tcp.analysis.fast_retransmission || "
+                          "tcp.analysis.spurious_retransmission || tcp.analysis.out_of_order)",
                           "-T", "fields", "-e", "ip.src", "-e", "tcp.srcport", "-e", "tcp.analysis.out_of_order"],
                          capture_output=True, text=True, check=True, timeout=120).stdout
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
