@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +24,37 @@ def interruptible() -> None:
     suite started in the background of a script inherits SIGINT ignored (POSIX, for asynchronous
     commands), and Python then installs no KeyboardInterrupt handler in the child."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+TEARDOWN_S = 60.0
+"""What a run interrupted for taking too long gets to tear down (a pair run needs ~10 s idle)."""
+
+
+def finish(proc: subprocess.Popen, timeout_s: float) -> tuple[str, str]:
+    """(stdout, stderr) of a `pdtb` process started with :func:`interruptible`, within
+    ``timeout_s``. Past it the run gets SIGINT, as Ctrl-C, and TEARDOWN_S to tear down, then the
+    test fails: a run a loaded host slowed must not be killed outright, or its namespaces, root
+    addresses and remote processes stay and fail every later test that builds a net. A test
+    using this needs a pytest timeout above ``timeout_s + TEARDOWN_S``."""
+    try:
+        return proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=TEARDOWN_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        raise AssertionError(f"pdtb did not finish within {timeout_s:g} s; interrupted, it exited "
+                             f"{proc.returncode}: {err[-2000:]}") from None
+
+
+def run_pdtb(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """``python -m testbed.cli ARGS`` in the repository, ended by :func:`finish`."""
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
+    out, err = finish(proc, timeout_s)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def wait_for(pred, timeout: float = 10.0) -> bool:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from run_helpers import run_pdtb
 
 from core.config import ConfigError
 from testbed.config.scenario import ClusterSpec, EmulationSpec, scenario_from_data, topology_problems
@@ -277,12 +278,11 @@ slo: {{ttft_ms: 1000, tpot_ms: 100}}
 
 
 @pytest.mark.root
+@pytest.mark.timeout(540)   # run_pdtb's 420 s + its 60 s of teardown
 def test_pdtb_run_on_two_servers(sshd, tmp_path):
     """`pdtb run` on the mininet-cluster backend, decode0 and its daemon on the second server:
     every request completes, the tunnel's measured capacity enters the choice of byte scale and
     the fidelity verdict, and nothing is left on either server."""
-    import sys
-
     from fabric.cleanup import our_links
     from testbed.runner.cluster import REMOTE_REGISTRY
 
@@ -290,9 +290,10 @@ def test_pdtb_run_on_two_servers(sshd, tmp_path):
     path.write_text(CLUSTER_SCENARIO.format(remote=REMOTE, key=sshd / "id", known=sshd / "known_hosts",
                                             port=(sshd / "port").read_text()))
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "testbed.cli", "run", str(path), "--out", str(out), "--json",
-                           "--prefix", PREFIX], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
-                          text=True, timeout=400)
+    # 133 s on an idle 2-core host (2026-12-07), over 150 s with a second suite beside it (each of
+    # the 17 ssh tunnels took ~6 s to start), when pytest-timeout killed it and its leftovers failed
+    # every later test that builds a net
+    proc = run_pdtb(["run", str(path), "--out", str(out), "--json", "--prefix", PREFIX], 420)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary["counts"]["completed"] == summary["counts"]["total"] == 6, summary["counts"]

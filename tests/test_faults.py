@@ -4,19 +4,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from statistics import median
 
 import pytest
-from run_helpers import PREFIX, REPO, no_leftovers, write_scenario
+from run_helpers import PREFIX, no_leftovers, run_pdtb, write_scenario
 
 from nodes.timeline import read_run_timeline
 
+pytestmark = pytest.mark.timeout(300)   # above each run's own limit + run_helpers.TEARDOWN_S
+
 
 def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "testbed.cli", "run", *args, "--json", "--no-progress"], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_pdtb(["run", *args, "--json", "--no-progress"], timeout)
 
 
 def _by_request(run_dir: Path) -> dict[str, dict[str, dict]]:
@@ -187,7 +187,7 @@ faults:
   - {at: 1.2s, action: crash, target: prefill0}
 """)
     out = tmp_path / "run"
-    res = _run([str(scenario), "--out", str(out), "--prefix", PREFIX], timeout=400)
+    res = _run([str(scenario), "--out", str(out), "--prefix", PREFIX], timeout=230)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout)
     assert summary["counts"] == {"total": 16, "completed": 16, "failed": 0, "failed_by_reason": {}}
@@ -228,7 +228,7 @@ faults:
   - {at: 2.6s, action: restart, target: router}
 """)
     out = tmp_path / "run"
-    res = _run([str(scenario), "--out", str(out), "--prefix", PREFIX], timeout=400)
+    res = _run([str(scenario), "--out", str(out), "--prefix", PREFIX], timeout=230)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout)
     counts = summary["counts"]

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from run_helpers import interruptible, no_leftovers, wait_for
+from run_helpers import finish, interruptible, no_leftovers, wait_for
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]   # above finish()'s 110 s + its 60 s of teardown
 
 REPO = Path(__file__).resolve().parent.parent
 PREFIX = "pc"  # this test file's own Mininet prefix: cleanup never touches another run's names
@@ -73,7 +73,7 @@ def test_pair_end_to_end_with_efa_capture(tmp_path: Path, transport: str) -> Non
     out = tmp_path / "run"
     proc = _pdtb("run", str(write_scenario(tmp_path, transport=transport)), "--out", str(out), "--pcap", "efa",
                  "--json")
-    stdout, stderr = proc.communicate(timeout=110)
+    stdout, stderr = finish(proc, 110)
     assert proc.returncode == 0, stderr[-3000:]
     summary = json.loads(stdout)
     assert summary["counts"]["completed"] == summary["counts"]["total"] == 6, summary["counts"]
@@ -134,7 +134,7 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     """The README's first command: the shipped quickstart scenario on Mininet, report included."""
     out = tmp_path / "run"
     proc = _pdtb("run", str(REPO / "scenarios" / "quickstart.yaml"), "--out", str(out), "--json")
-    stdout, stderr = proc.communicate(timeout=110)
+    stdout, stderr = finish(proc, 110)
     assert proc.returncode == 0, stderr[-3000:]
     summary = json.loads(stdout)
     assert summary["counts"]["completed"] == summary["counts"]["total"] == 20, summary["counts"]
@@ -153,7 +153,7 @@ def test_low_load_run_matches_prediction(tmp_path: Path) -> None:
     proc = _pdtb("run", str(REPO / "scenarios" / "quickstart.yaml"), "--out", str(out), "--json",
                  "--set", "workload.requests=4", "--set", "workload.arrival.process=fixed",
                  "--set", "workload.arrival.rate=2", "--set", "workload.prompt_tokens=1536")
-    stdout, stderr = proc.communicate(timeout=110)
+    stdout, stderr = finish(proc, 110)
     assert proc.returncode == 0, stderr[-3000:]
     check = json.loads(stdout)["prediction_check"]
     assert check["requests"] == 4, check
@@ -169,7 +169,7 @@ def test_gpu_baseline_colocated_nodes_without_efa(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = _pdtb("run", str(REPO / "scenarios" / "gpu-baseline.yaml"), "--out", str(out), "--json",
                  "--set", "workload.requests=6")
-    stdout, stderr = proc.communicate(timeout=110)
+    stdout, stderr = finish(proc, 110)
     assert proc.returncode == 0, stderr[-3000:]
     summary = json.loads(stdout)
     assert summary["counts"]["completed"] == summary["counts"]["total"] == 6, summary["counts"]
