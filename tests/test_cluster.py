@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from run_helpers import run_pdtb
+from run_helpers import run_pdtb, wait_for
 
 from core.config import ConfigError
 from testbed.config.scenario import ClusterSpec, EmulationSpec, scenario_from_data, topology_problems
@@ -111,6 +111,34 @@ def test_ssh_commands_quote_every_word():
 
     kill = remote_signal_argv(PREFIX, "0123456789ab", 15)
     assert kill[:2] == ["sh", "-c"] and "-v t=0123456789ab" in kill[2] and 'kill -15 "$1"' in kill[2]
+
+
+@pytest.mark.root
+def test_pdtb_clean_stops_what_a_killed_cluster_run_recorded_on_this_machine(tmp_path):
+    """A cluster run killed before its teardown leaves, on each server, the processes its wrapper
+    recorded (remote host shells, daemons, delayers); on a server that is this machine (localhost,
+    as in these tests) `pdtb clean --prefix` stops them by their records, start times checked."""
+    import sys
+
+    from testbed.runner.cluster import REMOTE_REGISTRY, remote_record_argv
+
+    registry = Path(REMOTE_REGISTRY.format(prefix=PREFIX))
+    assert not registry.exists(), "a run of this prefix is up"
+    proc = subprocess.Popen(remote_record_argv(PREFIX, ["sleep", "300"], "pkd0: sleep"), start_new_session=True)
+    try:
+        assert wait_for(lambda: registry.exists() and str(proc.pid) in registry.read_text())
+        out = subprocess.run([sys.executable, "-m", "testbed.cli", "clean", "--prefix", PREFIX], capture_output=True,
+                             text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+        assert out.returncode == 0, out.stderr
+        assert "cluster processes recorded on this machine: 1 signalled" in out.stdout, out.stdout
+        assert proc.wait(timeout=10) == -signal.SIGTERM and not registry.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        registry.unlink(missing_ok=True)
+        if registry.parent.exists() and not any(registry.parent.iterdir()):
+            registry.parent.rmdir()
 
 
 def test_tunnel_capacity_bounds_the_dilation():

@@ -90,15 +90,23 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_clean(args: argparse.Namespace) -> int:
     from fabric.cleanup import clean
+    from fabric.net import FabricError
+    from testbed.runner.cluster import clean_this_server
 
     if os.geteuid() != 0:
         print("error: pdtb clean needs root (it deletes interfaces and namespaces)", file=sys.stderr)
         return 2
     try:
+        # first what a cluster run recorded on this machine as one of its servers: ending those
+        # remote host shells also ends their local ssh clients
+        served = clean_this_server(args.prefix)
         report = clean(args.prefix)
-    except ValueError as exc:
+    except (ValueError, FabricError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if served is not None:
+        print(f"cluster processes recorded on this machine: {served['signalled']} signalled; "
+              f"interfaces deleted: {served['links_deleted'] or 'none'}")
     for line in report.lines():
         print(line)
     return 0

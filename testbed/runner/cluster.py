@@ -25,6 +25,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -172,9 +173,24 @@ def clean_server(cluster: ClusterSpec, server: str, prefix: str, timeout_s: floa
     fails or a recorded process survived."""
     path = REMOTE_REGISTRY.format(prefix=check_prefix(prefix))
     argv = ssh_argv(cluster, server, ["python3", "-c", REMOTE_CLEAN, prefix, path])
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    return _cleaned(server, subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s))
+
+
+def clean_this_server(prefix: str, timeout_s: float = 30.0) -> dict[str, Any] | None:
+    """:func:`clean_server` on this machine, without ssh, where a cluster run that used it as a
+    server (``localhost`` among the servers, or ``pdtb clean`` run on a remote server) left a
+    remote registry: what `pdtb clean --prefix` adds after a run killed before its teardown.
+    None where there is no registry."""
+    path = REMOTE_REGISTRY.format(prefix=check_prefix(prefix))
+    if not os.path.exists(path):
+        return None
+    return _cleaned("this machine", subprocess.run([sys.executable, "-c", REMOTE_CLEAN, prefix, path],
+                                                   capture_output=True, text=True, timeout=timeout_s))
+
+
+def _cleaned(server: str, proc: subprocess.CompletedProcess) -> dict[str, Any]:
     if proc.returncode != 0:
-        raise FabricError(f"cleaning {server} failed (ssh exit {proc.returncode}): {proc.stderr.strip()[:300]}")
+        raise FabricError(f"cleaning {server} failed (exit {proc.returncode}): {proc.stderr.strip()[:300]}")
     killed, links, left = (proc.stdout.strip().splitlines() or ["0 - -"])[-1].split(" ", 2)
     report = {"server": server, "signalled": int(killed), "links_deleted": [] if links == "-" else links.split(),
               "left": [] if left == "-" else left.split()}
