@@ -80,11 +80,12 @@ async def test_round_trip_sprays_over_every_destination(receiver):
     assert receiver.events == [("r000001", True)]
     # 8 layers of 37.5 kB -> 5 packets each (4 x 8927 + 1792): 40 packets
     assert stats.packets == 40
-    assert len(stats.per_dest_bytes) == 2 and all(b > 100_000 for b in stats.per_dest_bytes)
-    assert sum(stats.per_dest_bytes) == 300_000
     # loopback loses and duplicates nothing, but a receiver in this event loop that a loaded host
-    # delays acknowledges late, and the sender's timer may resend: only such resends arrive twice
+    # delays acknowledges late, and the sender's timer may resend (seen: 32 of 40 beside another
+    # suite): only such resends arrive twice, and only they add to the bytes sent per destination
     assert set(receiver.dropped) <= {"duplicate"} and receiver.dropped.get("duplicate", 0) <= stats.retransmitted
+    assert len(stats.per_dest_bytes) == 2 and all(b > 100_000 for b in stats.per_dest_bytes)
+    assert 300_000 <= sum(stats.per_dest_bytes) <= 300_000 + 8927 * stats.retransmitted
 
 
 async def test_small_mtu_and_empty_transfer(receiver):
