@@ -49,10 +49,15 @@ def finish(proc: subprocess.Popen, timeout_s: float) -> tuple[str, str]:
                              f"{proc.returncode}: {err[-2000:]}") from None
 
 
-def run_pdtb(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
-    """``python -m testbed.cli ARGS`` in the repository, ended by :func:`finish`."""
-    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+def start_pdtb(args: list[str]) -> subprocess.Popen:
+    """``python -m testbed.cli ARGS`` in the repository, output piped, interruptible."""
+    return subprocess.Popen([sys.executable, "-m", "testbed.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
+
+
+def run_pdtb(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """:func:`start_pdtb`, ended by :func:`finish`."""
+    proc = start_pdtb(args)
     out, err = finish(proc, timeout_s)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 

@@ -5,12 +5,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from run_helpers import finish, interruptible, no_leftovers, wait_for
+from run_helpers import finish, no_leftovers, start_pdtb, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]   # above finish()'s 110 s + its 60 s of teardown
 
@@ -62,8 +61,7 @@ def _clean_prefix():
 
 
 def _pdtb(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "testbed.cli", *args, "--prefix", PREFIX], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
+    return start_pdtb([*args, "--prefix", PREFIX])
 
 
 @pytest.mark.parametrize("transport", ["srd", "tcp"])
